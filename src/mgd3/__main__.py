@@ -1,0 +1,3 @@
+from mgd3.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,253 @@
+"""Stage: the guided sampler. One loop, two update rules, guidance as callables.
+
+- DDPM ancestral sampling (Ho et al., 2020) on a respaced schedule, with fixed (posterior)
+  or learned-range variance (Nichol & Dhariwal, 2021; the DiT code).
+- DDIM (Song et al., 2021), eta = 0 by default.
+
+Notation (per respaced step i = S-1 ... 0, training timestep t = timesteps[i]):
+    alpha_bar        ᾱ_t                    alpha_bar_prev   ᾱ of the next (less noisy) step, 1 at the end
+    beta             1 - ᾱ_t / ᾱ_prev       (the respaced beta)
+    eps              ε̃ (after classifier-free guidance)
+    x0               x̂0 = (x_t - sqrt(1 - ᾱ_t) ε̃) / sqrt(ᾱ_t)
+    mean             the update before noise: μ_θ(x_t, ε̃) for DDPM, the deterministic DDIM part
+    sigma            std of the noise the step adds (0 at the last step, 0 for DDIM with eta = 0)
+
+The sampler never imports a method or a guidance: guidance callables take the `Step` and
+return a corrected `mean`; observers take the `Step` and return nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mgd3.errors import Mgd3Error
+from mgd3.registry import Registry
+
+
+@dataclass
+class ModelOutput:
+    """What a denoiser returns: ε and, for learned-range models, the variance values."""
+
+    eps: Tensor  # (B, C, H, W)
+    var_values: Tensor | None = None  # (B, C, H, W) in [-1, 1], or None for fixed variance
+
+
+class Denoiser(Protocol):
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any) -> ModelOutput: ...
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def respaced_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """Evenly spaced training timesteps, as the DiT/ADM `space_timesteps(T, "S")`.
+
+    round(k * (T - 1) / (S - 1)) for k = 0 .. S-1, ascending (50 of 1000: 0, 20, 41, ..., 999).
+    """
+    if not 1 <= steps <= num_train_timesteps:
+        raise Mgd3Error(f"--steps must be in 1..{num_train_timesteps}, got {steps}")
+    if steps == 1:
+        return [num_train_timesteps - 1]
+    stride = (num_train_timesteps - 1) / (steps - 1)
+    out, cur = [], 0.0
+    for _ in range(steps):
+        out.append(round(cur))
+        cur += stride
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-respaced-step coefficients (float64), index i = 0 (cleanest) ... S-1 (noisiest)."""
+
+    timesteps: np.ndarray  # (S,) int64, training timesteps
+    alpha_bar: np.ndarray  # (S,)
+    alpha_bar_prev: np.ndarray  # (S,)
+    betas: np.ndarray  # (S,) respaced betas
+    posterior_variance: np.ndarray  # (S,)
+    posterior_log_variance_clipped: np.ndarray  # (S,)
+    coef_x0: np.ndarray  # (S,) posterior mean coefficient of x0
+    coef_xt: np.ndarray  # (S,) posterior mean coefficient of x_t
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @classmethod
+    def from_betas(cls, train_betas: np.ndarray | Tensor, steps: int) -> "Plan":
+        train_betas = np.asarray(train_betas, dtype=np.float64)
+        abar_train = np.cumprod(1.0 - train_betas)
+        ts = np.asarray(respaced_timesteps(len(train_betas), steps), dtype=np.int64)
+        abar = abar_train[ts]
+        abar_prev = np.append(1.0, abar[:-1])
+        betas = 1.0 - abar / abar_prev
+        post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+        # log of the posterior variance, clipped because it is 0 at the first step
+        post_log_var = np.log(np.append(post_var[1], post_var[1:])) if steps > 1 else np.log(betas)
+        coef_x0 = betas * np.sqrt(abar_prev) / (1.0 - abar)
+        coef_xt = (1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar)
+        return cls(ts, abar, abar_prev, betas, post_var, post_log_var, coef_x0, coef_xt)
+
+    def q_sample(self, x0: Tensor, index: int, noise: Tensor) -> Tensor:
+        """Noise a clean latent to respaced step `index` (img2img start)."""
+        a = float(self.alpha_bar[index])
+        return math.sqrt(a) * x0 + math.sqrt(1.0 - a) * noise
+
+
+# --------------------------------------------------------------------------- step state
+
+
+@dataclass
+class Step:
+    """The state of one sampling step, handed to guidance callables and observers."""
+
+    index: int  # respaced index i, S-1 ... 0
+    t: int  # training timestep
+    x_t: Tensor  # (B, C, H, W)
+    eps: Tensor  # (B, C, H, W) after CFG
+    x0: Tensor  # (B, C, H, W) predicted clean latent
+    alpha_bar: float
+    alpha_bar_prev: float
+    sigma: Tensor | float  # std of the noise this step adds
+    mean: Tensor  # (B, C, H, W) the update before noise (guidance corrects it)
+    sampler: str
+    mean_from_eps: Callable[[Tensor], Tensor] = field(repr=False)  # the update for another ε
+
+    def eps_from_x0(self, x0: Tensor) -> Tensor:
+        """The ε that makes `x0` the prediction at this step."""
+        return (self.x_t - math.sqrt(self.alpha_bar) * x0) / math.sqrt(1.0 - self.alpha_bar)
+
+
+Guidance = Callable[[Step], Tensor]
+Observer = Callable[[Step], None]
+
+
+def predict_x0(x_t: Tensor, eps: Tensor, alpha_bar: float) -> Tensor:
+    return (x_t - math.sqrt(1.0 - alpha_bar) * eps) / math.sqrt(alpha_bar)
+
+
+# --------------------------------------------------------------------------- update rules
+
+UpdateRule = Callable[..., tuple[Tensor, "Tensor | float", Callable[[Tensor], Tensor]]]
+UPDATE_RULES: Registry[UpdateRule] = Registry("sampler")
+
+
+@UPDATE_RULES.register("ddpm")
+def ddpm_update(plan: Plan, i: int, x_t: Tensor, out: ModelOutput, eta: float):
+    """Posterior mean μ = c0·x̂0 + ct·x_t and std σ (fixed posterior, or learned range)."""
+    a = float(plan.alpha_bar[i])
+    c0, ct = float(plan.coef_x0[i]), float(plan.coef_xt[i])
+
+    def mean_from_eps(eps: Tensor) -> Tensor:
+        return c0 * predict_x0(x_t, eps, a) + ct * x_t
+
+    if i == 0:
+        sigma: Tensor | float = 0.0  # no noise at the last step
+    elif out.var_values is not None:
+        # learned range: interpolate log variance between the posterior's and beta's
+        frac = (out.var_values.float() + 1.0) / 2.0
+        min_log = float(plan.posterior_log_variance_clipped[i])
+        max_log = math.log(float(plan.betas[i]))
+        sigma = torch.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log))
+    else:
+        sigma = math.exp(0.5 * float(plan.posterior_log_variance_clipped[i]))
+    return mean_from_eps(out.eps), sigma, mean_from_eps
+
+
+@UPDATE_RULES.register("ddim")
+def ddim_update(plan: Plan, i: int, x_t: Tensor, out: ModelOutput, eta: float):
+    """x_{t-1} = sqrt(ᾱ_prev)·x̂0 + sqrt(1 - ᾱ_prev - σ²)·ε (+ σ·z), σ = 0 when eta = 0."""
+    a, a_prev = float(plan.alpha_bar[i]), float(plan.alpha_bar_prev[i])
+    sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a)) * math.sqrt(1.0 - a / a_prev)
+    c_eps = math.sqrt(max(1.0 - a_prev - sigma**2, 0.0))
+
+    def mean_from_eps(eps: Tensor) -> Tensor:
+        return math.sqrt(a_prev) * predict_x0(x_t, eps, a) + c_eps * eps
+
+    return mean_from_eps(out.eps), sigma, mean_from_eps
+
+
+# --------------------------------------------------------------------------- CFG wrapper
+
+
+class CFGDenoiser:
+    """Classifier-free guidance as a model wrapper: ε̃ = ε_u + s·(ε_c - ε_u).
+
+    `channels` limits CFG to the first channels (the original DiT code guides 3 of 4 latent
+    channels; the rest keep the conditional ε). The variance values come from the conditional
+    half, as in the DiT code. Scale 1 calls the inner model once, unguided.
+    """
+
+    def __init__(self, model: Denoiser, scale: float, uncond: Tensor, channels: int | None = None):
+        self.model, self.scale, self.uncond, self.channels = model, float(scale), uncond, channels
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor) -> ModelOutput:
+        if self.scale == 1.0:
+            return self.model(x_t, t, cond)
+        b = x_t.shape[0]
+        uncond = self.uncond.expand(b, *self.uncond.shape[1:]).to(cond.device)
+        out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond]))
+        eps_c, eps_u = out.eps.chunk(2)  # (B, C, H, W) each
+        n = eps_c.shape[1] if self.channels is None else self.channels
+        guided = eps_u[:, :n] + self.scale * (eps_c[:, :n] - eps_u[:, :n])
+        eps = torch.cat([guided, eps_c[:, n:]], dim=1)
+        var = None if out.var_values is None else out.var_values[:b]
+        return ModelOutput(eps, var)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def randn_per_item(generators: Sequence[torch.Generator], shape: tuple[int, ...], device) -> Tensor:
+    """One normal draw per item from its own generator: results never depend on batching."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def sample(
+    model: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    cond: Any,
+    generators: Sequence[torch.Generator],
+    *,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    guidance: Sequence[Guidance] = (),
+    observers: Sequence[Observer] = (),
+    start_index: int | None = None,
+) -> Tensor:
+    """Run the reverse process from `x` (at respaced step `start_index`, default the noisiest).
+
+    x: (B, C, H, W) latents at step start_index; generators: one per item, used for every noise
+    draw of that item. Returns the final latents x_0, (B, C, H, W).
+    """
+    rule = UPDATE_RULES.get(sampler)
+    if len(generators) != x.shape[0]:
+        raise ValueError("one generator per item is required")
+    start = plan.steps - 1 if start_index is None else start_index
+    for i in range(start, -1, -1):
+        t = int(plan.timesteps[i])
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        out = model(x, t_batch, cond)
+        out = ModelOutput(out.eps.float(), out.var_values)
+        a = float(plan.alpha_bar[i])
+        mean, sigma, mean_from_eps = rule(plan, i, x, out, eta)
+        step = Step(i, t, x, out.eps, predict_x0(x, out.eps, a), a, float(plan.alpha_bar_prev[i]),
+                    sigma, mean, sampler, mean_from_eps)
+        for g in guidance:
+            step.mean = g(step)
+        for obs in observers:
+            obs(step)
+        needs_noise = isinstance(sigma, Tensor) or sigma > 0.0
+        if needs_noise:
+            x = step.mean + sigma * randn_per_item(generators, tuple(x.shape[1:]), x.device)
+        else:
+            x = step.mean
+    return x
