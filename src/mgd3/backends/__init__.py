@@ -1,0 +1,142 @@
+"""Stage: model backends. A backend adapts a pretrained latent diffusion model to mgd3's
+interface: a `Denoiser` (x_t, t, cond) -> ε (+ learned variance), VAE encode/decode,
+conditioning for class labels, and the training noise schedule.
+
+Backends are found by the pipeline class in the folder's `model_index.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mgd3.errors import Mgd3Error
+from mgd3.registry import Registry
+from mgd3.sampling import ModelOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Backend:
+    """What every backend provides (subclasses fill it in)."""
+
+    name: str
+    path: Path  # the resolved local folder
+    latent_shape: tuple[int, int, int]  # (C, h, w)
+    image_channels: int
+    resolution: int
+    num_classes: int
+    learned_sigma: bool
+    betas: np.ndarray  # (T,) training betas, float64
+    id2label: dict[int, str] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # recommended sampling settings
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+
+    # --- conditioning
+    def cond(self, labels: list[int]) -> Tensor:
+        raise NotImplementedError
+
+    def uncond(self) -> Tensor:
+        """The unconditional input for one item, (1, ...), broadcast by the CFG wrapper."""
+        raise NotImplementedError
+
+    # --- model
+    def denoiser(self, x_t: Tensor, t: Tensor, cond: Tensor) -> ModelOutput:
+        raise NotImplementedError
+
+    # --- VAE
+    def encode(self, images: Tensor) -> Tensor:
+        """images (B, C, R, R) in [-1, 1] -> latents (B, c, h, w) = mean × scaling."""
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """latents (B, c, h, w) -> images (B, C, R, R) in [-1, 1]."""
+        raise NotImplementedError
+
+    def vae_fingerprint(self) -> str:
+        """Changes when the VAE weights or config change (encoding-cache key)."""
+        raise NotImplementedError
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+Loader = Callable[..., Backend]
+BACKENDS: Registry[Loader] = Registry("backend")
+# pipeline class in model_index.json -> backend name
+PIPELINE_CLASSES: dict[str, str] = {}
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A local folder, or a Hugging Face repo id found in the local cache (offline first)."""
+    p = Path(model).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise Mgd3Error(f"model {str(model)!r} is a file; expected a diffusers pipeline folder")
+        return p
+    model = str(model)
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise Mgd3Error(f"model folder {model!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:  # not cached
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline:
+        raise Mgd3Error(
+            f"model {model!r} is not a local folder and not in the Hugging Face cache "
+            "(HF_HUB_OFFLINE is set, so nothing is downloaded)"
+        )
+    try:
+        return Path(snapshot_download(model))
+    except Exception as e:
+        raise Mgd3Error(
+            f"model {model!r} is not a local folder, not in the Hugging Face cache, and could "
+            f"not be downloaded ({type(e).__name__})"
+        ) from None
+
+
+def read_model_index(path: Path) -> dict:
+    f = path / "model_index.json"
+    if not f.is_file():
+        raise Mgd3Error(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Mgd3Error(f"{f} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+
+
+def load_backend(model: str | os.PathLike, device: str | torch.device = "cpu",
+                 precision: str = "fp32") -> Backend:
+    """Load the backend that fits the pipeline folder `model` (local path or cached repo id)."""
+    import mgd3.backends.dit  # noqa: F401  (registers)
+
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise Mgd3Error(f"unknown precision {precision!r}; known: bf16, fp16, fp32")
+    path = resolve_model_path(model)
+    index = read_model_index(path)
+    cls = index.get("_class_name")
+    name = PIPELINE_CLASSES.get(cls)
+    if name is None:
+        known = ", ".join(sorted(PIPELINE_CLASSES))
+        raise Mgd3Error(f"{path}: pipeline class {cls!r} is not supported; supported: {known}")
+    return BACKENDS.get(name)(path, index, torch.device(device), precision)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,153 @@
+"""Backend: class-conditional latent DiT in diffusers format (Peebles & Xie, 2023).
+
+The folder layout of `facebook/DiT-XL-2-256`: `model_index.json` (DiTPipeline, `id2label`),
+`transformer/` (Transformer2DModel or DiTTransformer2DModel, ada-norm-zero; learned sigma when
+out_channels = 2 × in_channels), `vae/` (AutoencoderKL with its `scaling_factor`), `scheduler/`.
+An optional `mgd3.json` in the folder holds recommended sampling settings (e.g. {"cfg": 1.5}).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mgd3.backends import BACKENDS, PIPELINE_CLASSES, Backend
+from mgd3.errors import Mgd3Error
+from mgd3.sampling import ModelOutput
+
+log = logging.getLogger(__name__)
+
+
+def _file_fingerprint(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if not f.is_file():
+            continue
+        h.update(f.name.encode())
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with f.open("rb") as fh:  # head and tail: cheap even for GB files
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def train_betas(scheduler_dir: Path) -> np.ndarray:
+    """The training betas from the folder's scheduler config (any diffusers DDPM-family scheduler)."""
+    from diffusers import DDPMScheduler
+
+    cfg_file = scheduler_dir / "scheduler_config.json"
+    if not cfg_file.is_file():
+        raise Mgd3Error(f"{scheduler_dir.parent} has no scheduler/scheduler_config.json")
+    cfg = json.loads(cfg_file.read_text())
+    n = int(cfg.get("num_train_timesteps", 1000))
+    start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+    schedule = cfg.get("beta_schedule", "linear")
+    if cfg.get("trained_betas") is None and schedule == "linear":  # float64, as the DiT code
+        return np.linspace(start, end, n, dtype=np.float64)
+    if cfg.get("trained_betas") is None and schedule == "scaled_linear":
+        return np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+        sched = DDPMScheduler(**{k: cfg[k] for k in keys if k in cfg})
+    return sched.betas.double().numpy()
+
+
+class DiTBackend(Backend):
+    def __init__(self, path: Path, index: dict, device: torch.device, precision: str):
+        from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+        for sub in ("transformer", "vae", "scheduler"):
+            if not (path / sub).is_dir():
+                raise Mgd3Error(f"{path} is not a DiT pipeline folder (no {sub}/ sub-folder)")
+        try:
+            with warnings.catch_warnings():
+                # DiT-XL-2-256 says Transformer2DModel; the weights load into the DiT class as is
+                warnings.simplefilter("ignore")
+                transformer = DiTTransformer2DModel.from_pretrained(path / "transformer", low_cpu_mem_usage=False)
+                vae = AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise Mgd3Error(f"could not load the DiT pipeline in {path}: {first}") from None
+        tc, vc = transformer.config, vae.config
+        if tc.norm_type != "ada_norm_zero" or tc.num_embeds_ada_norm is None:
+            raise Mgd3Error(f"{path}/transformer is not a class-conditional DiT (ada_norm_zero)")
+        c_in = tc.in_channels
+        c_out = tc.out_channels or c_in
+        if c_out not in (c_in, 2 * c_in):
+            raise Mgd3Error(f"{path}/transformer: out_channels {c_out} is neither {c_in} nor {2 * c_in}")
+        if vc.latent_channels != c_in:
+            raise Mgd3Error(
+                f"{path}: VAE latent channels ({vc.latent_channels}) != transformer in_channels ({c_in})"
+            )
+        down = 2 ** (len(vc.block_out_channels) - 1)
+        size = tc.sample_size
+        id2label = {int(k): v for k, v in (index.get("id2label") or {}).items()}
+        extra = path / "mgd3.json"
+        defaults = json.loads(extra.read_text()).get("defaults", {}) if extra.is_file() else {}
+        super().__init__(
+            name="dit", path=path, latent_shape=(c_in, size, size), image_channels=vc.in_channels,
+            resolution=size * down, num_classes=int(tc.num_embeds_ada_norm), learned_sigma=c_out == 2 * c_in,
+            betas=train_betas(path / "scheduler"), id2label=id2label, defaults=defaults,
+            device=device, precision=precision,
+        )
+        # The null (unconditional) class is the extra row of every label embedder:
+        # index num_embeds_ada_norm (1000 for DiT-XL/2), never a literal.
+        self.null_label = int(tc.num_embeds_ada_norm)
+        for m in transformer.modules():
+            if m.__class__.__name__ == "LabelEmbedding":
+                if m.embedding_table.num_embeddings <= self.null_label:
+                    raise Mgd3Error(f"{path}/transformer has no null-class embedding: it cannot do CFG")
+                m.dropout_prob = 0.0  # label dropout belongs to a trainer, never to sampling
+        self.transformer = transformer.to(device).eval().requires_grad_(False)
+        self.vae = vae.to(device).eval().requires_grad_(False)
+        self.scaling_factor = float(vc.scaling_factor)
+        self.shift_factor = float(getattr(vc, "shift_factor", None) or 0.0)
+        self._vae_dir = path / "vae"
+
+    def cond(self, labels: list[int]) -> Tensor:
+        bad = [y for y in labels if not 0 <= y < self.num_classes]
+        if bad:
+            raise Mgd3Error(f"class label {bad[0]} is outside the model's 0..{self.num_classes - 1}")
+        return torch.as_tensor(labels, dtype=torch.long, device=self.device)
+
+    def uncond(self) -> Tensor:
+        return torch.full((1,), self.null_label, dtype=torch.long, device=self.device)
+
+    def denoiser(self, x_t: Tensor, t: Tensor, cond: Tensor) -> ModelOutput:
+        with self.autocast():
+            out = self.transformer(x_t, timestep=t, class_labels=cond).sample  # (B, C or 2C, h, w)
+        out = out.float()
+        c = self.latent_shape[0]
+        if self.learned_sigma:
+            return ModelOutput(out[:, :c], out[:, c:])
+        return ModelOutput(out)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        with self.autocast():
+            mean = self.vae.encode(images.to(self.device)).latent_dist.mean
+        return (mean.float() - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        with self.autocast():
+            images = self.vae.decode(latents.to(self.device) / self.scaling_factor + self.shift_factor).sample
+        return images.float().clamp(-1.0, 1.0)
+
+    def vae_fingerprint(self) -> str:
+        return _file_fingerprint(self._vae_dir)
+
+
+BACKENDS.add("dit", DiTBackend)
+PIPELINE_CLASSES["DiTPipeline"] = "dit"
