@@ -50,6 +50,10 @@ class Backend:
         """The unconditional input for one item, (1, ...), broadcast by the CFG wrapper."""
         raise NotImplementedError
 
+    def label_embedders(self) -> list[torch.nn.Module]:
+        """Modules mapping class labels to embeddings (for semantic matching); [] if none."""
+        return []
+
     # --- model
     def denoiser(self, x_t: Tensor, t: Tensor, cond: Tensor) -> ModelOutput:
         raise NotImplementedError

@@ -115,6 +115,10 @@ class DiTBackend(Backend):
         self.shift_factor = float(getattr(vc, "shift_factor", None) or 0.0)
         self._vae_dir = path / "vae"
 
+    def label_embedders(self) -> list[torch.nn.Module]:
+        """Every block's own class-label embedder (diffusers DiT keeps one per block)."""
+        return [m for m in self.transformer.modules() if m.__class__.__name__ == "LabelEmbedding"]
+
     def cond(self, labels: list[int]) -> Tensor:
         bad = [y for y in labels if not 0 <= y < self.num_classes]
         if bad:

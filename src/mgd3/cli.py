@@ -1,0 +1,193 @@
+"""The `mgd3` command line: `mgd3 distill`, and the other stages' sub-commands.
+
+Bad input is one line on stderr (`mgd3: error: ...`) and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from mgd3 import __version__
+from mgd3.errors import Mgd3Error
+
+log = logging.getLogger("mgd3")
+
+# other stages' sub-commands: module exposing add_parser(subparsers) and run(args) -> int
+SUBCOMMAND_MODULES = ("mgd3.pretrain", "mgd3.evaluate.cli")
+
+_TYPES = {"float": float, "int": int, "str": str, "float | None": float, "int | None": int}
+
+
+def _method_option_fields() -> dict[str, tuple]:
+    """flag -> (field, [method names]) over every registered method's options."""
+    from mgd3.methods import load_methods, option_flag
+
+    reg = load_methods()
+    flags: dict[str, tuple] = {}
+    for name in reg.names():
+        opts = reg.get(name).Options
+        for f in dataclasses.fields(opts) if opts else ():
+            flag = option_flag(f)
+            if flag in flags:
+                flags[flag][1].append(name)
+            else:
+                flags[flag] = (f, [name])
+    return flags
+
+
+def add_distill_parser(sub) -> None:
+    from mgd3.methods import load_methods
+    from mgd3.sampling import UPDATE_RULES
+
+    S = argparse.SUPPRESS
+    p = sub.add_parser(
+        "distill", help="distill a dataset into IPC synthetic images per class",
+        description="Distill a dataset with a pretrained latent diffusion model. Writes "
+                    "OUT/images/<class>/<k>.png, OUT/latents.pt, OUT/grid.png and, last, OUT/manifest.json.",
+        argument_default=S, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", help="dataset: fashion-mnist, digits, imagenette, imagewoof, imageidc, "
+                                  "imagenet100, or an image folder (class sub-folders)")
+    g.add_argument("--classes", nargs="+", metavar="CLASS", help="distill only these classes (ids, names or indices)")
+    g.add_argument("--data-root", help="ImageNet-1K root (train/<wnid>/...) for the named ImageNet subsets")
+    g.add_argument("--class-map", help="file mapping class ids to model labels (JSON or 'id label' lines)")
+    g.add_argument("--model", help="diffusers pipeline folder or cached Hugging Face repo id "
+                                   "(default: the model mgd3 ships for --data, if any)")
+    g = p.add_argument_group("run")
+    g.add_argument("--method", help=f"distillation method: {', '.join(load_methods().names())} (default mgd3)")
+    g.add_argument("--ipc", type=int, help="images per class (default 10)")
+    g.add_argument("--seed", type=int, help="global seed; image k of class c uses a seed derived "
+                                            "from (seed, c, k) (default 0)")
+    g.add_argument("--out", help="output folder (must be empty or new, unless --overwrite)")
+    g.add_argument("--overwrite", action="store_true", help="replace mgd3 outputs already in --out")
+    g.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
+    g.add_argument("--encode-batch-size", type=int, help="images per VAE encoding batch (default 64)")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
+    g.add_argument("--cache-dir", help="cache for VAE encodings (default $MGD3_CACHE_DIR or ~/.cache/mgd3)")
+    g.add_argument("--config", help="YAML file with any of these options (flag names without --); "
+                                    "flags given on the command line win")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("sampler")
+    g.add_argument("--sampler", choices=UPDATE_RULES.names(), help="DDPM ancestral or DDIM (default ddpm)")
+    g.add_argument("--steps", type=int, help="sampling steps, respaced from the training schedule (default 50)")
+    g.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's "
+                                             "recommended value, else 4.0)")
+    g.add_argument("--cfg-channels", type=int, help="apply CFG to the first N latent channels only "
+                                                    "(3 = the original DiT code); default all")
+    g.add_argument("--eta", type=float, help="DDIM eta (default 0)")
+    g = p.add_argument_group("method options")
+    for flag, (f, methods) in _method_option_fields().items():
+        kw = {"help": f"{f.metadata['help']} (default {f.default}; methods: {', '.join(methods)})",
+              "dest": "opt_" + f.name}
+        if f.metadata.get("choices"):
+            kw["choices"] = list(f.metadata["choices"])
+        if str(f.type) == "bool":
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = _TYPES.get(str(f.type), str)
+            kw["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+        g.add_argument(flag, **kw)
+    p.set_defaults(func=run_distill)
+
+
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise Mgd3Error(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise Mgd3Error(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise Mgd3Error(f"config file {path} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def run_distill(args) -> int:
+    from mgd3.distill import DistillConfig, distill
+    from mgd3.methods import SamplerConfig
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose")}
+    values = _load_yaml(given.pop("config")) if "config" in given else {}
+    opt_fields = {f.name: flag for flag, (f, _) in _method_option_fields().items()}
+    flag_to_field = {flag.lstrip("-").replace("-", "_"): name for name, flag in opt_fields.items()}
+    values = {("opt_" + flag_to_field[k] if k in flag_to_field else k): v for k, v in values.items()}
+    values.update(given)
+    sampler_keys = {f.name for f in dataclasses.fields(SamplerConfig)}
+    top_keys = {f.name for f in dataclasses.fields(DistillConfig)} - {"sampler", "options", "progress"}
+    sampler, options, top = {}, {}, {}
+    for k, v in values.items():
+        if k.startswith("opt_"):
+            options[k[4:]] = v
+        elif k in sampler_keys:
+            sampler[k] = v
+        elif k in top_keys:
+            top[k] = v
+        elif k != "quiet":
+            raise Mgd3Error(f"unknown option {k!r} in --config")
+    for req in ("data", "out"):
+        if req not in top:
+            raise Mgd3Error(f"--{req} is required")
+    if isinstance(top.get("classes"), str):
+        top["classes"] = [top["classes"]]
+    cfg = DistillConfig(**top, progress=not values.get("quiet", False),
+                        sampler=SamplerConfig(**sampler), options=options)
+    s = distill(cfg)
+    print(f"wrote {s['images']} images ({s['classes']} classes × IPC {cfg.ipc}, method {cfg.method}) "
+          f"to {s['out']}/images in {s['seconds']:.1f} s ({s['images_per_s']:.2f} images/s generation); "
+          f"grid: {s['out']}/grid.png; manifest: {s['out']}/manifest.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mgd3", description="Training-free dataset distillation with pretrained diffusion models.")
+    parser.add_argument("--version", action="version", version=f"mgd3 {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_distill_parser(sub)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):
+                continue  # that stage is not part of this build
+            raise
+        before = set(sub.choices)
+        mod.add_parser(sub)
+        for cmd in set(sub.choices) - before:
+            if sub.choices[cmd].get_default("func") is None:
+                sub.choices[cmd].set_defaults(func=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="mgd3: %(message)s", stream=sys.stderr)
+    for noisy in ("diffusers", "huggingface_hub", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except Mgd3Error as e:
+        print(f"mgd3: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mgd3: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""Stage: distillation methods. A method turns (model, real data, IPC, seed) into latents or
+images for a list of items; the shared driver (`mgd3.distill`) batches, decodes and writes.
+
+A new method is one file in this package that subclasses `Method` and registers itself with
+`@METHODS.register("name")`; every module here is imported when the registry is first used.
+Method options are a dataclass (`Options`) whose fields carry their CLI flag and help text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+import pkgutil
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mgd3.errors import Mgd3Error
+from mgd3.registry import Registry
+from mgd3.sampling import CFGDenoiser, Guidance, Plan, randn_per_item, sample
+
+if TYPE_CHECKING:
+    from mgd3.backends import Backend
+
+
+def option(default: Any, help: str, flag: str | None = None, choices: Sequence[str] | None = None):
+    """A method option: a dataclass field that also describes its CLI flag."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
+def option_flag(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+@dataclass
+class SamplerConfig:
+    sampler: str = "ddpm"
+    steps: int = 50
+    cfg: float | None = None  # None: the model's recommended value, else 4.0 (DiT-XL/2)
+    cfg_channels: int | None = None  # None: all latent channels; 3: the original DiT quirk
+    eta: float = 0.0  # DDIM only
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    index: int  # position in the data's class list
+    class_id: str
+    name: str
+    label: int  # the model's class label
+
+
+@dataclass(frozen=True)
+class Item:
+    cls: ClassInfo
+    index: int  # k = 0 .. IPC-1 within the class
+    seed: int  # the seed of this image's generator
+
+
+def item_seed(seed: int, class_id: str, index: int) -> int:
+    """A stable 63-bit seed from (global seed, class, index): independent of batching and ranks."""
+    h = hashlib.sha256(f"mgd3/{seed}/{class_id}/{index}".encode()).hexdigest()
+    return int(h[:15], 16)
+
+
+@dataclass
+class Batch:
+    """What a method returns for a list of items."""
+
+    latents: Tensor | None  # (B, C, h, w), decoded by the driver unless `images` is given
+    images: Tensor | None = None  # (B, C, R, R) in [-1, 1]
+    mode_ids: list[int | None] | None = None
+    extra: list[dict] | None = None  # per-item manifest fields
+
+
+class Context:
+    """Everything a method may use: backend, real data, classes, sampler, encodings."""
+
+    def __init__(self, backend: "Backend", data, classes: list[ClassInfo], ipc: int, seed: int,
+                 sampler: SamplerConfig, *, encode_batch_size: int = 64, cache_dir=None,
+                 progress: bool = True):
+        self.backend, self.data, self.classes = backend, data, classes
+        self.ipc, self.seed, self.sampler = ipc, seed, sampler
+        self.encode_batch_size, self.cache_dir, self.progress = encode_batch_size, cache_dir, progress
+        self.plan = Plan.from_betas(backend.betas, sampler.steps)
+        self.cfg_scale = sampler.cfg if sampler.cfg is not None else float(backend.defaults.get("cfg", 4.0))
+        self._latents: dict[int, Tensor] = {}
+        self.observers: list = []  # step observers (progress), set by the driver
+
+    def real_latents(self) -> dict[int, Tensor]:
+        """{class index: (N_c, C, h, w)} latents of the real train images of every class (cached)."""
+        from mgd3.encode import encode_classes
+
+        missing = [c.index for c in self.classes if c.index not in self._latents]
+        if missing:
+            self._latents.update(encode_classes(
+                self.backend, self.data, missing, batch_size=self.encode_batch_size,
+                cache_dir=self.cache_dir, progress=self.progress))
+        return self._latents
+
+    def check_class_sizes(self) -> None:
+        """Methods that pick or cluster real images need IPC <= every class size."""
+        for c in self.classes:
+            n = len(self.data.indices(c.index))
+            if n < self.ipc:
+                raise Mgd3Error(f"IPC {self.ipc} is larger than class {c.class_id!r} ({n} images)")
+
+    def generators(self, items: Sequence[Item]) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(it.seed) for it in items]
+
+    def denoiser(self, wrap=None):
+        b = self.backend
+        inner = wrap(b.denoiser) if wrap else b.denoiser
+        return CFGDenoiser(inner, self.cfg_scale, b.uncond(), self.sampler.cfg_channels)
+
+    def sample(self, items: Sequence[Item], guidance: Sequence[Guidance] = (), *,
+               x0: Tensor | None = None, start_index: int | None = None,
+               generators: list[torch.Generator] | None = None, wrap=None) -> Tensor:
+        """Sample latents for `items` (class-conditional). With `x0` and `start_index`, start
+        from x0 noised to that step (img2img); otherwise from pure noise at the last step.
+        `wrap` turns the backend's denoiser into a wrapped one (inside CFG)."""
+        gens = generators or self.generators(items)
+        shape = tuple(self.backend.latent_shape)
+        dev = self.backend.device
+        noise = randn_per_item(gens, shape, dev)  # (B, C, h, w) first draw of every generator
+        if x0 is None:
+            x = noise
+        elif start_index < 0:  # nothing left to denoise (img2img strength 0)
+            return x0.to(dev)
+        else:
+            x = self.plan.q_sample(x0.to(dev), start_index, noise)
+        cond = self.backend.cond([it.cls.label for it in items])
+        return sample(self.denoiser(wrap), x, self.plan, cond, gens, sampler=self.sampler.sampler,
+                      eta=self.sampler.eta, guidance=guidance, observers=self.observers,
+                      start_index=start_index)
+
+
+class Method:
+    """Base class: override `generate` (and `prepare` for per-run work such as mode discovery)."""
+
+    name: ClassVar[str] = ""
+    generative: ClassVar[bool] = True  # uses the diffusion sampler
+    Options: ClassVar[type] = None  # a dataclass of options, or None
+
+    def __init__(self, options=None):
+        self.options = options
+
+    def validate(self, ctx: Context) -> None:
+        """Raise Mgd3Error on options that do not fit the context."""
+
+    def prepare(self, ctx: Context) -> None:
+        """Per-run work before generation (e.g. encoding real data, mode discovery)."""
+
+    def generate(self, ctx: Context, items: Sequence[Item]) -> Batch:
+        raise NotImplementedError
+
+    def manifest_info(self) -> dict:
+        """Method-specific facts for the manifest (e.g. how modes were chosen)."""
+        return {}
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+_loaded = False
+
+
+def load_methods() -> Registry[type[Method]]:
+    global _loaded
+    if not _loaded:
+        for mod in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{mod.name}")
+        _loaded = True
+    return METHODS
+
+
+def get_method(name: str) -> type[Method]:
+    return load_methods().get(name)
+
+
+def check_finite(name: str, value: float, minimum: float = 0.0) -> None:
+    if value is None:
+        return
+    if not math.isfinite(value) or value < minimum:
+        raise Mgd3Error(f"{name} must be a finite number >= {minimum:g}, got {value}")
+
+
+def class_modes_progress(ctx: Context, desc: str):
+    return tqdm(ctx.classes, desc=desc, unit="class", disable=not ctx.progress, leave=False)
+
+
+def as_tensor_modes(arr: np.ndarray, shape) -> Tensor:
+    return torch.from_numpy(np.asarray(arr, dtype=np.float32)).reshape(-1, *shape)
