@@ -17,6 +17,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--single-images", type=int, default=10, help="images generated at batch size 1")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "distill_speed.md"))
     args = ap.parse_args()
 
@@ -60,7 +62,8 @@ def main() -> None:
     def run(method, ipc=10, batch=args.batch, classes=None, tag="x"):
         out = tmp / f"{method}-{tag}-{time.monotonic_ns()}"
         s = distill(DistillConfig(data="fashion-mnist", out=str(out), model=str(model), method=method, ipc=ipc,
-                                  batch_size=batch, classes=classes, sampler=sampler, progress=False))
+                                  batch_size=batch, classes=classes, sampler=sampler, progress=False,
+                                  device=args.device))
         return s
 
     run("mgd3", ipc=1, tag="warm")  # encodes Fashion-MNIST once (cached) and warms up
@@ -83,12 +86,13 @@ def main() -> None:
     ips_b = 100 / med["plain"]
     speedup = ips_b / ips_1
 
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# distill speed: guidance overhead and batching",
         "",
-        f"Command: `.venv/bin/python benchmarks/distill_speed.py --repeats {args.repeats} --steps {args.steps}`",
-        f"Machine: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"Command: `python benchmarks/distill_speed.py {' '.join(sys.argv[1:])}`",
+        f"Machine: {cpu_name()}, {torch.get_num_threads()} torch threads, device {device_name}, torch {torch.__version__}, "
         f"Python {platform.python_version()}; measured {now}.",
         f"Model: random-init DiT pipeline of the shipped size ({n_params / 1e6:.2f} M transformer params, "
         "28x28x1 images, 4x7x7 latents, patch 1, learned sigma); Fashion-MNIST, IPC 10 (100 images), "
