@@ -159,3 +159,18 @@ def test_help_explains_every_flag():
     for flag in ("--data", "--model", "--method", "--ipc", "--seed", "--out", "--batch-size", "--lambda",
                  "--t-stop", "--cfg", "--steps", "--sampler", "--cfg-channels", "--modes", "--guidance-form"):
         assert flag in r.stdout
+
+
+def test_labels_match_full_names_before_synonyms():
+    from types import SimpleNamespace
+
+    from mgd3.distill import map_labels
+
+    backend = SimpleNamespace(id2label={0: "garter snake, grass snake", 1: "green snake, grass snake",
+                                        2: "tench, Tinca tinca"}, num_classes=3, path=SimpleNamespace(name="m"))
+    data = SimpleNamespace(class_ids=["n1", "n2", "n3"], labels=[None, None, None],
+                           class_names=["green snake, grass snake", "garter snake", "Tench"])
+    assert map_labels(data, backend) == [1, 0, 2]
+    ambiguous = SimpleNamespace(class_ids=["x"], labels=[None], class_names=["grass snake"])
+    with pytest.raises(Exception, match="class-map"):
+        map_labels(ambiguous, backend)

@@ -68,28 +68,30 @@ def git_commit() -> str | None:
         return None
 
 
-def _names(text: str) -> set[str]:
-    """'tench, Tinca tinca' -> {'tench, tinca tinca', 'tench', 'tinca tinca'}."""
-    t = text.strip().lower()
-    return {t} | {p.strip() for p in t.split(",") if p.strip()}
+def _synonyms(text: str) -> list[str]:
+    """'tench, Tinca tinca' -> ['tench', 'tinca tinca']."""
+    return [p.strip() for p in text.strip().lower().split(",") if p.strip()]
 
 
 def map_labels(data, backend: Backend) -> list[int]:
     """The model label of every data class: from the data (subset tables, --class-map), else by
-    name against the model's id2label, else by position when the model has no names and the same
-    number of classes."""
-    by_name: dict[str, int] = {}
+    name against the model's id2label (the full name first, then a synonym that names one label
+    only), else by position when the model has no names and the same number of classes."""
+    full = {text.strip().lower(): label for label, text in backend.id2label.items()}
+    owners: dict[str, set[int]] = {}
     for label, text in backend.id2label.items():
-        for n in _names(text):
-            by_name.setdefault(n, label)
+        for n in _synonyms(text):
+            owners.setdefault(n, set()).add(label)
     labels = []
     for c, cid in enumerate(data.class_ids):
         known = data.labels[c]
-        if known is None:
-            for n in _names(data.class_names[c]) | _names(cid):
-                if n in by_name:
-                    known = by_name[n]
-                    break
+        for text in (data.class_names[c], cid):
+            if known is not None:
+                break
+            known = full.get(text.strip().lower())
+            if known is None:
+                hits = {label for n in _synonyms(text) for label in owners.get(n, ())}
+                known = hits.pop() if len(hits) == 1 else None
         if known is None and not backend.id2label and len(data.class_ids) == backend.num_classes:
             known = c
         if known is None:
