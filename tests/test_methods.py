@@ -133,3 +133,16 @@ def test_mgd3_modes_option_through_cli_records_finder(digits_model, tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert m["method_info"]["mode_discovery"]["finder"] == "dbscan"
+
+
+def test_max_real_per_class_uses_a_fixed_subset(digits_model, tmp_path):
+    kw = dict(ipc=2, classes=["3"], max_real_per_class=20)
+    distill(_cfg(digits_model, tmp_path / "a", method="kmeans-real", **kw))
+    distill(_cfg(digits_model, tmp_path / "b", method="kmeans-real", **kw))
+    ia, ib = ([r["real_index"] for r in json.loads((tmp_path / n / "manifest.json").read_text())["images"]]
+              for n in "ab")
+    assert ia == ib
+    cache = list((tmp_path / "mgd3-cache" / "latents").rglob("3-*.pt"))
+    assert len(cache) == 1 and torch.load(cache[0], weights_only=True).shape[0] == 20
+    with pytest.raises(Exception, match="at least --ipc"):
+        distill(_cfg(digits_model, tmp_path / "c", method="mgd3", ipc=5, classes=["3"], max_real_per_class=4))

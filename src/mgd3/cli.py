@@ -66,6 +66,9 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--out", help="output folder (must be empty or new, unless --overwrite)")
     g.add_argument("--overwrite", action="store_true", help="replace mgd3 outputs already in --out")
     g.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
+    g.add_argument("--max-real-per-class", type=int, metavar="N",
+                   help="find modes (and nearest real images) among a fixed random subset of N real "
+                        "images per class instead of all of them (faster encoding; default all)")
     g.add_argument("--encode-batch-size", type=int, help="images per VAE encoding batch (default 64)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")

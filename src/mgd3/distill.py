@@ -44,6 +44,7 @@ class DistillConfig:
     class_map: str | None = None
     batch_size: int = 32
     encode_batch_size: int = 64
+    max_real_per_class: int | None = None  # None: modes from every real image (official)
     device: str = "auto"
     precision: str = "fp32"
     overwrite: bool = False
@@ -105,6 +106,8 @@ def map_labels(data, backend: Backend) -> list[int]:
 def _validate(cfg: DistillConfig) -> None:
     if cfg.ipc < 1:
         raise Mgd3Error(f"--ipc must be at least 1, got {cfg.ipc}")
+    if cfg.max_real_per_class is not None and cfg.max_real_per_class < cfg.ipc:
+        raise Mgd3Error(f"--max-real-per-class ({cfg.max_real_per_class}) must be at least --ipc ({cfg.ipc})")
     if cfg.batch_size < 1 or cfg.encode_batch_size < 1:
         raise Mgd3Error("--batch-size must be at least 1")
     s = cfg.sampler
@@ -142,7 +145,8 @@ def distill(cfg: DistillConfig) -> dict:
     timing["load"] = time.perf_counter() - t
 
     ctx = Context(backend, data, classes, cfg.ipc, cfg.seed, cfg.sampler,
-                  encode_batch_size=cfg.encode_batch_size, cache_dir=cfg.cache_dir, progress=cfg.progress)
+                  encode_batch_size=cfg.encode_batch_size, cache_dir=cfg.cache_dir, progress=cfg.progress,
+                  max_real_per_class=cfg.max_real_per_class)
     method = method_cls(options) if method_cls.Options else method_cls()
     method.validate(ctx)
     out = store.prepare_out(cfg.out, cfg.overwrite)  # only after every check passed

@@ -18,6 +18,14 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 
+def _digest(idx) -> str:
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha256(np.asarray(idx, dtype=np.int64).tobytes()).hexdigest()[:12]
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """`cache_dir`, else $MGD3_CACHE_DIR, else ~/.cache/mgd3."""
     if cache_dir:
@@ -42,13 +50,23 @@ def encode_classes(
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    indices: dict[int, "np.ndarray"] | None = None,
 ) -> dict[int, Tensor]:
-    """Latents of every real image of the given classes: {class index: (N_c, C, h, w) float32}."""
+    """Latents of the real images of the given classes: {class index: (N_c, C, h, w) float32}.
+    `indices` restricts a class to some of its items (a fixed subset; cached under its own name)."""
+
+    def items(c):
+        return data.indices(c) if indices is None or c not in indices else indices[c]
+
+    def cache_file(c):
+        sub = "" if indices is None or c not in indices else f"-{_digest(indices[c])}"
+        return folder / f"{data.class_ids[c]}{sub}.pt"
+
     folder = cache_root(cache_dir) / "latents" / f"{backend.vae_fingerprint()}-{data.fingerprint()}"
     out: dict[int, Tensor] = {}
     todo = []
     for c in class_indices:
-        f = folder / f"{data.class_ids[c]}.pt"
+        f = cache_file(c)
         if use_cache and f.is_file():
             out[c] = torch.load(f, map_location="cpu", weights_only=True)
         else:
@@ -57,11 +75,11 @@ def encode_classes(
         log.info("encodings of %d classes from cache %s", len(class_indices) - len(todo), folder)
     if not todo:
         return out
-    total = sum(len(data.indices(c)) for c in todo)
+    total = sum(len(items(c)) for c in todo)
     bar = tqdm(total=total, desc="encode", unit="img", disable=not progress, leave=False)
     for c in todo:
         loader = torch.utils.data.DataLoader(
-            data.dataset(data.indices(c)), batch_size=batch_size, shuffle=False, num_workers=0
+            data.dataset(items(c)), batch_size=batch_size, shuffle=False, num_workers=0
         )
         parts = []
         for images, _ in loader:
@@ -69,6 +87,6 @@ def encode_classes(
             bar.update(len(images))
         out[c] = torch.cat(parts)
         if use_cache:
-            save_atomic(out[c], folder / f"{data.class_ids[c]}.pt")
+            save_atomic(out[c], cache_file(c))
     bar.close()
     return out

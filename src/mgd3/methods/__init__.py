@@ -82,24 +82,39 @@ class Context:
 
     def __init__(self, backend: "Backend", data, classes: list[ClassInfo], ipc: int, seed: int,
                  sampler: SamplerConfig, *, encode_batch_size: int = 64, cache_dir=None,
-                 progress: bool = True):
+                 progress: bool = True, max_real_per_class: int | None = None):
         self.backend, self.data, self.classes = backend, data, classes
         self.ipc, self.seed, self.sampler = ipc, seed, sampler
         self.encode_batch_size, self.cache_dir, self.progress = encode_batch_size, cache_dir, progress
         self.plan = Plan.from_betas(backend.betas, sampler.steps)
         self.cfg_scale = sampler.cfg if sampler.cfg is not None else float(backend.defaults.get("cfg", 4.0))
+        self.max_real_per_class = max_real_per_class
         self._latents: dict[int, Tensor] = {}
         self.observers: list = []  # step observers (progress), set by the driver
 
+    def real_indices(self, c: int) -> np.ndarray:
+        """The real items of class c that modes are found from: all of them, or a fixed random
+        subset of max_real_per_class (seeded by the class id, independent of --seed)."""
+        idx = self.data.indices(c)
+        n = self.max_real_per_class
+        if n is None or len(idx) <= n:
+            return idx
+        s = int(hashlib.sha256(f"real-subset/{self.data.class_ids[c]}".encode()).hexdigest()[:15], 16)
+        return np.sort(np.random.default_rng(s).choice(idx, size=n, replace=False))
+
     def real_latents(self) -> dict[int, Tensor]:
-        """{class index: (N_c, C, h, w)} latents of the real train images of every class (cached)."""
+        """{class index: (N_c, C, h, w)} latents of the real train images of every class (cached),
+        in the order of `real_indices`."""
         from mgd3.encode import encode_classes
 
         missing = [c.index for c in self.classes if c.index not in self._latents]
         if missing:
+            subset = None
+            if self.max_real_per_class is not None:
+                subset = {c: self.real_indices(c) for c in missing}
             self._latents.update(encode_classes(
                 self.backend, self.data, missing, batch_size=self.encode_batch_size,
-                cache_dir=self.cache_dir, progress=self.progress))
+                cache_dir=self.cache_dir, progress=self.progress, indices=subset))
         return self._latents
 
     def check_class_sizes(self) -> None:

@@ -69,7 +69,7 @@ class KMeansReal(RealSubset):
         self.chosen = {}
         for c in class_modes_progress(ctx, "k-means"):
             m = find_modes("kmeans", latents[c.index].numpy(), ctx.ipc, self.options.mode_seed)
-            self.chosen[c.index] = ctx.data.indices(c.index)[m.nearest_real]
+            self.chosen[c.index] = ctx.real_indices(c.index)[m.nearest_real]
 
     def mode_ids(self, items):
         return [it.index for it in items]
