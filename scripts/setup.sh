@@ -20,9 +20,9 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing $TORCH_SPEC (a large wheel, about a minute from local disk)"
   # shellcheck disable=SC2086
-  .venv/bin/python -m pip install -q --disable-pip-version-check $TORCH_SPEC
+  .venv/bin/python -m pip install -q --disable-pip-version-check $TORCH_SPEC 2>&1 | { grep -v "^WARNING: Location" || true; }
   echo "setup: installing mgd3 (editable) with test extras"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
   echo "$want" > "$stamp"
 fi
 
