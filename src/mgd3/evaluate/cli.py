@@ -1,0 +1,160 @@
+"""`mgd3 evaluate`: train fresh networks on a distilled set (or a real-data reference) under a
+protocol of the field and test them on the real test split. See `mgd3 evaluate --help`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from mgd3.errors import Mgd3Error
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    from mgd3.evaluate.networks import NETWORKS
+    from mgd3.evaluate.protocols import PROTOCOLS
+
+    S = argparse.SUPPRESS
+    p = subparsers.add_parser(
+        "evaluate", help="train networks on a distilled set and test them on real data",
+        description="Train fresh networks on a distilled set (DIR/images/<class>/<k>.png + DIR/manifest.json, "
+                    "or a plain ImageFolder) with hard labels, test them on the real test split of the same "
+                    "classes, and write DIR/eval.json (per seed and mean ± std). With --reference, evaluate a "
+                    "random real subset or the full real train split under the same protocol instead (cached).",
+        argument_default=S, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("set_dir", nargs="?", metavar="DISTILLED_DIR",
+                   help="the distilled set folder (omit with --reference)")
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument("--data", help="real data: fashion-mnist, digits, imagenette, ..., or an image folder "
+                                  "(default: the data named in the set's manifest)")
+    g.add_argument("--protocol", choices=PROTOCOLS.names(),
+                   help="dc: ConvNet-3, 300 epochs, no augmentation; dc-dsa: 1000 epochs with DSA; minimax: "
+                        "ResNetAP-10, ImageNet transforms + CutMix, best of periodic evaluations; soft: teacher "
+                        "soft labels, KL loss, AdamW (default dc)")
+    g.add_argument("--arch", type=str.lower, help=f"network: {', '.join(NETWORKS.names())} "
+                                                  "(default: the protocol's)")
+    g.add_argument("--reference", choices=["random-real", "full"],
+                   help="evaluate a real-data reference instead of a set: random-real (IPC random real images "
+                        "per class, subset i drawn with seed i) or full (the whole train split)")
+    g.add_argument("--ipc", type=int, help="images per class of the random-real reference")
+    g.add_argument("--classes", nargs="+", metavar="CLASS", help="references: only these classes (ids or names)")
+    g.add_argument("--data-root", help="ImageNet-1K root for the named ImageNet subsets "
+                                       "(default: the manifest's)")
+    g.add_argument("--class-map", help="file mapping class ids to labels (passed to the data loader)")
+    g = p.add_argument_group("training")
+    g.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="evaluation seeds: network init, batch order and augmentation (default 0 1 2)")
+    g.add_argument("--epochs", type=int, help="override the protocol's epochs (recorded in eval.json)")
+    g.add_argument("--batch-size", type=int, help="override the protocol's training batch size")
+    g.add_argument("--resolution", type=int, help="train/test resolution (default: the set's; minimax and "
+                                                  "soft at most 224)")
+    g.add_argument("--teacher-epochs", type=int, help="soft: epochs of the cached teacher (default 50)")
+    g.add_argument("--dsa-same-params", action="store_true",
+                   help="dc-dsa: one DSA parameter set for the whole batch (siamese mode) instead of per image "
+                        "(what the DSA code does when training evaluation networks)")
+    g.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="set any other protocol field, e.g. --option cutmix_beta=0 (YAML value); repeatable")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast for forward passes")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network (needs a C compiler on CPU)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; on a busy shared CPU, 1 "
+                                               "can be several times faster than 2)")
+    g.add_argument("--workers", type=int, help="image-loading processes for file data sets (default 0)")
+    g.add_argument("--out", help="result file (default: DISTILLED_DIR/eval.json; references: cache only)")
+    g.add_argument("--cache-dir", help="cache for references, teachers and statistics "
+                                       "(default $MGD3_CACHE_DIR or ~/.cache/mgd3)")
+    g.add_argument("--no-cache", action="store_true", help="recompute references / teacher even if cached")
+    g.add_argument("--config", help="YAML file with any of these options (flag names without --); "
+                                    "flags given on the command line win")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _parse_options(items) -> dict:
+    import yaml
+
+    out = {}
+    for it in items or []:
+        k, sep, v = str(it).partition("=")
+        if not sep or not k.strip():
+            raise Mgd3Error(f"--option expects KEY=VALUE, got {it!r}")
+        try:
+            out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            out[k.strip().replace("-", "_")] = v
+    return out
+
+
+def config_from_args(args) -> "EvalConfig":
+    from mgd3.evaluate.core import EvalConfig
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose")}
+    values: dict = {}
+    if "config" in given:
+        import yaml
+
+        path = given.pop("config")
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise Mgd3Error(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise Mgd3Error(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise Mgd3Error(f"config file {path} must hold a mapping of option: value")
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    values.update(given)
+    options = _parse_options(values.pop("option", None))
+    if values.pop("dsa_same_params", False):
+        options["dsa_same_params"] = True
+    quiet = bool(values.pop("quiet", False))
+    no_cache = bool(values.pop("no_cache", False))
+    known = set(EvalConfig.__dataclass_fields__) - {"options", "progress", "use_cache"}
+    bad = sorted(set(values) - known)
+    if bad:
+        raise Mgd3Error(f"unknown option(s) {', '.join(bad)} in --config")
+    if isinstance(values.get("seeds"), int):
+        values["seeds"] = [values["seeds"]]
+    if isinstance(values.get("classes"), str):
+        values["classes"] = [values["classes"]]
+    return EvalConfig(**values, options=options, progress=not quiet, use_cache=not no_cache)
+
+
+def summary_line(r: dict) -> str:
+    p = r["protocol"]
+    what = (f"{r['set']['num_images']} images ({r['set']['num_classes']} classes × IPC {r['set']['ipc']})"
+            if r["kind"] == "distilled" else
+            (f"random real, {r['set']['num_images']} images (IPC {r['ipc']}, subset seeds "
+             f"{' '.join(map(str, r['subset_seeds']))})" if r["kind"] == "random-real"
+             else f"full real train split, {r['set']['num_images']} images"))
+    extra = ""
+    if "ior" in r:
+        extra += f"; IOR {r['ior']:+.2f}"
+    if "hlr" in r:
+        extra += f"; HLR {r['hlr']:.2f}"
+    if "teacher" in r:
+        extra += f"; teacher {r['teacher']['test_acc']:.2f} %"
+    where = r.get("out") or r.get("cache_file")
+    return (f"{p['name']} · {r['arch']} · {what}: {r['mean']:.2f} ± {r['std']:.2f} % over seeds "
+            f"{' '.join(map(str, r['seeds']))} ({r['reported']}; {p['epochs']} epochs; {r['data']['name']} "
+            f"test, {r['data']['test_images']} images{extra}) -> {where}")
+
+
+def run(args) -> int:
+    from mgd3.evaluate.core import evaluate
+
+    cfg = config_from_args(args)
+    result = evaluate(cfg)
+    print(summary_line(result))
+    return 0
+
+
+if __name__ == "__main__":  # `python -m mgd3.evaluate.cli ...` == `mgd3 evaluate ...`
+    import sys
+
+    from mgd3.cli import main
+
+    raise SystemExit(main(["evaluate", *sys.argv[1:]]))

@@ -1,0 +1,405 @@
+"""Stage: evaluation — score a distilled set (or a real-data reference) under a protocol.
+
+Reads a set from disk (`DIR/images/<class_id>/<k>.png` + `DIR/manifest.json`, or a plain
+ImageFolder), the real test split of the same classes (matched by class id), trains fresh
+networks with explicit seeds and writes `eval.json`. Knows nothing of diffusion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mgd3 import __version__
+from mgd3.errors import Mgd3Error
+from mgd3.evaluate import references as R
+from mgd3.evaluate.networks import NETWORKS
+from mgd3.evaluate.protocols import PROTOCOLS, Protocol, override, resolve, to_dict
+from mgd3.evaluate.train import (Normalization, RunOptions, TensorSet, center_crop, imagenet_normalization,
+                                 resolve_device, tensor_set, to_uint8)
+
+log = logging.getLogger(__name__)
+
+EVAL_FORMAT = "mgd3-eval/1"
+REFERENCES = ("random-real", "full")
+
+
+@dataclass
+class EvalConfig:
+    """Everything `mgd3 evaluate` takes; written (resolved) into eval.json."""
+
+    set_dir: str | None = None  # the distilled set; None with `reference`
+    data: str | None = None  # real data (default: the manifest's data name)
+    protocol: str = "dc"
+    arch: str | None = None  # default: the protocol's
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int | None = None  # override the protocol's
+    batch_size: int | None = None
+    resolution: int | None = None
+    device: str = "auto"
+    bf16: bool = False
+    compile: bool = False
+    reference: str | None = None  # "random-real" | "full"
+    ipc: int | None = None  # for random-real
+    classes: list[str] | None = None  # for references: a subset of the data's classes
+    data_root: str | None = None
+    class_map: str | None = None
+    out: str | None = None  # default: SET/eval.json; for references only the cache (+ this file if given)
+    cache_dir: str | None = None
+    use_cache: bool = True
+    teacher_epochs: int | None = None  # soft: override the teacher's epochs
+    options: dict = field(default_factory=dict)  # other protocol fields, e.g. {"dsa_same_params": True}
+    workers: int = 0  # image-loading processes for file data sets
+    threads: int | None = None  # torch CPU threads while evaluating (None: torch's default)
+    progress: bool = True
+
+
+@dataclass
+class DistilledSet:
+    path: Path
+    class_ids: list[str]
+    class_names: list[str]
+    files: list[Path]
+    targets: np.ndarray  # (N,) class index into class_ids
+    ipc: int
+    manifest: dict | None  # None for a plain ImageFolder
+
+    @property
+    def data(self) -> dict:
+        return (self.manifest or {}).get("data") or {}
+
+
+def read_set(path: str | os.PathLike) -> DistilledSet:
+    """A distilled set (manifest.json) or, without a manifest, a plain ImageFolder whose
+    sub-folders are the classes (a folder with images/ and no manifest is an incomplete set)."""
+    from mgd3.data import IMG_EXTENSIONS
+
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise Mgd3Error(f"distilled set {root} does not exist or is not a folder")
+    mf = root / "manifest.json"
+    if not mf.is_file():
+        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if (root / "images").is_dir() or not subdirs:
+            raise Mgd3Error(f"{root} is not a complete distilled set (no manifest.json)")
+        files, targets = [], []
+        for c, d in enumerate(subdirs):  # plain ImageFolder: classes = sorted sub-folders
+            fs = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS and f.is_file())
+            files += fs
+            targets += [c] * len(fs)
+        if not files:
+            raise Mgd3Error(f"{root} has no images in its class folders")
+        counts = np.bincount(targets, minlength=len(subdirs))
+        ids = [d.name for d in subdirs]
+        return DistilledSet(root, ids, ids, files, np.asarray(targets, dtype=np.int64), int(counts.max()), None)
+    try:
+        m = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise Mgd3Error(f"{mf} is not valid JSON ({e.msg})") from None
+    if not isinstance(m, dict) or not str(m.get("format", "")).startswith("mgd3-distilled-set/"):
+        raise Mgd3Error(f"{mf} is not an mgd3 distilled-set manifest (format {m.get('format')!r})")
+    try:
+        classes = sorted(m["classes"], key=lambda c: c["class_index"])
+        ids = [str(c["class_id"]) for c in classes]
+        names = [str(c.get("name", c["class_id"])) for c in classes]
+        pos = {cid: i for i, cid in enumerate(ids)}
+        files = [root / im["path"] for im in m["images"]]
+        targets = np.asarray([pos[str(im["class_id"])] for im in m["images"]], dtype=np.int64)
+    except (KeyError, TypeError) as e:
+        raise Mgd3Error(f"{mf} lacks a required entry ({e})") from None
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise Mgd3Error(f"{root}: {len(missing)} image(s) listed in manifest.json are missing, e.g. {missing[0]}")
+    if not files:
+        raise Mgd3Error(f"{root}: manifest.json lists no images")
+    ipc = int(m.get("ipc") or np.bincount(targets).max())
+    return DistilledSet(root, ids, names, files, targets, ipc, m)
+
+
+def load_set_images(s: DistilledSet, resolution: int, channels: int) -> TensorSet:
+    """The set's images as uint8 (N, channels, R, R): resized (shorter side) and centre-cropped
+    to R like the real data (mgd3.data's transform)."""
+    from mgd3.data import read_image, to_model_space
+
+    xs = [to_uint8(to_model_space(read_image(f, channels), resolution, channels)) for f in s.files]
+    return TensorSet(torch.stack(xs), torch.as_tensor(s.targets, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------- shared preparation
+
+
+def _load_real(name: str, split: str, *, resolution: int, channels: int, classes, cfg: EvalConfig):
+    from mgd3.data import load_data
+
+    return load_data(name, split, resolution=resolution, channels=channels, classes=classes,
+                     data_root=cfg.data_root, class_map=cfg.class_map)
+
+
+def _protocol(cfg: EvalConfig) -> Protocol:
+    p = PROTOCOLS.get(cfg.protocol)
+    if cfg.arch:
+        NETWORKS.get(cfg.arch.lower())  # unknown arch -> one-line error listing the known ones
+    opts = dict(cfg.options)
+    if cfg.teacher_epochs is not None:
+        opts["teacher_epochs"] = cfg.teacher_epochs
+    if "dsa_same_params" in opts:  # convenience: a DSA field
+        same = bool(opts.pop("dsa_same_params"))
+        if p.dsa is None:
+            raise Mgd3Error(f"protocol {p.name} does not use DSA (dsa_same_params applies to dc-dsa)")
+        opts["dsa"] = dataclasses.replace(p.dsa, same_params=same)
+    return override(p, **opts) if opts else p
+
+
+def _test_set(name: str, class_ids, p: Protocol, channels: int, cfg: EvalConfig):
+    """Real test split of the classes, at the protocol resolution (resize R*test_resize, crop R)."""
+    r = p.resolution
+    r_load = int(round(r * p.test_resize)) if (p.test_resize != 1.0 and r >= 128) else r
+    data = _load_real(name, "test", resolution=r_load, channels=channels, classes=class_ids, cfg=cfg)
+    if len(data.class_ids) != len(class_ids):  # load_data keeps the order asked for
+        raise Mgd3Error(f"test split of {name}: {len(data.class_ids)} classes found, expected {len(class_ids)}")
+    ts = center_crop(tensor_set(data.dataset(), workers=cfg.workers, progress=cfg.progress,
+                                desc=f"loading {name} test"), r)
+    return data, ts
+
+
+def _normalization(p: Protocol, train_data, channels: int, cfg: EvalConfig) -> Normalization:
+    if p.normalize == "imagenet":
+        return imagenet_normalization(channels)
+    if p.normalize == "dataset":
+        return R.cached_normalization(
+            train_data.fingerprint(),
+            lambda: tensor_set(train_data.dataset(), workers=cfg.workers, progress=cfg.progress,
+                               desc="dataset statistics"),
+            cfg.cache_dir, cfg.use_cache)
+    raise Mgd3Error(f"unknown normalisation {p.normalize!r}; known: dataset, imagenet")
+
+
+def _teacher(p: Protocol, train_data, test: TensorSet, norm, opts, cfg: EvalConfig):
+    if p.loss != "kl":
+        return None, None
+    if p.teacher_epochs < 1:
+        raise Mgd3Error("the soft protocol needs teacher_epochs >= 1 (--teacher-epochs)")
+    return R.get_teacher(p, train_fp=train_data.fingerprint(), test_fp=_fp(test), test=test,
+                         make_train=lambda: tensor_set(train_data.dataset(), workers=cfg.workers,
+                                                       progress=cfg.progress, desc="loading teacher data"),
+                         num_classes=len(train_data.class_ids), norm=norm, opts=opts, cache_dir=cfg.cache_dir,
+                         use_cache=cfg.use_cache)
+
+
+def _fp(t: TensorSet) -> str:
+    import hashlib
+
+    h = hashlib.sha256(t.images.numpy().tobytes())
+    h.update(t.targets.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _summary(runs: list[dict]) -> dict:
+    final = np.array([r["final_acc"] for r in runs], dtype=float)
+    last = np.array([r["last_acc"] for r in runs], dtype=float)
+    best = np.array([r["best_acc"] for r in runs], dtype=float)
+    r2 = lambda v: round(float(v), 2)  # noqa: E731
+    return {"mean": r2(final.mean()), "std": r2(final.std()), "mean_last": r2(last.mean()),
+            "std_last": r2(last.std()), "mean_best": r2(best.mean()), "std_best": r2(best.std()),
+            "train_seconds": r2(sum(r["train_seconds"] for r in runs))}
+
+
+def _environment(device: torch.device, cfg: EvalConfig) -> dict:
+    return {"device": str(device), "bf16": cfg.bf16, "compile": cfg.compile, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "machine": platform.processor() or platform.machine(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _opts(cfg: EvalConfig) -> RunOptions:
+    return RunOptions(device=str(resolve_device(cfg.device)), bf16=cfg.bf16, compile=cfg.compile,
+                      progress=cfg.progress)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def evaluate_set(cfg: EvalConfig) -> dict:
+    """Train fresh networks on the distilled set `cfg.set_dir`; write and return eval.json."""
+    if not cfg.seeds:
+        raise Mgd3Error("give at least one evaluation seed")
+    s = read_set(cfg.set_dir)
+    p0 = _protocol(cfg)
+    name = cfg.data or s.data.get("name")
+    if not name:
+        raise Mgd3Error(f"{s.path} does not name its data set (plain ImageFolder): pass --data")
+    if cfg.data_root is None and s.data.get("data_root"):
+        cfg = dataclasses.replace(cfg, data_root=s.data["data_root"])
+    channels = int(s.data.get("channels") or 0) or _channels_of(s)
+    set_res = int(s.data.get("resolution") or 0) or _resolution_of(s)
+    p = resolve(p0, ipc=s.ipc, num_classes=len(s.class_ids), n_images=len(s.targets), set_resolution=set_res,
+                data_name=str(name), arch=cfg.arch, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                resolution=cfg.resolution)
+    device = resolve_device(cfg.device)
+    opts = _opts(cfg)
+    test_data, test = _test_set(name, s.class_ids, p, channels, cfg)
+    train_data = _load_real(name, "train", resolution=p.resolution, channels=channels, classes=s.class_ids, cfg=cfg)
+    norm = _normalization(p, train_data, channels, cfg)
+    teacher, teacher_rec = _teacher(p, train_data, test, norm, opts, cfg)
+    train = load_set_images(s, p.resolution, channels)
+    log.info("evaluating %s: %d images, %d classes, protocol %s, %s at %dx%d, seeds %s", s.path, len(train),
+             len(s.class_ids), p.name, p.arch, p.resolution, p.resolution, cfg.seeds)
+    from mgd3.evaluate.train import train_and_test
+
+    runs = [train_and_test(p, train, test, seed=sd, num_classes=len(s.class_ids), norm=norm, opts=opts,
+                           teacher=teacher) for sd in cfg.seeds]
+    result = {
+        "format": EVAL_FORMAT, "mgd3_version": __version__, "kind": "distilled",
+        "set": {"path": str(s.path), "method": (s.manifest or {}).get("method"), "ipc": s.ipc,
+                "generation_seed": (s.manifest or {}).get("seed"), "num_images": len(train),
+                "num_classes": len(s.class_ids), "class_ids": s.class_ids, "manifest": s.manifest is not None},
+        "data": {"name": str(name), "test_images": len(test), "train_fingerprint": train_data.fingerprint(),
+                 "test_fingerprint": test_data.fingerprint(), "resolution": p.resolution, "channels": channels},
+        "protocol": to_dict(p), "arch": p.arch, "reported": p.describe(),
+        "normalization": dataclasses.asdict(norm), "seeds": list(cfg.seeds), "runs": runs, **_summary(runs),
+        "std_note": "population std over evaluation seeds (numpy ddof=0, as the DC code)",
+        "environment": _environment(device, cfg), "config": _config_dict(cfg),
+    }
+    if teacher_rec:
+        result["teacher"] = teacher_rec
+    _attach_references(result, p, train_data.fingerprint(), s.ipc, cfg)
+    out = Path(cfg.out) if cfg.out else s.path / "eval.json"
+    R.write_json_atomic(out, result)
+    if not cfg.out:  # keep every protocol/arch's latest result too; eval.json is the last run
+        R.write_json_atomic(s.path / "evals" / f"{p.name}-{p.arch}-e{p.epochs}.json", result)
+    result["out"] = str(out)
+    return result
+
+
+def evaluate_reference(cfg: EvalConfig) -> dict:
+    """Random-real subsets or the full real train split under the same protocol, cached."""
+    kind = cfg.reference
+    if kind not in REFERENCES:
+        raise Mgd3Error(f"unknown reference {kind!r}; known: {', '.join(REFERENCES)}")
+    if not cfg.data:
+        raise Mgd3Error("--data is required with --reference")
+    if not cfg.seeds:
+        raise Mgd3Error("give at least one evaluation seed")
+    if kind == "random-real" and (cfg.ipc is None or cfg.ipc < 1):
+        raise Mgd3Error("--reference random-real needs --ipc N (N >= 1)")
+    p0 = _protocol(cfg)
+    probe = _load_real(cfg.data, "train", resolution=cfg.resolution, channels=None, classes=cfg.classes, cfg=cfg)
+    channels, num_classes = probe.channels, len(probe.class_ids)
+    counts = np.bincount(probe.targets, minlength=num_classes)
+    ipc = cfg.ipc if kind == "random-real" else int(counts.max())
+    n_images = min(ipc, int(counts.min())) * num_classes if kind == "random-real" else len(probe)
+    p = resolve(p0, ipc=ipc, num_classes=num_classes, n_images=n_images, set_resolution=probe.resolution,
+                data_name=cfg.data, arch=cfg.arch, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                resolution=cfg.resolution)
+    device = resolve_device(cfg.device)
+    opts = _opts(cfg)
+    train_data = probe if probe.resolution == p.resolution else _load_real(
+        cfg.data, "train", resolution=p.resolution, channels=channels, classes=cfg.classes, cfg=cfg)
+    test_data, test = _test_set(cfg.data, train_data.class_ids, p, channels, cfg)
+    norm = _normalization(p, train_data, channels, cfg)
+    teacher, teacher_rec = _teacher(p, train_data, test, norm, opts, cfg)
+    cache: dict = {}
+
+    def make_train(seed: int) -> TensorSet:
+        if kind == "full":
+            if "full" not in cache:
+                cache["full"] = tensor_set(train_data.dataset(), workers=cfg.workers, progress=cfg.progress,
+                                           desc=f"loading {cfg.data} train")
+            return cache["full"]
+        idx = R.random_real_indices(train_data.targets, num_classes, ipc, seed)
+        return tensor_set(train_data.dataset(idx), workers=cfg.workers)
+
+    train_fp = train_data.fingerprint()
+    runs, folder = R.run_reference(kind, p=p, seeds=cfg.seeds, ipc=ipc if kind == "random-real" else None,
+                                   train_fp=train_fp, test_fp=test_data.fingerprint(), make_train=make_train,
+                                   test=test, num_classes=num_classes, norm=norm, opts=opts, teacher=teacher,
+                                   cache_dir=cfg.cache_dir, use_cache=cfg.use_cache)
+    result = {
+        "format": EVAL_FORMAT, "mgd3_version": __version__, "kind": kind,
+        "ipc": ipc if kind == "random-real" else None,
+        "subset_seeds": list(cfg.seeds) if kind == "random-real" else None,
+        "subset_rule": "subset i: numpy.random.default_rng(seed i).choice of IPC items per class, no replacement"
+        if kind == "random-real" else None,
+        "set": {"num_images": n_images, "num_classes": num_classes, "class_ids": list(train_data.class_ids)},
+        "data": {"name": cfg.data, "test_images": len(test), "train_fingerprint": train_fp,
+                 "test_fingerprint": test_data.fingerprint(), "resolution": p.resolution, "channels": channels},
+        "protocol": to_dict(p), "arch": p.arch, "reported": p.describe(),
+        "epochs_overridden": cfg.epochs is not None,
+        "normalization": dataclasses.asdict(norm), "seeds": list(cfg.seeds), "runs": runs, **_summary(runs),
+        "std_note": "population std over evaluation seeds (numpy ddof=0, as the DC code)",
+        "environment": _environment(device, cfg), "config": _config_dict(cfg),
+    }
+    if teacher_rec:
+        result["teacher"] = teacher_rec
+    R.write_json_atomic(folder / "result.json", result)
+    result["cache_file"] = str(folder / "result.json")
+    if cfg.out:
+        R.write_json_atomic(Path(cfg.out), result)
+        result["out"] = cfg.out
+    return result
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """A distilled set (`cfg.set_dir`) or a reference (`cfg.reference`), per `cfg`."""
+    if cfg.reference and cfg.set_dir:
+        raise Mgd3Error("give either a distilled set or --reference, not both")
+    if not cfg.reference and not cfg.set_dir:
+        raise Mgd3Error("give a distilled set folder (or --reference random-real|full)")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise Mgd3Error(f"--threads must be at least 1, got {cfg.threads}")
+    before = torch.get_num_threads()
+    if cfg.threads:
+        # on a shared CPU, fewer threads than cores avoids OpenMP oversubscription stalls
+        torch.set_num_threads(cfg.threads)
+    try:
+        return evaluate_reference(cfg) if cfg.reference else evaluate_set(cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _attach_references(result: dict, p: Protocol, train_fp: str, ipc: int, cfg: EvalConfig) -> None:
+    """IOR / HLR (SPEC §3.4) from cached references under the same protocol, when present."""
+    refs = {}
+    rr = R.find_reference("random-real", train_fp, p, ipc=ipc, cache_dir=cfg.cache_dir)
+    full = R.find_reference("full", train_fp, p, ipc=None, cache_dir=cfg.cache_dir)
+    if rr:
+        refs["random_real"] = {k: rr.get(k) for k in ("mean", "std", "seeds", "ipc", "cache_file")}
+        result["ior"] = round(result["mean"] - rr["mean"], 2)
+    if full:
+        refs["full"] = {k: full.get(k) for k in ("mean", "std", "seeds", "cache_file")}
+        refs["full"]["epochs"] = full["protocol"]["epochs"]
+        result["hlr"] = round(full["mean"] - result["mean"], 2)
+    if refs:
+        result["references"] = refs
+
+
+def _config_dict(cfg: EvalConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d.pop("progress", None)
+    return d
+
+
+def _channels_of(s: DistilledSet) -> int:
+    from PIL import Image
+
+    with Image.open(s.files[0]) as im:
+        return 1 if im.mode in ("L", "I", "I;16", "1", "LA") else 3
+
+
+def _resolution_of(s: DistilledSet) -> int:
+    from PIL import Image
+
+    with Image.open(s.files[0]) as im:
+        return min(im.size)

@@ -1,0 +1,193 @@
+"""Stage: evaluation — real-data references under the same protocol (SPEC §3.4) and the
+soft-label teacher, each trained once and cached under the mgd3 cache directory.
+
+* random-real: IPC real train images per class drawn with a fixed subset seed (subset i is
+  drawn with `numpy.random.default_rng(subset seed i)`; evaluation seed i trains on subset i).
+* full: the whole real train split of the same classes (epochs usually overridden on a CPU).
+* teacher (protocol `soft`): the protocol's arch trained on the full real train split, its own
+  test accuracy recorded next to its weights.
+
+Cache layout: $MGD3_CACHE_DIR (default ~/.cache/mgd3)/eval/
+    stats/<train fingerprint>.json                    dataset mean / std
+    references/<kind>-<fingerprint>-<protocol>-<arch>-r<R>/<key>/seed-<s>.json and result.json
+    teachers/<key>.pt                                 {"state_dict", "record"}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mgd3.evaluate.protocols import Protocol, to_dict
+from mgd3.evaluate.train import Normalization, RunOptions, TensorSet, dataset_normalization, train_and_test
+
+log = logging.getLogger(__name__)
+
+EVAL_CACHE_VERSION = 1
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir`, else $MGD3_CACHE_DIR, else ~/.cache/mgd3 (the mgd3 cache), + /eval."""
+    if cache_dir:
+        root = Path(cache_dir).expanduser()
+    else:
+        env = os.environ.get("MGD3_CACHE_DIR")
+        root = Path(env).expanduser() if env else Path.home() / ".cache" / "mgd3"
+    return root / "eval"
+
+
+def key_of(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def cached_normalization(train_fingerprint: str, load_train, cache_dir=None, use_cache: bool = True) -> Normalization:
+    """Mean / std of the real train split; `load_train()` -> TensorSet is called on a miss."""
+    f = cache_root(cache_dir) / "stats" / f"{train_fingerprint}.json"
+    d = read_json(f) if use_cache else None
+    if d:
+        return Normalization(tuple(d["mean"]), tuple(d["std"]), d["source"])
+    norm = dataset_normalization(load_train())
+    write_json_atomic(f, {"mean": list(norm.mean), "std": list(norm.std), "source": norm.source})
+    return norm
+
+
+# --------------------------------------------------------------------------- subsets
+
+
+def random_real_indices(targets: np.ndarray, num_classes: int, ipc: int, subset_seed: int) -> np.ndarray:
+    """IPC items per class drawn without replacement (all of a class that has fewer)."""
+    rng = np.random.default_rng(subset_seed)
+    out = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(targets == c)
+        out.append(np.sort(rng.choice(idx, size=min(ipc, len(idx)), replace=False)))
+    return np.concatenate(out)
+
+
+# --------------------------------------------------------------------------- reference runs
+
+
+def reference_dir(kind: str, train_fp: str, p: Protocol, cache_dir=None) -> Path:
+    return cache_root(cache_dir) / "references" / f"{kind}-{train_fp}-{p.name}-{p.arch}-r{p.resolution}"
+
+
+def reference_key(kind: str, train_fp: str, test_fp: str, p: Protocol, seeds, ipc: int | None,
+                  norm: Normalization) -> str:
+    return key_of({"v": EVAL_CACHE_VERSION, "kind": kind, "train": train_fp, "test": test_fp,
+                   "protocol": to_dict(p), "seeds": list(seeds), "ipc": ipc, "norm": [norm.mean, norm.std]})
+
+
+def run_reference(kind: str, *, p: Protocol, seeds, ipc: int | None, train_fp: str, test_fp: str,
+                  make_train, test: TensorSet, num_classes: int, norm: Normalization, opts: RunOptions,
+                  teacher=None, cache_dir=None, use_cache: bool = True) -> tuple[list[dict], Path]:
+    """Per-seed results of a reference, cached per seed. `make_train(seed)` -> TensorSet."""
+    folder = reference_dir(kind, train_fp, p, cache_dir) / reference_key(kind, train_fp, test_fp, p, seeds, ipc, norm)
+    runs = []
+    for s in seeds:
+        f = folder / f"seed-{s}.json"
+        r = read_json(f) if use_cache else None
+        if r is None:
+            r = train_and_test(p, make_train(s), test, seed=s, num_classes=num_classes, norm=norm, opts=opts,
+                               teacher=teacher)
+            write_json_atomic(f, r)
+        else:
+            log.info("%s reference, seed %d: from cache %s", kind, s, f)
+        runs.append(r)
+    return runs, folder
+
+
+def find_reference(kind: str, train_fp: str, p: Protocol, *, ipc: int | None, cache_dir=None) -> dict | None:
+    """The newest cached reference result for this data and protocol (any seeds; for `full`,
+    any epochs); None if there is none."""
+    base = reference_dir(kind, train_fp, p, cache_dir)
+    if not base.is_dir():
+        return None
+    want = {k: v for k, v in to_dict(p).items() if k not in ("epochs", "eval_every", "batch_size")}
+    best = None
+    for f in base.glob("*/result.json"):
+        d = read_json(f)
+        if not d or (kind == "random-real" and d.get("ipc") != ipc):
+            continue
+        got = {k: v for k, v in d.get("protocol", {}).items() if k not in ("epochs", "eval_every", "batch_size")}
+        if kind == "random-real" and d.get("protocol") != to_dict(p):
+            continue
+        if got != want:
+            continue
+        if best is None or f.stat().st_mtime > best[0]:
+            best = (f.stat().st_mtime, d, f)
+    if best is None:
+        return None
+    d = dict(best[1])
+    d["cache_file"] = str(best[2])
+    return d
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+def teacher_protocol(p: Protocol) -> Protocol:
+    """How the soft-label teacher is trained: the student's arch, resolution and normalisation;
+    SGD (lr `teacher_lr`, momentum 0.9, wd 5e-4), cosine schedule, random-resized-crop + flip."""
+    from dataclasses import replace
+
+    return replace(p, name=f"{p.name}-teacher", epochs=p.teacher_epochs, batch_size=p.teacher_batch_size,
+                   optimizer="sgd", lr=p.teacher_lr, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+                   augment="crop-flip", report="last", eval_every=0, eval_after=0.0, cutmix_beta=0.0,
+                   loss="ce", temperature=1.0, teacher_epochs=0, many_classes={})
+
+
+def get_teacher(p: Protocol, *, train_fp: str, test_fp: str, make_train, test: TensorSet, num_classes: int,
+                norm: Normalization, opts: RunOptions, cache_dir=None, use_cache: bool = True,
+                seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """The cached teacher for protocol `p` (trained on the full train split on a miss)."""
+    from mgd3.evaluate.networks import build_network
+
+    tp = teacher_protocol(p)
+    key = key_of({"v": EVAL_CACHE_VERSION, "train": train_fp, "test": test_fp, "protocol": to_dict(tp),
+                  "seed": seed, "norm": [norm.mean, norm.std]})
+    f = cache_root(cache_dir) / "teachers" / f"{key}.pt"
+    train_shape = None
+    if use_cache and f.is_file():
+        blob = torch.load(f, map_location="cpu", weights_only=False)
+        rec = blob["record"]
+        model = build_network(tp.arch, rec["channels"], num_classes, rec["resolution"])
+        model.load_state_dict(blob["state_dict"])
+        log.info("teacher %s from cache %s (test accuracy %.2f %%)", tp.arch, f, rec["test_acc"])
+        return model.eval(), {**rec, "cache_file": str(f)}
+    train = make_train()
+    train_shape = tuple(train.images.shape)
+    log.info("training the soft-label teacher (%s, %d epochs on %d real images)", tp.arch, tp.epochs, len(train))
+    r = train_and_test(tp, train, test, seed=seed, num_classes=num_classes, norm=norm, opts=opts, return_model=True)
+    model = r.pop("model")
+    rec = {"arch": tp.arch, "epochs": tp.epochs, "train_images": train_shape[0], "channels": train_shape[1],
+           "resolution": train_shape[-1], "test_acc": r["last_acc"], "train_seconds": r["train_seconds"],
+           "seed": seed, "protocol": to_dict(tp)}
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
+    state = {k: v.detach().cpu() for k, v in getattr(model, "_orig_mod", model).state_dict().items()}
+    torch.save({"state_dict": state, "record": rec}, tmp)
+    os.replace(tmp, f)
+    return model.eval(), {**rec, "cache_file": str(f)}
