@@ -1,0 +1,217 @@
+"""`mgd3 pretrain` on tiny budgets with real digits: save → load (the real backend) → sample →
+distill; resume after an interruption; the trainer owns label dropout; bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from mgd3.errors import Mgd3Error
+from mgd3.pretrain import SIZES, PretrainConfig, build_dit, pretrain
+
+# 200 digits, 8x8 -> 4x4 latents, a 2-layer DiT, 3 optimiser steps per epoch: about a second a run
+TINY = dict(data="digits", size="tiny", vae_epochs=1, epochs=1, limit=200, batch_size=64, vae_width=8,
+            vae_levels=2, max_steps=3, progress=False)
+
+
+def _cfg(out, **kw) -> PretrainConfig:
+    return PretrainConfig(out=str(out), **{**TINY, **kw})
+
+
+def _weights(folder, sub="transformer"):
+    return load_file(folder / sub / "diffusion_pytorch_model.safetensors")
+
+
+def _assert_same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine waiting threads cost seconds per op."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, _one_thread):
+    return pretrain(_cfg(tmp_path_factory.mktemp("pretrain") / "model", cfg=1.5))
+
+
+def test_folder_has_the_dit_pipeline_layout_and_a_model_card(trained):
+    index = json.loads((trained / "model_index.json").read_text())
+    assert index["_class_name"] == "DiTPipeline"
+    assert index["id2label"] == {str(i): str(i) for i in range(10)}
+    sched = json.loads((trained / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "DDIMScheduler" and sched["clip_sample"] is False
+    assert (sched["beta_start"], sched["beta_end"], sched["beta_schedule"]) == (1e-4, 0.02, "linear")
+    tcfg = json.loads((trained / "transformer" / "config.json").read_text())
+    assert tcfg["num_embeds_ada_norm"] == 10 and tcfg["out_channels"] == tcfg["in_channels"] == 4
+    assert tcfg["norm_type"] == "ada_norm_zero" and tcfg["sample_size"] == 4
+    info = json.loads((trained / "mgd3.json").read_text())
+    assert info["defaults"] == {"cfg": 1.5}
+    assert info["stats"]["dit_loss"] and info["stats"]["dit_val_loss"] and info["stats"]["vae_test_psnr_db"] > 0
+    card = (trained / "MODEL_CARD.md").read_text()
+    for text in ("digits", "10 classes", "PSNR on the test split", "DiT training: 1 epochs (3 steps)", "min"):
+        assert text in card
+    assert (trained / "samples" / "epoch_001.png").is_file()
+    assert not (trained / ".save").exists()
+
+
+def test_loads_through_the_backend_and_samples(trained):
+    from mgd3.backends import load_backend
+    from mgd3.pretrain import _load_split
+    from mgd3.sampling import CFGDenoiser, Plan, randn_per_item, sample
+
+    b = load_backend(trained)
+    assert b.latent_shape == (4, 4, 4) and b.resolution == 8 and b.image_channels == 1
+    assert b.num_classes == 10 and b.null_label == 10 and not b.learned_sigma
+    np.testing.assert_allclose(b.betas, np.linspace(1e-4, 0.02, 1000))
+    assert b.defaults["cfg"] == 1.5 and b.id2label[7] == "7"
+    # scaling factor = 1 / std of the train latents' means: the scaled train latents have std 1
+    _, images, _ = _load_split(_cfg(trained), "train", 200)
+    z = b.encode(images.float() / 127.5 - 1.0)
+    assert abs(z.std().item() - 1.0) < 1e-3
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    x = randn_per_item(gens, b.latent_shape, b.device)
+    out = sample(CFGDenoiser(b.denoiser, 2.0, b.uncond()), x, Plan.from_betas(b.betas, 5), b.cond([0, 1, 2, 3]),
+                 gens)
+    imgs = b.decode(out)
+    assert imgs.shape == (4, 1, 8, 8) and torch.isfinite(imgs).all()
+
+
+def test_distill_runs_on_the_pretrained_model(trained, tmp_path):
+    from mgd3.distill import DistillConfig, distill
+    from mgd3.methods import SamplerConfig
+
+    s = distill(DistillConfig(data="digits", out=str(tmp_path / "set"), model=str(trained), method="mgd3", ipc=2,
+                              progress=False, sampler=SamplerConfig(steps=6)))
+    assert s["images"] == 20
+    m = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    assert m["config"]["sampler"]["cfg"] == 1.5  # the model's recommended CFG from mgd3.json
+
+
+def test_label_dropout_belongs_to_the_trainer(trained):
+    from diffusers import DiTTransformer2DModel
+
+    from mgd3.backends import load_backend
+
+    dit = build_dit(_cfg("unused"), 4, 10).train()
+    embedders = [m for m in dit.modules() if m.__class__.__name__ == "LabelEmbedding"]
+    assert len(embedders) == 2  # one per block in diffusers' DiT
+    assert all(m.dropout_prob == 0.0 and m.embedding_table.num_embeddings == 11 for m in embedders)
+    x, t, y = torch.randn(64, 4, 4, 4), torch.full((64,), 500), torch.arange(64) % 10
+    with torch.no_grad():  # no per-block label drops in train mode: two passes agree
+        for p in dit.parameters():  # adaLN-Zero starts at a constant output: make it depend on the labels
+            p.add_(torch.randn_like(p) * 0.1)
+        assert torch.equal(dit(x, timestep=t, class_labels=y).sample, dit(x, timestep=t, class_labels=y).sample)
+    saved = DiTTransformer2DModel.from_pretrained(trained / "transformer")
+    tables = [m.embedding_table for m in saved.modules() if m.__class__.__name__ == "LabelEmbedding"]
+    assert tables and all(tb.num_embeddings == 11 for tb in tables)  # the null-class row exists
+    assert all(m.dropout_prob == 0.0 for m in load_backend(trained).label_embedders())
+
+
+def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    import mgd3.pretrain as pt
+
+    direct = pretrain(_cfg(tmp_path / "direct", epochs=2))
+    real_grid, calls = pt.sample_grid, []
+
+    def crash_in_epoch_2(*args, **kw):  # the grid is drawn just before the epoch's checkpoint
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_grid(*args, **kw)
+
+    monkeypatch.setattr(pt, "sample_grid", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_cfg(tmp_path / "resumed", epochs=2))
+    monkeypatch.setattr(pt, "sample_grid", real_grid)
+    assert not (tmp_path / "resumed" / "model_index.json").exists()  # not a finished folder
+    with pytest.raises(Mgd3Error, match="size='tiny'"):  # other options cannot continue these checkpoints
+        pretrain(_cfg(tmp_path / "resumed", epochs=2, size="small"))
+    resumed = pretrain(_cfg(tmp_path / "resumed", epochs=2))  # the same command again
+    _assert_same_weights(direct, resumed)
+    stats = json.loads((resumed / "mgd3.json").read_text())["stats"]
+    assert len(stats["vae_epoch_s"]) == 1 and len(stats["dit_epoch_s"]) == 2  # nothing trained twice
+    with pytest.raises(Mgd3Error, match="already holds a finished model"):
+        pretrain(_cfg(tmp_path / "resumed", epochs=2))
+
+
+def test_larger_epochs_continue_a_finished_model(tmp_path):
+    direct = pretrain(_cfg(tmp_path / "direct", epochs=2))
+    out = pretrain(_cfg(tmp_path / "grown", epochs=1))
+    assert (out / "model_index.json").exists()
+    pretrain(_cfg(out, epochs=2))
+    _assert_same_weights(direct, out)
+    assert len(json.loads((out / "mgd3.json").read_text())["stats"]["runs"]) == 2
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png"]
+
+
+def test_time_budget_ends_training_early(tmp_path):
+    out = pretrain(_cfg(tmp_path / "m", epochs=5, max_minutes=1e-6))
+    stats = json.loads((out / "mgd3.json").read_text())["stats"]
+    assert len(stats["dit_loss"]) == 1 and stats["dit_stopped_by_time_at_epoch"] == 1
+    assert stats["dit_steps"] == [1]
+
+
+def test_color_data_at_another_resolution(tmp_path):
+    from mgd3.backends import load_backend
+
+    out = pretrain(_cfg(tmp_path / "rgb", channels=3, resolution=16, classes=["3", "8"], max_steps=1))
+    b = load_backend(out)
+    assert b.image_channels == 3 and b.resolution == 16 and b.latent_shape == (4, 8, 8)
+    assert b.num_classes == 2 and b.id2label == {0: "3", 1: "8"}
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(size="huge"), "unknown --size 'huge'; known: " + ", ".join(SIZES)),
+    (dict(data="no-such-data"), "unknown dataset 'no-such-data'"),
+    (dict(epochs=0), "--epochs must be at least 1"),
+    (dict(label_dropout=1.0), "--label-dropout"),
+    (dict(resolution=9), "not divisible by the VAE's downsampling"),
+    (dict(size="small", patch_size=3), "not divisible by the VAE's downsampling 2 (--vae-levels 2) times the patch"),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, kw, match):
+    with pytest.raises(Mgd3Error, match=match.replace("(", r"\(").replace(")", r"\)")):
+        pretrain(_cfg(tmp_path / "m", **kw))
+    assert not (tmp_path / "m").exists()  # nothing written
+
+
+def test_refuses_a_folder_that_is_not_its_own(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(Mgd3Error, match="not empty"):
+        pretrain(_cfg(tmp_path, overwrite=True))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_cli_help_and_errors(tmp_path):
+    one = {"OMP_NUM_THREADS": "1"}
+    r = run_cli("pretrain", "--help", env=one)
+    assert r.returncode == 0
+    for flag in ("--data", "--out", "--size", "--vae-epochs", "--epochs", "--batch-size", "--lr", "--bf16",
+                 "--device", "--seed", "--max-steps", "--limit", "--quality", "--max-minutes", "--overwrite",
+                 "--train-steps", "--threads"):
+        assert flag in r.stdout, flag
+    r = run_cli("pretrain", "--data", "no-such-data", "--out", tmp_path / "m", env=one)
+    assert r.returncode == 2 and r.stderr.startswith("mgd3: error: unknown dataset")
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_steps_budget_with_a_partial_last_epoch(tmp_path):
+    out = pretrain(_cfg(tmp_path / "m", train_steps=5))  # 3 steps per epoch (max_steps): epochs of 3 + 2
+    stats = json.loads((out / "mgd3.json").read_text())["stats"]
+    assert stats["dit_steps"] == [3, 5]
+    with pytest.raises(Mgd3Error, match="already holds a finished model"):
+        pretrain(_cfg(out, train_steps=5))
+    pretrain(_cfg(out, train_steps=6))  # a larger budget continues
+    assert json.loads((out / "mgd3.json").read_text())["stats"]["dit_steps"] == [3, 5, 6]
