@@ -99,7 +99,8 @@ def add_distill_parser(sub) -> None:
     p.set_defaults(func=run_distill)
 
 
-def _load_yaml(path: str) -> dict:
+def load_yaml_config(path: str) -> dict:
+    """A YAML mapping of option: value (dashes in keys become underscores); one-line errors."""
     import yaml
 
     try:
@@ -118,7 +119,7 @@ def run_distill(args) -> int:
     from mgd3.methods import SamplerConfig
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose")}
-    values = _load_yaml(given.pop("config")) if "config" in given else {}
+    values = load_yaml_config(given.pop("config")) if "config" in given else {}
     opt_fields = {f.name: flag for flag, (f, _) in _method_option_fields().items()}
     flag_to_field = {flag.lstrip("-").replace("-", "_"): name for name, flag in opt_fields.items()}
     values = {("opt_" + flag_to_field[k] if k in flag_to_field else k): v for k, v in values.items()}

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -20,8 +21,6 @@ log = logging.getLogger(__name__)
 
 def _digest(idx) -> str:
     import hashlib
-
-    import numpy as np
 
     return hashlib.sha256(np.asarray(idx, dtype=np.int64).tobytes()).hexdigest()[:12]
 
@@ -50,7 +49,7 @@ def encode_classes(
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     progress: bool = True,
-    indices: dict[int, "np.ndarray"] | None = None,
+    indices: dict[int, np.ndarray] | None = None,
 ) -> dict[int, Tensor]:
     """Latents of the real images of the given classes: {class index: (N_c, C, h, w) float32}.
     `indices` restricts a class to some of its items (a fixed subset; cached under its own name)."""

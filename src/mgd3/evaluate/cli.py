@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from mgd3.errors import Mgd3Error
 
@@ -94,18 +93,9 @@ def config_from_args(args) -> "EvalConfig":
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose")}
     values: dict = {}
     if "config" in given:
-        import yaml
+        from mgd3.cli import load_yaml_config
 
-        path = given.pop("config")
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise Mgd3Error(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise Mgd3Error(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise Mgd3Error(f"config file {path} must hold a mapping of option: value")
-        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        values = load_yaml_config(given.pop("config"))
     values.update(given)
     options = _parse_options(values.pop("option", None))
     if values.pop("dsa_same_params", False):

@@ -12,7 +12,7 @@ import hashlib
 import importlib
 import math
 import pkgutil
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np

@@ -189,7 +189,7 @@ class DMGD(Method):
             y_star = torch.tensor(y_star, dtype=torch.long)
             embedders = ctx.backend.label_embedders()
 
-            def wrap(inner):
+            def wrap(inner, embedders=embedders, y_star=y_star, aux=aux):
                 return SemanticMatching(inner, embedders, y_star, aux)
 
         latents = ctx.sample(items, guidance=guidance, wrap=wrap)
