@@ -4,6 +4,9 @@ minute, so the size for the ~90-minute shipped model can be picked on numbers.
     nice -n 10 .venv/bin/python benchmarks/pretrain_sizes.py --sizes small medium base \
         --cpu-minutes 12 --bf16 --report benchmarks/results/pretrain_sizes.md
 
+Run it again with `--keep` and a larger `--cpu-minutes` to continue every arm to the longer
+budget (checkpoints) instead of starting over.
+
 The budget is CPU time of one thread (`--threads 1` by default): on a machine shared with other
 jobs, wall time says more about the neighbours than about the model. Each size is calibrated
 (CPU seconds per optimiser step, 3 steps) and then trained by the real `mgd3 pretrain`
@@ -75,6 +78,9 @@ def main() -> None:
     ap.add_argument("--cas-epochs", type=int, default=100, help="epochs of the CAS ConvNet-3s")
     ap.add_argument("--work", default="/tmp/mgd3-pretrain-sizes")
     ap.add_argument("--report", help="write the markdown result here")
+    ap.add_argument("--keep", action="store_true",
+                    help="reuse --work: continue each arm's training up to the new --cpu-minutes and reuse the "
+                         "reference classifiers (a longer budget without starting over)")
     args = ap.parse_args()
 
     import logging
@@ -89,7 +95,7 @@ def main() -> None:
     from mgd3.distill import DistillConfig, distill
     from mgd3.methods import SamplerConfig
     from mgd3.pretrain import calibrate, pretrain
-    from mgd3.quality import accuracy, load_set_images, per_class_subset, train_classifier
+    from mgd3.quality import ConvNet, accuracy, load_set_images, per_class_subset, train_classifier
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -99,16 +105,25 @@ def main() -> None:
     xte, yte = _tensors(test)
     k = len(train.class_ids)
 
-    # the real-data classifier for class fidelity, trained once
-    t = time.perf_counter()
-    real_net = train_classifier(xtr, ytr, k, epochs=args.real_epochs, seed=0, device=args.device)
-    real_acc = accuracy(real_net, xte, yte, args.device)
-    real_s = time.perf_counter() - t
-    logging.info("real ConvNet-3: %.2f %% test accuracy (%.0f s)", real_acc, real_s)
-    # the random-real reference for CAS: same budget, `per_class` random real images per class
+    # the real-data classifier for class fidelity and the random-real CAS reference, trained once
     real_idx = per_class_subset(ytr, args.per_class, 0)
-    cas_real = accuracy(train_classifier(xtr[real_idx], ytr[real_idx], k, epochs=args.cas_epochs, seed=0,
-                                         device=args.device), xte, yte, args.device)
+    refs_file, net_file = work / "references.json", work / "real_convnet.pt"
+    if args.keep and refs_file.is_file() and net_file.is_file():
+        real_net = ConvNet(xtr.shape[1], k, xtr.shape[-1]).to(args.device)
+        real_net.load_state_dict(torch.load(net_file, map_location=args.device, weights_only=True))
+        real_net.eval()
+        real_acc, real_s, cas_real = (json.loads(refs_file.read_text())[key] for key in ("real_acc", "real_s", "cas_real"))
+    else:
+        t = time.perf_counter()
+        real_net = train_classifier(xtr, ytr, k, epochs=args.real_epochs, seed=0, device=args.device)
+        real_acc = accuracy(real_net, xte, yte, args.device)
+        real_s = time.perf_counter() - t
+        # the random-real reference for CAS: same budget, `per_class` random real images per class
+        cas_real = accuracy(train_classifier(xtr[real_idx], ytr[real_idx], k, epochs=args.cas_epochs, seed=0,
+                                             device=args.device), xte, yte, args.device)
+        torch.save(real_net.state_dict(), net_file)
+        refs_file.write_text(json.dumps({"real_acc": real_acc, "real_s": real_s, "cas_real": cas_real}))
+    logging.info("real ConvNet-3: %.2f %% test accuracy; CAS of random real: %.2f %%", real_acc, cas_real)
 
     rows, curves, first = [], {}, None
     for arm in args.sizes:
@@ -116,10 +131,10 @@ def main() -> None:
         overrides = {k: type(getattr(PretrainConfig, k))(v) if getattr(PretrainConfig, k, None) is not None else int(v)
                      for k, v in (kv.split("=") for kv in extra.split(",") if kv)}
         out = work / arm.replace(":", "_").replace(",", "_").replace("=", "")
-        if out.exists():
+        if out.exists() and not args.keep:
             shutil.rmtree(out)
-        if first is not None:  # the same VAE for every size
-            (out / ".checkpoints").mkdir(parents=True)
+        if first is not None and not (out / ".checkpoints" / "vae.pt").exists():  # the same VAE for every size
+            (out / ".checkpoints").mkdir(parents=True, exist_ok=True)
             for f in ("vae.pt", "vae.json"):
                 shutil.copy(first / ".checkpoints" / f, out / ".checkpoints" / f)
         cfg = PretrainConfig(data=args.data, out=str(out), size=size, vae_epochs=args.vae_epochs,
@@ -131,7 +146,12 @@ def main() -> None:
         cfg.train_steps = max(1, int(args.cpu_minutes * 60 / cpu_step))
         logging.info("%s: %.3f CPU s/step -> %d steps", size, cpu_step, cfg.train_steps)
         load0 = os.getloadavg()[0]
-        pretrain(cfg)
+        meta = out / ".checkpoints" / "dit.json"
+        done = json.loads(meta.read_text()).get("step", 0) if meta.is_file() else 0
+        if done < cfg.train_steps or not (out / "model_index.json").is_file():
+            pretrain(cfg)  # with --keep: continues the arm's training up to the new budget
+        else:
+            logging.info("%s: already trained for %d >= %d steps", arm, done, cfg.train_steps)
         first = first or out
         info = json.loads((out / "mgd3.json").read_text())
         st = info["stats"]
