@@ -18,7 +18,7 @@ from mgd3.errors import Mgd3Error
 log = logging.getLogger("mgd3")
 
 # other stages' sub-commands: module exposing add_parser(subparsers) and run(args) -> int
-SUBCOMMAND_MODULES = ("mgd3.pretrain", "mgd3.evaluate.cli")
+SUBCOMMAND_MODULES = ("mgd3.pretrain", "mgd3.evaluate.cli", "mgd3.report")
 
 _TYPES = {"float": float, "int": int, "str": str, "float | None": float, "int | None": int}
 
@@ -48,7 +48,11 @@ def add_distill_parser(sub) -> None:
     p = sub.add_parser(
         "distill", help="distill a dataset into IPC synthetic images per class",
         description="Distill a dataset with a pretrained latent diffusion model. Writes "
-                    "OUT/images/<class>/<k>.png, OUT/latents.pt, OUT/grid.png and, last, OUT/manifest.json.",
+                    "OUT/images/<class>/<k>.png, OUT/latents.pt, OUT/grid.png and, last, OUT/manifest.json. "
+                    "Re-running the same command after an interruption finishes the missing images only "
+                    "(OUT/.mgd3-run.json holds the settings; other settings are refused without --overwrite). "
+                    "Several processes or GPUs: torchrun --nproc_per_node N -m mgd3 distill ... shares the "
+                    "classes out and writes the same set as one process.",
         argument_default=S, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and model")
     g.add_argument("--data", help="dataset: fashion-mnist, digits, imagenette, imagewoof, imageidc, "
@@ -58,18 +62,35 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--class-map", help="file mapping class ids to model labels (JSON or 'id label' lines)")
     g.add_argument("--model", help="diffusers pipeline folder or cached Hugging Face repo id "
                                    "(default: the model mgd3 ships for --data, if any)")
+    # [text-to-image] begin: Stable Diffusion options
+    g.add_argument("--prompt", metavar="TEMPLATE",
+                   help="text-to-image models: prompt template, {name} = the class name line, e.g. "
+                        "'a photo of a {name}' (default '{name}': 'tench, Tinca tinca', as MGD³)")
+    g.add_argument("--negative-prompt", metavar="TEXT",
+                   help="text-to-image models: the prompt of the unconditional CFG branch (default empty)")
+    g.add_argument("--resolution", type=int, help="generation resolution in pixels (default: the model's, "
+                                                  "512 for SD v1.5; DiT generates at its own only)")
+    g.add_argument("--save-resolution", type=int, help="resize images to this many pixels when writing them "
+                                                       "(default: as generated; MGD³'s SD variant saves 256)")
+    # [text-to-image] end
     g = p.add_argument_group("run")
     g.add_argument("--method", help=f"distillation method: {', '.join(load_methods().names())} (default mgd3)")
     g.add_argument("--ipc", type=int, help="images per class (default 10)")
     g.add_argument("--seed", type=int, help="global seed; image k of class c uses a seed derived "
                                             "from (seed, c, k) (default 0)")
-    g.add_argument("--out", help="output folder (must be empty or new, unless --overwrite)")
+    g.add_argument("--out", help="output folder: new, empty, or an unfinished run of the same settings "
+                                 "(resumed); a complete set of the same settings is left as it is")
     g.add_argument("--overwrite", action="store_true", help="replace mgd3 outputs already in --out")
+    g.add_argument("--strict", action="store_true", help="stop at a missing or unreadable image file of an "
+                                                         "image-folder dataset (default: skip them with a warning)")
     g.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
     g.add_argument("--max-real-per-class", type=int, metavar="N",
                    help="find modes (and nearest real images) among a fixed random subset of N real "
                         "images per class instead of all of them (faster encoding; default all)")
     g.add_argument("--encode-batch-size", type=int, help="images per VAE encoding batch (default 64)")
+    g.add_argument("--encode-workers", type=int, metavar="N",
+                   help="DataLoader processes that read and decode real images for encoding "
+                        "(default 0 on CPU, up to 8 per GPU process)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
     g.add_argument("--cache-dir", help="cache for VAE encodings (default $MGD3_CACHE_DIR or ~/.cache/mgd3)")
@@ -144,6 +165,13 @@ def run_distill(args) -> int:
     cfg = DistillConfig(**top, progress=not values.get("quiet", False),
                         sampler=SamplerConfig(**sampler), options=options)
     s = distill(cfg)
+    if s.get("rank"):  # another process of a torchrun launch: rank 0 reports
+        return 0
+    if s.get("complete"):
+        print(f"{s['out']} already holds the complete set ({s['images']} images) for these settings; nothing to do")
+        return 0
+    if s.get("resumed"):
+        print(f"resumed: {s['resumed']} images were already written by an interrupted run")
     print(f"wrote {s['images']} images ({s['classes']} classes × IPC {cfg.ipc}, method {cfg.method}) "
           f"to {s['out']}/images in {s['seconds']:.1f} s ({s['images_per_s']:.2f} images/s generation); "
           f"grid: {s['out']}/grid.png; manifest: {s['out']}/manifest.json")
@@ -186,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(func(args) or 0)
     except Mgd3Error as e:
-        print(f"mgd3: error: {e}", file=sys.stderr)
+        if not getattr(e, "reported", False):  # said already (another process of a torchrun launch)
+            print(f"mgd3: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mgd3: interrupted", file=sys.stderr)

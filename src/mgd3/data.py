@@ -489,6 +489,8 @@ def _walk_images(top: Path) -> list[tuple[str, int, int]]:
                 elif e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file():
                     s = e.stat()
                     out.append((os.path.relpath(e.path, top), s.st_size, s.st_mtime_ns))
+                elif e.name.lower().endswith(IMG_EXTENSIONS) and e.is_symlink() and not os.path.exists(e.path):
+                    out.append((os.path.relpath(e.path, top), -1, 0))  # a broken link: a missing file
     return sorted(out)
 
 
@@ -557,6 +559,62 @@ def image_folder(path: str, split: str, classes=None) -> tuple:
             log.warning("%s has class folders that %s lacks; ignored: %s", folder, train, ", ".join(extra))
     files, targets, key = _scan(folder, ids)
     return ids, [names[k] for k in keep], [None] * len(ids), targets, _FileSource(files, key)
+
+
+def _image_problem(path: str) -> str | None:
+    """Why an image file cannot be used (missing, empty, not an image, a corrupt header or PNG
+    chunk), or None. A cheap check, without decoding every pixel: a file whose pixel data is
+    damaged can still stop the run when it is read for encoding."""
+    from PIL import Image
+
+    if not os.path.exists(path):
+        return "missing"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+        return " ".join(f"{type(e).__name__}: {e}".split())
+    return None
+
+
+def check_files(source: "_FileSource", targets: np.ndarray, class_ids: list[str], strict: bool) -> tuple:
+    """Drop missing or unreadable image files (one warning with their count), or with `strict`
+    stop at the first. The result is cached per file listing, so a second run checks nothing."""
+    from mgd3.encode import cache_root
+
+    cache = cache_root() / "checked" / f"{hashlib.sha256(source.key.encode()).hexdigest()[:24]}.json"
+    try:
+        bad = {int(k): v for k, v in json.loads(cache.read_text()).items()}
+    except (OSError, ValueError):
+        bad = {}
+        for i, f in enumerate(tqdm(source.files, desc="checking images", unit="img", leave=False,
+                                   disable=True if len(source.files) < 5000 else None)):
+            why = _image_problem(f)
+            if why is not None:
+                bad[i] = why
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(bad))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only cache only costs the check next time
+    if not bad:
+        return source, targets
+    first = min(bad)
+    if strict:
+        raise Mgd3Error(f"image {source.files[first]} is unusable ({bad[first]}); {len(bad)} such file(s) "
+                        "in all (without --strict they are skipped)")
+    keep = np.array([i not in bad for i in range(len(source.files))])
+    log.warning("skipped %d missing or unreadable image file(s), e.g. %s (%s); --strict stops instead",
+                len(bad), source.files[first], bad[first])
+    files = [f for f, k in zip(source.files, keep) if k]
+    dropped = hashlib.sha256(json.dumps(sorted(bad)).encode()).hexdigest()
+    targets = targets[keep]
+    empty = [cid for c, cid in enumerate(class_ids) if not (targets == c).any()]
+    if empty:
+        raise Mgd3Error(f"class {empty[0]!r} has no readable images left")
+    return _FileSource(files, f"{source.key}|without:{dropped}"), targets
 
 
 # --------------------------------------------------------------------------- ImageNet subsets
@@ -656,12 +714,15 @@ def read_class_map(path: str | os.PathLike) -> dict[str, int]:
 
 def load_data(name_or_path: str, split: str = "train", *, resolution: int | None = None,
               channels: int | None = None, classes: Sequence[str] | None = None,
-              data_root: str | None = None, class_map: str | None = None) -> RealData:
+              data_root: str | None = None, class_map: str | None = None, bad_files: str = "lazy") -> RealData:
     """A named dataset (`DATASETS`, also `imagenette:/path/to/imagenet`) or an image folder.
 
     resolution/channels None: the data's own (28/8 and 1 for Fashion-MNIST/digits; 256 and 3
     for folders). `classes`: ids, names or indices (as strings), order kept. `class_map`: a
-    JSON or text file of model labels per class id (or name), overriding built-in labels."""
+    JSON or text file of model labels per class id (or name), overriding built-in labels.
+    `bad_files` for image folders: "lazy" (a file is read when used; an unreadable one is an
+    error then), "skip" (missing or unreadable files are left out, with one warning) or
+    "strict" (the first one is an error now)."""
     if split not in SPLITS:
         raise Mgd3Error(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     if channels not in (None, 1, 3):
@@ -681,6 +742,10 @@ def load_data(name_or_path: str, split: str = "train", *, resolution: int | None
         identity = "image-folder"  # content-addressed (file listing), not by where it lies
     else:
         raise Mgd3Error(f"unknown dataset {name!r} (and no such folder); known: {', '.join(DATASETS.names())}")
+    if bad_files not in ("lazy", "skip", "strict"):
+        raise ValueError(f"bad_files must be lazy, skip or strict, got {bad_files!r}")
+    if isinstance(source, _FileSource) and bad_files != "lazy":
+        source, targets = check_files(source, targets, ids, strict=bad_files == "strict")
     if class_map:
         mapping = read_class_map(class_map)
         labels = [mapping.get(i, mapping.get(n, lab)) for i, n, lab in zip(ids, names, labels)]

@@ -4,6 +4,9 @@
     OUT/latents.pt                      {"latents": (N, C, h, w), "paths": [...], ...}
     OUT/grid.png                        a few images per class, one row per class
     OUT/manifest.json                   written last: its presence means the set is complete
+    OUT/.mgd3-run.json                  the settings that determine the images (resume key)
+    OUT/.partial/<class>-<first>-<n>.pt one per finished batch: its latents and records, so an
+                                        interrupted run resumes with the missing images only
 
 Every file is written to a temporary name and renamed, so an interrupted run never leaves a
 half-written image or a manifest that claims a complete set.
@@ -12,6 +15,7 @@ half-written image or a manifest that claims a complete set.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -24,7 +28,12 @@ from torch import Tensor
 from mgd3.errors import Mgd3Error
 
 FORMAT = "mgd3-distilled-set/1"
-OUTPUTS = ("images", "latents.pt", "grid.png", "manifest.json")
+RUN_FORMAT = "mgd3-run/1"
+RUN_FILE = ".mgd3-run.json"
+PARTIAL = ".partial"
+OUTPUTS = ("images", "latents.pt", "grid.png", "manifest.json", PARTIAL, RUN_FILE)
+
+log = logging.getLogger(__name__)
 
 
 def prepare_out(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -35,13 +44,7 @@ def prepare_out(out: str | os.PathLike, overwrite: bool) -> Path:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise Mgd3Error(f"output folder {out} is not empty (use --overwrite to replace it)")
-        # the manifest goes first so a crash mid-clean never leaves a set that looks complete
-        for name in ("manifest.json",) + OUTPUTS:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        _clear(out)
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
         probe = out / ".mgd3-write-test"
@@ -50,6 +53,131 @@ def prepare_out(out: str | os.PathLike, overwrite: bool) -> Path:
     except OSError as e:
         raise Mgd3Error(f"cannot write to output folder {out} ({e.strerror or e})") from None
     return out
+
+
+def _flat(d, prefix: str = "") -> dict:
+    """{"sampler": {"steps": 50}} -> {"sampler.steps": 50} (lists stay values)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def first_difference(old: dict, new: dict) -> str | None:
+    """The first field (dotted, in `new`'s order) whose value differs, or None."""
+    a, b = _flat(old), _flat(new)
+    for k in list(b) + [k for k in a if k not in b]:
+        if a.get(k, "<unset>") != b.get(k, "<unset>"):
+            return k
+    return None
+
+
+def read_run(out: Path) -> dict | None:
+    """The run file of an output folder, or None when there is none (or it is unreadable)."""
+    try:
+        run = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return run if isinstance(run, dict) and run.get("format") == RUN_FORMAT else None
+
+
+def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | None = None) -> tuple[Path, str]:
+    """Prepare the output folder of a run whose images are determined by `key`; returns
+    (folder, state) with state "new", "resume" (the same settings, unfinished: keep what is
+    there) or "complete" (the same settings, manifest.json present: nothing to do).
+
+    A folder holding another run (a different key) or other files is refused unless `overwrite`,
+    which clears mgd3's outputs and starts afresh."""
+    key = json.loads(json.dumps(key, default=str))  # as it reads back (tuples -> lists)
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise Mgd3Error(f"output {out} exists and is not a folder")
+    state = "new"
+    if out.is_dir() and any(out.iterdir()):
+        run = read_run(out)
+        if overwrite:
+            _clear(out)
+        elif run is None:
+            raise Mgd3Error(f"output folder {out} is not empty and holds no unfinished mgd3 run "
+                            "(use --overwrite to replace it, or another --out)")
+        else:
+            diff = first_difference(run.get("key", {}), key)
+            if diff is not None:
+                old, new = _flat(run.get("key", {})).get(diff, "<unset>"), _flat(key).get(diff, "<unset>")
+                raise Mgd3Error(f"output folder {out} holds a run with other settings ({diff}: {old!r} there, "
+                                f"{new!r} now); use --overwrite to replace it, or another --out")
+            state = "complete" if (out / "manifest.json").is_file() else "resume"
+    try:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        probe = out / ".mgd3-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise Mgd3Error(f"cannot write to output folder {out} ({e.strerror or e})") from None
+    if state == "resume":
+        for tmp in [*out.glob(".*.tmp"), *out.glob("images/*/.*.tmp"), *out.glob(f"{PARTIAL}/.*.tmp")]:
+            tmp.unlink(missing_ok=True)  # left by a killed run
+    if state == "new":
+        tmp = out / f".{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps({"format": RUN_FORMAT, "key": key, "info": info or {}}, indent=2))
+        _replace_atomic(tmp, out / RUN_FILE)
+    return out, state
+
+
+def _clear(out: Path) -> None:
+    # the manifest goes first so a crash mid-clean never leaves a set that looks complete
+    for name in ("manifest.json",) + OUTPUTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def shard_name(class_index: int, first: int, count: int) -> str:
+    return f"{class_index:05d}-{first:06d}-{count:06d}.pt"
+
+
+def save_shard(out: Path, class_index: int, first: int, shard: dict) -> None:
+    """One finished batch of one class: {"indices", "latents" (n, C, h, w) or None, "records",
+    "grid" {index: uint8 tensor} for the first images of the class}. Written after its images."""
+    folder = out / PARTIAL
+    folder.mkdir(parents=True, exist_ok=True)
+    save_torch(shard, folder / shard_name(class_index, first, len(shard["indices"])))
+
+
+def image_ok(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # missing, truncated, not an image
+        return False
+
+
+def load_shards(out: Path, class_index: int, class_id: str) -> dict[int, dict]:
+    """{first index: shard} of the finished batches of a class whose images are all on disk
+    and readable; a shard that fails that check is removed (its batch is generated again)."""
+    shards = {}
+    for f in sorted((out / PARTIAL).glob(f"{class_index:05d}-*.pt")):
+        try:
+            shard = torch.load(f, map_location="cpu", weights_only=True)
+            ok = all(r["class_id"] == class_id and image_ok(out / r["path"]) for r in shard["records"])
+        except Exception:  # a truncated or foreign file
+            ok = False
+        if ok:
+            shards[shard["indices"][0]] = shard
+        else:
+            log.warning("%s: images missing or unreadable; generating that batch again", f.name)
+            f.unlink(missing_ok=True)
+    return shards
+
+
+def remove_partial(out: Path) -> None:
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
 
 
 def to_uint8(images: Tensor) -> np.ndarray:

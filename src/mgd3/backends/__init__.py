@@ -129,6 +129,7 @@ def load_backend(model: str | os.PathLike, device: str | torch.device = "cpu",
                  precision: str = "fp32") -> Backend:
     """Load the backend that fits the pipeline folder `model` (local path or cached repo id)."""
     import mgd3.backends.dit  # noqa: F401  (registers)
+    import mgd3.backends.sd  # noqa: F401  (registers)
 
     if precision not in ("fp32", "bf16", "fp16"):
         raise Mgd3Error(f"unknown precision {precision!r}; known: bf16, fp16, fp32")

@@ -13,7 +13,7 @@ import importlib
 import math
 import pkgutil
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -81,15 +81,18 @@ class Context:
     """Everything a method may use: backend, real data, classes, sampler, encodings."""
 
     def __init__(self, backend: "Backend", data, classes: list[ClassInfo], ipc: int, seed: int,
-                 sampler: SamplerConfig, *, encode_batch_size: int = 64, cache_dir=None,
-                 progress: bool = True, max_real_per_class: int | None = None):
+                 sampler: SamplerConfig, *, encode_batch_size: int = 64, encode_workers: int | None = None,
+                 cache_dir=None, progress: bool = True, max_real_per_class: int | None = None):
         self.backend, self.data, self.classes = backend, data, classes
+        # every class of the run; `classes` is this process's share when several run (torchrun)
+        self.all_classes = list(classes)
         self.ipc, self.seed, self.sampler = ipc, seed, sampler
         self.encode_batch_size, self.cache_dir, self.progress = encode_batch_size, cache_dir, progress
+        self.encode_workers = encode_workers  # DataLoader workers for encoding; None: 0 on CPU, else up to 8
         self.plan = Plan.from_betas(backend.betas, sampler.steps)
         self.cfg_scale = sampler.cfg if sampler.cfg is not None else float(backend.defaults.get("cfg", 4.0))
         self.max_real_per_class = max_real_per_class
-        self._latents: dict[int, Tensor] = {}
+        self._latents = None  # a CachedLatents of `classes` once encoded
         self.observers: list = []  # step observers (progress), set by the driver
 
     def real_indices(self, c: int) -> np.ndarray:
@@ -102,19 +105,23 @@ class Context:
         s = int(hashlib.sha256(f"real-subset/{self.data.class_ids[c]}".encode()).hexdigest()[:15], 16)
         return np.sort(np.random.default_rng(s).choice(idx, size=n, replace=False))
 
-    def real_latents(self) -> dict[int, Tensor]:
-        """{class index: (N_c, C, h, w)} latents of the real train images of every class (cached),
-        in the order of `real_indices`."""
-        from mgd3.encode import encode_classes
+    def real_latents(self) -> Mapping[int, Tensor]:
+        """{class index: (N_c, C, h, w) float32} latents of the real train images of every class,
+        in the order of `real_indices`. Encoded once and cached on disk as float16; the mapping
+        reads a class from the cache when indexed and keeps only that class in memory, so
+        per-class work (k-means) never holds more than one class."""
+        from mgd3.encode import default_workers, encode_classes
 
-        missing = [c.index for c in self.classes if c.index not in self._latents]
-        if missing:
+        wanted = [c.index for c in self.classes]
+        if self._latents is None or list(self._latents) != wanted:
             subset = None
             if self.max_real_per_class is not None:
-                subset = {c: self.real_indices(c) for c in missing}
-            self._latents.update(encode_classes(
-                self.backend, self.data, missing, batch_size=self.encode_batch_size,
-                cache_dir=self.cache_dir, progress=self.progress, indices=subset))
+                subset = {c: self.real_indices(c) for c in wanted}
+            workers = self.encode_workers
+            self._latents = encode_classes(
+                self.backend, self.data, wanted, batch_size=self.encode_batch_size,
+                workers=default_workers(self.backend.device) if workers is None else workers,
+                cache_dir=self.cache_dir, progress=self.progress, indices=subset, lazy=True)
         return self._latents
 
     def check_class_sizes(self) -> None:
@@ -160,6 +167,9 @@ class Method:
     name: ClassVar[str] = ""
     generative: ClassVar[bool] = True  # uses the diffusion sampler
     Options: ClassVar[type] = None  # a dataclass of options, or None
+    # True when an image depends on the images of its class generated before it (then the batch
+    # size is part of a run's resume key, and a resumed class is replayed in order)
+    order_dependent: ClassVar[bool] = False
 
     def __init__(self, options=None):
         self.options = options
@@ -172,6 +182,10 @@ class Method:
 
     def generate(self, ctx: Context, items: Sequence[Item]) -> Batch:
         raise NotImplementedError
+
+    def replay(self, ctx: Context, items: Sequence[Item], latents: Tensor) -> None:
+        """A resumed run hands over a batch an interrupted run generated (in generation order),
+        so that state built from earlier batches is as if this run had made it."""
 
     def manifest_info(self) -> dict:
         """Method-specific facts for the manifest (e.g. how modes were chosen)."""

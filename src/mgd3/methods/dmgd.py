@@ -149,7 +149,7 @@ class DMGD(Method):
             raise Mgd3Error("--ot-clusters and --sinkhorn-iters must be at least 1")
         if o.semantic and not ctx.backend.label_embedders():
             raise Mgd3Error(f"--semantic needs a model with class-label embeddings ({ctx.backend.name} has none)")
-        if o.semantic and len(ctx.classes) < 2:
+        if o.semantic and len(ctx.all_classes) < 2:
             raise Mgd3Error("--semantic mixes in another class of the subset: distill at least 2 classes")
 
     def prepare(self, ctx):
@@ -181,7 +181,7 @@ class DMGD(Method):
         if o.semantic:
             aux = [torch.Generator().manual_seed(int(hashlib.sha256(f"dmgd/{it.seed}".encode()).hexdigest()[:15], 16))
                    for it in items]
-            labels = [c.label for c in ctx.classes]
+            labels = [c.label for c in ctx.all_classes]  # every class of the run, whichever process
             y_star = []
             for it, g in zip(items, aux):
                 others = [y for y in labels if y != it.cls.label]
@@ -193,10 +193,17 @@ class DMGD(Method):
                 return SemanticMatching(inner, embedders, y_star, aux)
 
         latents = ctx.sample(items, guidance=guidance, wrap=wrap)
-        if o.distribution:
+        self.replay(ctx, items, latents)
+        return Batch(latents, mode_ids=[None] * len(items))
+
+    @property
+    def order_dependent(self) -> bool:
+        return self.options.distribution  # the progressive memory
+
+    def replay(self, ctx, items, latents):
+        if self.options.distribution:
             for j, it in enumerate(items):
                 self.memory[it.cls.index] = torch.cat([self.memory[it.cls.index], latents[j:j + 1].flatten(1).cpu()])
-        return Batch(latents, mode_ids=[None] * len(items))
 
     def manifest_info(self):
         return {"terms": {"semantic": self.options.semantic, "distribution": self.options.distribution},
