@@ -90,7 +90,7 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--encode-batch-size", type=int, help="images per VAE encoding batch (default 64)")
     g.add_argument("--encode-workers", type=int, metavar="N",
                    help="DataLoader processes that read and decode real images for encoding "
-                        "(default 0 on CPU, up to 8 per GPU process)")
+                        "(default 0 on CPU, else all CPUs but one, up to 16 per process)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
     g.add_argument("--cache-dir", help="cache for VAE encodings (default $MGD3_CACHE_DIR or ~/.cache/mgd3)")

@@ -57,7 +57,7 @@ class DistillConfig:
     class_map: str | None = None
     batch_size: int = 32
     encode_batch_size: int = 64
-    encode_workers: int | None = None  # DataLoader workers for encoding (None: 0 on CPU, else up to 8)
+    encode_workers: int | None = None  # DataLoader workers for encoding (None: 0 on CPU, else up to 16)
     max_real_per_class: int | None = None  # None: modes from every real image (official)
     device: str = "auto"
     precision: str = "fp32"

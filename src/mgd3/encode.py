@@ -1,22 +1,36 @@
 """Stage: VAE encoding of real images (z = mean of the posterior × scaling factor).
 
-Encodings stream in batches and are cached per (VAE, dataset, class) under the cache
-directory, so a second run with the same model and data skips the VAE entirely.
+Encodings stream from disk in batches through one DataLoader (`workers` decoding processes;
+per-class batches, so an image's latent does not depend on the other classes) and are cached
+per (VAE, dataset, class) under the cache directory as float16 — 4×32×32×2 = 8 KiB per image
+for DiT-XL/2 — so a second run with the same model and data skips the VAE entirely. Latents are
+always the float16 values widened to float32, whether just encoded or read back, so a first and
+a cached run find the same modes. `lazy=True` (what methods get through `Context.real_latents`)
+keeps no class in memory: each encoded class is written and dropped, and the returned mapping
+reads one class at a time back from the cache.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mgd3.errors import Mgd3Error
+
 log = logging.getLogger(__name__)
+
+# On-disk cache: <root>/latents/<VAE fingerprint>-<data fingerprint>-f16/<class id>[-<subset>].pt,
+# float16 tensors. The float32 caches of earlier versions had no "-f16" suffix and are never read.
+CACHE_VERSION = "f16"
+CACHE_DTYPE = torch.float16
 
 
 def _digest(idx) -> str:
@@ -40,19 +54,88 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def default_workers(device: torch.device | str) -> int:
+    """DataLoader workers when none are asked for: 0 on a CPU (the VAE is the bottleneck and the
+    cores are busy with it); on an accelerator, JPEG decoding is the bottleneck (docs/SCALE.md), so
+    every CPU of this process's share but one, up to 16 (torchrun's LOCAL_WORLD_SIZE processes of a
+    node share its CPUs)."""
+    if torch.device(device).type == "cpu":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(16, per_process - 1))
+
+
+def _load(path: Path) -> Tensor:
+    return torch.load(path, map_location="cpu", weights_only=True).float()
+
+
+class CachedLatents(Mapping):
+    """{class index: (N_c, C, h, w) float32} read from the float16 cache files on access; only the
+    class read last stays in memory."""
+
+    def __init__(self, files: dict[int, Path]):
+        self.files = dict(files)
+        self._last: tuple[int, Tensor] | None = None
+
+    def __getitem__(self, c: int) -> Tensor:
+        if self._last is None or self._last[0] != c:
+            self._last = None  # drop the previous class before reading the next
+            self._last = (c, _load(self.files[c]))
+        return self._last[1]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+class _PerClassBatches(torch.utils.data.Sampler):
+    """Batches of positions into the concatenated items of the classes, never across a class."""
+
+    def __init__(self, sizes: Sequence[int], batch_size: int):
+        self.batches = []
+        start = 0
+        for n in sizes:
+            end = start + n
+            self.batches += [list(range(s, min(s + batch_size, end))) for s in range(start, end, batch_size)]
+            start += n
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _worker_error(e: Mgd3Error) -> Mgd3Error:
+    """A DataLoader worker's Mgd3Error comes back with the worker's traceback in its message: keep
+    the one line of the original message."""
+    msg = str(e)
+    if "Original Traceback" not in msg:
+        return e
+    last = msg.strip().splitlines()[-1]
+    return Mgd3Error(last.split("Mgd3Error: ", 1)[-1])
+
+
 def encode_classes(
     backend,
     data,
     class_indices: Sequence[int],
     *,
     batch_size: int = 64,
+    workers: int = 0,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     progress: bool = True,
     indices: dict[int, np.ndarray] | None = None,
-) -> dict[int, Tensor]:
-    """Latents of the real images of the given classes: {class index: (N_c, C, h, w) float32}.
-    `indices` restricts a class to some of its items (a fixed subset; cached under its own name)."""
+    lazy: bool = False,
+) -> Mapping[int, Tensor]:
+    """Latents of the real images of the given classes: {class index: (N_c, C, h, w) float32},
+    float16 precision. `indices` restricts a class to some of its items (a fixed subset; cached
+    under its own name). `workers`: DataLoader processes that read and decode images. `lazy`
+    (needs the cache): return a `CachedLatents` that holds at most one class in memory."""
 
     def items(c):
         return data.indices(c) if indices is None or c not in indices else indices[c]
@@ -61,31 +144,49 @@ def encode_classes(
         sub = "" if indices is None or c not in indices else f"-{_digest(indices[c])}"
         return folder / f"{data.class_ids[c]}{sub}.pt"
 
-    folder = cache_root(cache_dir) / "latents" / f"{backend.vae_fingerprint()}-{data.fingerprint()}"
+    if workers < 0:
+        raise Mgd3Error(f"--encode-workers must be at least 0, got {workers}")
+    lazy = lazy and use_cache
+    folder = cache_root(cache_dir) / "latents" / f"{backend.vae_fingerprint()}-{data.fingerprint()}-{CACHE_VERSION}"
     out: dict[int, Tensor] = {}
     todo = []
     for c in class_indices:
         f = cache_file(c)
         if use_cache and f.is_file():
-            out[c] = torch.load(f, map_location="cpu", weights_only=True)
+            if not lazy:
+                out[c] = _load(f)
         else:
             todo.append(c)
     if len(todo) < len(class_indices):
         log.info("encodings of %d classes from cache %s", len(class_indices) - len(todo), folder)
-    if not todo:
-        return out
-    total = sum(len(items(c)) for c in todo)
-    bar = tqdm(total=total, desc="encode", unit="img", disable=not progress, leave=False)
-    for c in todo:
+    if todo:
+        sizes = [len(items(c)) for c in todo]
+        dataset = data.dataset(np.concatenate([np.asarray(items(c), dtype=np.int64) for c in todo]))
         loader = torch.utils.data.DataLoader(
-            data.dataset(items(c)), batch_size=batch_size, shuffle=False, num_workers=0
-        )
-        parts = []
-        for images, _ in loader:
-            parts.append(backend.encode(images).cpu())  # (B, C, h, w)
-            bar.update(len(images))
-        out[c] = torch.cat(parts)
-        if use_cache:
-            save_atomic(out[c], cache_file(c))
-    bar.close()
-    return out
+            dataset, batch_sampler=_PerClassBatches(sizes, batch_size), num_workers=workers,
+            pin_memory=torch.device(backend.device).type == "cuda")
+        bar = tqdm(total=sum(sizes), desc="encode", unit="img", disable=not progress, leave=False)
+        batches = iter(loader)
+        try:
+            for c, n in zip(todo, sizes):
+                parts, got = [], 0
+                while got < n:
+                    images, _ = next(batches)
+                    parts.append(backend.encode(images).to("cpu", CACHE_DTYPE))  # (B, C, h, w)
+                    got += len(images)
+                    bar.update(len(images))
+                lat = torch.cat(parts)
+                del parts
+                if use_cache:
+                    save_atomic(lat, cache_file(c))
+                if not lazy:
+                    out[c] = lat.float()
+                del lat
+        except Mgd3Error as e:
+            raise _worker_error(e) from None
+        finally:
+            bar.close()
+            del batches  # shuts the workers down
+    if lazy:
+        return CachedLatents({c: cache_file(c) for c in class_indices})
+    return {c: out[c] for c in class_indices}

@@ -88,7 +88,7 @@ class Context:
         self.all_classes = list(classes)
         self.ipc, self.seed, self.sampler = ipc, seed, sampler
         self.encode_batch_size, self.cache_dir, self.progress = encode_batch_size, cache_dir, progress
-        self.encode_workers = encode_workers  # DataLoader workers for encoding; None: 0 on CPU, else up to 8
+        self.encode_workers = encode_workers  # DataLoader workers for encoding; None: 0 on CPU, else up to 16
         self.plan = Plan.from_betas(backend.betas, sampler.steps)
         self.cfg_scale = sampler.cfg if sampler.cfg is not None else float(backend.defaults.get("cfg", 4.0))
         self.max_real_per_class = max_real_per_class
