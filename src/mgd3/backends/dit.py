@@ -70,6 +70,13 @@ class DiTBackend(Backend):
         for sub in ("transformer", "vae", "scheduler"):
             if not (path / sub).is_dir():
                 raise Mgd3Error(f"{path} is not a DiT pipeline folder (no {sub}/ sub-folder)")
+        try:  # a latent-channel mismatch in the configs, said before the weights fail to load
+            vae_c = json.loads((path / "vae" / "config.json").read_text()).get("latent_channels")
+            tr_c = json.loads((path / "transformer" / "config.json").read_text()).get("in_channels")
+        except (OSError, ValueError, AttributeError):
+            vae_c = tr_c = None  # from_pretrained says what is wrong
+        if vae_c is not None and tr_c is not None and vae_c != tr_c:
+            raise Mgd3Error(f"{path}: VAE latent channels ({vae_c}) != transformer in_channels ({tr_c})")
         try:
             with warnings.catch_warnings():
                 # DiT-XL-2-256 says Transformer2DModel; the weights load into the DiT class as is

@@ -1,0 +1,178 @@
+"""Bad input to `mgd3 distill`, through the real CLI: exit status 2, one `mgd3: error:` line,
+no traceback, no manifest.json. Also the image-folder policy for missing or corrupt files
+(skipped with a warning by default, an error with --strict).
+
+Every case is its own `python -m mgd3` process. They are independent, so they are started
+together (a few at a time) when the first test asks for one; each test checks its own.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+
+FAST = ["--steps", "4", "--ipc", "1", "--quiet", "--device", "cpu"]
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _image_folder(root: Path, sizes: dict[str, int]) -> Path:
+    """Class folders of 8×8 grayscale PNGs made from the scikit-learn digits of that class."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for cid, n in sizes.items():
+        (root / cid).mkdir(parents=True)
+        imgs = d.images[d.target == int(cid)][:n]
+        for k, img in enumerate(imgs):
+            Image.fromarray((img * 255.0 / 16.0).round().astype(np.uint8), mode="L").save(root / cid / f"{k}.png")
+    return root
+
+
+def _broken_model(model: Path, dest: Path) -> Path:
+    """A copy of `model` whose VAE config says 8 latent channels (the transformer takes 4)."""
+    shutil.copytree(model, dest)
+    f = dest / "vae" / "config.json"
+    cfg = json.loads(f.read_text())
+    cfg["latent_channels"] = 8
+    f.write_text(json.dumps(cfg, indent=2))
+    return dest
+
+
+def _cases(ws: Path, model: Path) -> dict:
+    """name -> (argv after `distill`, extra environment (None removes a variable), what stderr says)."""
+    # class 0: 3 good images; class 1: 2 good + a corrupt file; class 2: 2 good + a missing one (broken link)
+    imgs = _image_folder(ws / "imgs", {"0": 3, "1": 2, "2": 2})
+    (imgs / "1" / "9.png").write_bytes(b"this is not a PNG file")
+    (imgs / "2" / "9.png").symlink_to(imgs / "2" / "gone.png")
+    empty = _image_folder(ws / "empty", {"0": 2, "1": 2})
+    (empty / "2").mkdir()
+    not_pipeline = ws / "not-a-pipeline"
+    not_pipeline.mkdir()
+    (not_pipeline / "README.md").write_text("just a folder\n")
+    foreign = ws / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("someone else's file\n")
+    a_file = ws / "a-file"
+    a_file.write_text("x")
+    hf_home = ws / "hf-home"
+    hf_home.mkdir()
+
+    digits = ["--data", "digits", "--classes", "0", "--model", model]
+    folder = ["--data", imgs, "--model", model]
+    cases = {
+        "corrupt-file-strict": (folder + ["--strict"], {}, "is unusable"),
+        "empty-class-folder": (["--data", empty, "--model", model], {}, "has no images"),
+        "ipc-too-large-random-real": (folder + ["--method", "random-real", "--ipc", "3"], {},
+                                      "IPC 3 is larger than class '1' (2 images)"),
+        "ipc-too-large-kmeans-real": (folder + ["--method", "kmeans-real", "--ipc", "3"], {},
+                                      "IPC 3 is larger than class '1' (2 images)"),
+        "not-a-pipeline": (["--data", "digits", "--model", not_pipeline], {}, "is not a diffusers pipeline folder"),
+        "latent-channel-mismatch": (["--data", "digits", "--model", _broken_model(model, ws / "mismatch")], {},
+                                    "VAE latent channels (8) != transformer in_channels (4)"),
+        "class-not-in-data": (folder + ["--classes", "0", "7"], {}, "unknown class '7'"),
+        "unknown-method": (digits + ["--method", "nope"], {}, "unknown method 'nope'"),
+        "unknown-option": (digits + ["--no-such-flag", "1"], {}, "unrecognized arguments: --no-such-flag"),
+        "lambda-nan": (digits + ["--lambda", "nan"], {}, "--lambda must be a finite number >= 0, got nan"),
+        "lambda-negative": (digits + ["--lambda", "-0.5"], {}, "--lambda must be a finite number >= 0, got -0.5"),
+        "cfg-negative": (digits + ["--cfg", "-1"], {}, "--cfg must be a finite number >= 0, got -1"),
+        "t-stop-past-last-step": (digits + ["--t-stop", "4"], {}, "--t-stop must be in -1..3 for 4 steps, got 4"),
+        "foreign-output-folder": (digits, {}, "is not empty and holds no unfinished mgd3 run"),
+        "output-is-a-file": (digits, {}, "exists and is not a folder"),
+        "hf-offline-uncached-repo": (["--data", "digits", "--model", "some-org/some-repo"],
+                                     {"HF_HOME": hf_home, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": None,
+                                      "HUGGINGFACE_HUB_CACHE": None},
+                                     "not in the Hugging Face cache (HF_HUB_OFFLINE is set"),
+        # not errors: the default image-folder policy skips unusable files
+        "corrupt-file-skipped": (folder, {}, None),
+    }
+    outs = {name: ws / "out" / name for name in cases}
+    outs["foreign-output-folder"] = foreign
+    outs["output-is-a-file"] = a_file
+    if not AS_ROOT:  # root writes anywhere
+        ro = ws / "read-only"
+        ro.mkdir()
+        ro.chmod(0o500)
+        cases["unwritable-output-folder"] = (digits, {}, "cannot write to output folder")
+        outs["unwritable-output-folder"] = ro / "set"
+    return {name: (["distill", *FAST, *args, "--out", outs[name]], env, msg, outs[name])
+            for name, (args, env, msg) in cases.items()}
+
+
+def _run(argv, env_extra, cache: Path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MGD3_CACHE_DIR=str(cache))
+    for k, v in env_extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = str(v)
+    return subprocess.run([sys.executable, "-m", "mgd3", *map(str, argv)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def launched(digits_model, tmp_path_factory):
+    """name -> (future CompletedProcess, expected message, out folder); all started at once."""
+    ws = tmp_path_factory.mktemp("bad-input")
+    cases = _cases(ws, digits_model)
+    pool = ThreadPoolExecutor(max_workers=3)
+    futures = {name: (pool.submit(_run, argv, env, ws / "cache" / name), msg, out)
+               for name, (argv, env, msg, out) in cases.items()}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+    ro = ws / "read-only"
+    if ro.exists():
+        ro.chmod(0o700)  # so pytest can clean up
+
+
+def _check_refused(launched, name):
+    future, msg, out = launched[name]
+    r = future.result()
+    err = r.stderr
+    assert r.returncode == 2, f"{name}: exit {r.returncode}\n{err}"
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("mgd3: error: "), err
+    assert msg in errors[0], err
+    assert not (Path(out) / "manifest.json").exists()
+    return errors[0]
+
+
+ERROR_CASES = ["corrupt-file-strict", "empty-class-folder", "ipc-too-large-random-real", "ipc-too-large-kmeans-real",
+               "not-a-pipeline", "latent-channel-mismatch", "class-not-in-data", "unknown-method",
+               "unknown-option", "lambda-nan", "lambda-negative", "cfg-negative", "t-stop-past-last-step",
+               "foreign-output-folder", "output-is-a-file", "hf-offline-uncached-repo"]
+
+
+@pytest.mark.parametrize("name", ERROR_CASES)
+def test_bad_input_is_one_error_line_and_exit_2(launched, name):
+    line = _check_refused(launched, name)
+    if name == "corrupt-file-strict":  # names the first unusable file and the count
+        assert str(Path("1") / "9.png") in line and "2 such file(s)" in line
+    if name == "foreign-output-folder":
+        assert (launched[name][2] / "notes.txt").read_text() == "someone else's file\n"  # left alone
+        assert not (launched[name][2] / "images").exists()
+
+
+@pytest.mark.skipif(AS_ROOT, reason="root can write to a read-only folder")
+def test_unwritable_output_folder(launched):
+    _check_refused(launched, "unwritable-output-folder")
+
+
+def test_missing_and_corrupt_files_are_skipped_by_default(launched):
+    future, _, out = launched["corrupt-file-skipped"]
+    r = future.result()
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "error:" not in r.stderr
+    warn = [line for line in r.stderr.splitlines() if "skipped" in line]
+    assert len(warn) == 1 and "2 missing or unreadable image file(s)" in warn[0] and "--strict" in warn[0]
+    m = json.loads((out / "manifest.json").read_text())
+    assert [rec["class_id"] for rec in m["images"]] == ["0", "1", "2"]
