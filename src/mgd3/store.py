@@ -198,13 +198,27 @@ def save_png(array: np.ndarray, path: Path) -> None:
     _replace_atomic(tmp, path)
 
 
+def _writers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus))
+
+
 def write_images(out: Path, class_ids: list[str], indices: list[int], images: Tensor) -> list[str]:
-    """Write images (B, C, R, R) in [-1, 1]; returns their paths relative to `out`."""
-    paths = []
-    for cid, k, arr in zip(class_ids, indices, to_uint8(images)):
-        rel = f"images/{cid}/{k}.png"
-        save_png(arr, out / rel)
-        paths.append(rel)
+    """Write images (B, C, R, R) in [-1, 1]; returns their paths relative to `out`. PNG encoding
+    (zlib, which releases the GIL) runs on up to 8 threads; every file is written when this returns."""
+    arrays = to_uint8(images)
+    paths = [f"images/{cid}/{k}.png" for cid, k in zip(class_ids, indices)]
+    for rel in dict.fromkeys(str(Path(r).parent) for r in paths):
+        (out / rel).mkdir(parents=True, exist_ok=True)
+    workers = min(_writers(), len(paths))
+    if workers <= 1:
+        for rel, arr in zip(paths, arrays):
+            save_png(arr, out / rel)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="mgd3-png") as pool:
+            list(pool.map(lambda pa: save_png(pa[1], out / pa[0]), zip(paths, arrays)))  # re-raises
     return paths
 
 
