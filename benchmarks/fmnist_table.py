@@ -1,0 +1,407 @@
+"""The Fashion-MNIST results grid: every method on the shipped model, evaluated under the DC
+protocol, plus MGD³'s ablations and its t_stop / λ sweeps (MGD³ Fig. 7a and Fig. 10).
+
+A cell is (variant, IPC, generation seed): `mgd3 distill` writes ROOT/sets/<variant>-ipc<N>-s<seed>,
+then `mgd3 evaluate` writes ROOT/sets/<...>/evals/<protocol>.json. Both are the real CLI, run as
+subprocesses with one torch thread each, `--jobs` at a time. Finished steps are skipped, so an
+interrupted run resumes where it stopped (an interrupted distill resumes its missing images). The
+estimated CPU time of what is left is printed before anything starts.
+
+    .venv/bin/python benchmarks/fmnist_table.py                       # the full grid (days on a CPU)
+    .venv/bin/python benchmarks/fmnist_table.py --ipcs 1 10 --gen-seeds 0 --eval-seeds 0 1 2 \\
+        --eval-seeds-for 10=0 --sweeps tstop lambda --jobs 2           # what docs/RESULTS.md ran
+    .venv/bin/python benchmarks/fmnist_table.py --dry-run             # the plan and its estimate
+
+Writes ROOT/table.json and the markdown table and sweep plots into --docs (docs/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# variant: (distill arguments, what it is). Same model, seeds and sampler settings for all.
+VARIANTS = {
+    "random-real": (["--method", "random-real"], "random real images"),
+    "kmeans-real": (["--method", "kmeans-real"], "real image nearest each k-means centre"),
+    "plain": (["--method", "plain"], "plain class-conditional sampling"),
+    "d4m": (["--method", "d4m"], "D4M: prototypes noised (strength 0.7) and denoised"),
+    "dmgd": (["--method", "dmgd"], "DMGD: semantic matching + OT distribution matching"),
+    "mgd3": (["--method", "mgd3"], "MGD³ (k-means modes, λ 0.1, t_stop 25 of 50)"),
+    "mgd3-no-stop": (["--method", "mgd3", "--t-stop", "-1"], "ablation: mode guidance at every step"),
+    "mgd3-random-modes": (["--method", "mgd3", "--modes", "random"],
+                          "ablation: stop guidance with random real latents as modes (no discovery)"),
+}
+GRID = list(VARIANTS)
+SWEEPS = {  # name: (option, values, default value, variant name pattern)
+    "tstop": ("--t-stop", [-1, 12, 25, 37], 25, "mgd3-tstop{}"),
+    "lambda": ("--lambda", [0.03, 0.1, 0.3, 1.0], 0.1, "mgd3-lambda{}"),
+}
+
+# measured on this machine (2-core AMD EPYC, 1 torch thread per job), seconds
+EVAL_S_PER_SEED = {("dc", 1): 57, ("dc", 10): 216, ("dc", 50): 742, ("dc-dsa", 10): 645, ("dc-dsa", 1): 190,
+                   ("dc-dsa", 50): 2500}
+DISTILL_LOAD_S = 25  # start-up, data, model, cached encodings and k-means
+DISTILL_S_PER_IMAGE = 0.9  # 50 steps with CFG at batch 50, one thread
+ENCODE_ONCE_S = 120  # the first run encodes the real subset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Cell:
+    variant: str
+    ipc: int
+    seed: int
+    args: list[str]
+    protocols: list[str]
+    eval_seeds: list[int]
+    sweep: tuple | None = None  # (sweep name, value)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-ipc{self.ipc}-s{self.seed}"
+
+
+def eval_file(root: Path, cell: Cell, protocol: str) -> Path:
+    return root / "sets" / cell.name / "evals" / f"{protocol}.json"
+
+
+def distilled(root: Path, cell: Cell) -> bool:
+    return (root / "sets" / cell.name / "manifest.json").is_file()
+
+
+def evaluated(root: Path, cell: Cell, protocol: str) -> bool:
+    f = eval_file(root, cell, protocol)
+    try:
+        r = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return False
+    return sorted(r.get("seeds") or []) == sorted(cell.eval_seeds)
+
+
+def plan(a) -> list[Cell]:
+    seeds_for = {int(k): [int(s) for s in v.split(",")] for k, v in (x.split("=") for x in a.eval_seeds_for)}
+    cells: dict[str, Cell] = {}
+
+    def add(variant, args, ipc, seed, protocols, sweep=None):
+        c = Cell(variant, ipc, seed, args, protocols, seeds_for.get(ipc, a.eval_seeds), sweep)
+        if c.name in cells:
+            old = cells[c.name]
+            old.protocols = list(dict.fromkeys(old.protocols + protocols))
+            old.sweep = old.sweep or sweep
+            return
+        cells[c.name] = c
+
+    for v in a.methods:
+        for ipc in a.ipcs:
+            for s in a.gen_seeds:
+                protocols = ["dc"] + (["dc-dsa"] if ipc in a.dsa_ipcs else [])
+                add(v, VARIANTS[v][0], ipc, s, protocols)
+    for name in a.sweeps:
+        opt, values, default, pattern = SWEEPS[name]
+        for val in values:
+            variant = "mgd3" if val == default else pattern.format(val)
+            if name == "tstop" and val == -1:
+                variant = "mgd3-no-stop"
+            for s in a.gen_seeds:
+                add(variant, ["--method", "mgd3", opt, str(val)] if variant != "mgd3" else VARIANTS["mgd3"][0],
+                    a.sweep_ipc, s, ["dc"], sweep=(name, val))
+    return list(cells.values())
+
+
+def estimate(root: Path, cells: list[Cell], jobs: int) -> tuple[float, float]:
+    cpu = 0.0
+    for c in cells:
+        if not distilled(root, c):
+            cpu += DISTILL_LOAD_S + DISTILL_S_PER_IMAGE * 10 * c.ipc * (0 if "real" in c.variant else 1)
+        for p in c.protocols:
+            if not evaluated(root, c, p):
+                cpu += EVAL_S_PER_SEED.get((p, c.ipc), 60 * c.ipc) * len(c.eval_seeds)
+    if not any(distilled(root, c) for c in cells):
+        cpu += ENCODE_ONCE_S
+    return cpu, cpu / max(1, min(jobs, os.cpu_count() or 1))
+
+
+class Runner:
+    def __init__(self, a):
+        self.a, self.root = a, Path(a.root)
+        self.lock = threading.Lock()
+        self.encode_lock = threading.Lock()  # the first distill fills the encoding cache alone
+        self.encoded = False
+        self.log = self.root / "run.log"
+
+    def say(self, text: str) -> None:
+        line = f"{dt.datetime.now():%H:%M:%S} {text}"
+        with self.lock:
+            print(line, flush=True)
+            with self.log.open("a") as fh:
+                fh.write(line + "\n")
+
+    def sh(self, cmd: list[str], what: str) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        if self.a.cache_dir:
+            env["MGD3_CACHE_DIR"] = self.a.cache_dir
+        t = time.perf_counter()
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        secs = time.perf_counter() - t
+        if r.returncode != 0:
+            tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"{what} failed (exit {r.returncode}): {tail}")
+        self.say(f"done {what} in {secs:.0f} s")
+
+    def distill(self, c: Cell) -> None:
+        if distilled(self.root, c):
+            return
+        cmd = [sys.executable, "-m", "mgd3", "distill", "--data", "fashion-mnist", "--ipc", str(c.ipc),
+               "--seed", str(c.seed), "--out", str(self.root / "sets" / c.name), "--batch-size", "50",
+               "--max-real-per-class", str(self.a.max_real_per_class), "--quiet", "--device", "cpu", *c.args]
+        if self.a.precision:
+            cmd += ["--precision", self.a.precision]
+        with self.encode_lock if not self.encoded else _nullcontext():
+            self.sh(cmd, f"distill {c.name}")
+            self.encoded = True
+
+    def evaluate(self, c: Cell, protocol: str) -> None:
+        if evaluated(self.root, c, protocol):
+            return
+        f = eval_file(self.root, c, protocol)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "mgd3", "evaluate", str(self.root / "sets" / c.name), "--protocol", protocol,
+               "--seeds", *map(str, c.eval_seeds), "--threads", "1", "--out", str(f), "--quiet", "--device", "cpu"]
+        self.sh(cmd, f"evaluate {c.name} {protocol} seeds {c.eval_seeds}")
+
+    def cell(self, c: Cell) -> None:
+        self.distill(c)
+        for p in c.protocols:
+            self.evaluate(c, p)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------- tables and plots
+
+
+def collect(root: Path, cells: list[Cell]) -> list[dict]:
+    rows = []
+    for c in cells:
+        for p in c.protocols:
+            try:
+                r = json.loads(eval_file(root, c, p).read_text())
+                m = json.loads((root / "sets" / c.name / "manifest.json").read_text())
+            except (OSError, ValueError):
+                continue
+            accs = [run["final_acc"] for run in r["runs"]]
+            rows.append({"variant": c.variant, "ipc": c.ipc, "seed": c.seed, "protocol": p, "accs": accs,
+                         "sweep": list(c.sweep) if c.sweep else None,
+                         "distill_s": m.get("timing_s", {}).get("total"),
+                         "eval_s": r.get("train_seconds")})
+    return rows
+
+
+def agg(rows: list[dict]) -> tuple[float, float, int]:
+    accs = [x for r in rows for x in r["accs"]]
+    return statistics.fmean(accs), (statistics.pstdev(accs) if len(accs) > 1 else 0.0), len(accs)
+
+
+def table_md(rows: list[dict], a) -> str:
+    cols = sorted({(r["protocol"], r["ipc"]) for r in rows if r["variant"] in VARIANTS},
+                  key=lambda x: (x[0] != "dc", x[1]))
+    base = {(p, i): agg([r for r in rows if r["variant"] == "random-real" and (r["protocol"], r["ipc"]) == (p, i)])
+            for p, i in cols if any(r["variant"] == "random-real" and (r["protocol"], r["ipc"]) == (p, i) for r in rows)}
+    head = "| method | " + " | ".join(f"{p} IPC {i}" for p, i in cols) + " |"
+    lines = [head, "|---|" + "---|" * len(cols)]
+    for v in VARIANTS:
+        cells = []
+        for p, i in cols:
+            sel = [r for r in rows if r["variant"] == v and (r["protocol"], r["ipc"]) == (p, i)]
+            if not sel:
+                cells.append("–")
+                continue
+            m, s, n = agg(sel)
+            ior = f" ({m - base[(p, i)][0]:+.1f})" if (p, i) in base and v != "random-real" else ""
+            cells.append(f"{m:.2f} ± {s:.2f} (n={n}){ior}")
+        if any(c != "–" for c in cells):
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_md_and_plots(rows: list[dict], docs: Path, ipc: int, seeds: list[int]) -> str:
+    out = []
+    for name, (opt, values, default, _) in SWEEPS.items():
+        pts = []
+        for val in values:
+            # the sweep's own generation seeds only, so every point has the same seeds
+            if val == default:
+                sel = [r for r in rows if r["variant"] == "mgd3" and r["ipc"] == ipc and r["protocol"] == "dc"
+                       and r["seed"] in seeds]
+            else:
+                sel = [r for r in rows if r["sweep"] == [name, val] and r["ipc"] == ipc and r["protocol"] == "dc"
+                       and r["seed"] in seeds]
+            if sel:
+                pts.append((val, *agg(sel)))
+        if not pts:
+            continue
+        out.append(f"**{opt} sweep** (mgd3, IPC {ipc}, dc): " + "; ".join(
+            f"{v}: {m:.2f} ± {s:.2f}" + (" (default)" if v == default else "") for v, m, s, _ in pts))
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(4.2, 3.0), dpi=120)
+        xs = list(range(len(pts))) if name == "lambda" else [p[0] for p in pts]
+        ax.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3)
+        for x, p in zip(xs, pts):
+            if p[0] == default:
+                ax.plot([x], [p[1]], "r*", markersize=14, label="default")
+        plain = [r for r in rows if r["variant"] == "plain" and r["ipc"] == ipc and r["protocol"] == "dc"
+                 and r["seed"] in seeds]
+        if plain:
+            ax.axhline(agg(plain)[0], color="gray", linestyle="--", label="plain")
+        if name == "lambda":
+            ax.set_xticks(xs, [str(p[0]) for p in pts])
+        ax.set_xlabel("t_stop (guide while step index > t_stop; 50 steps)" if name == "tstop" else "λ")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"Fashion-MNIST IPC {ipc}, ConvNet-3 (dc)", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        docs.mkdir(parents=True, exist_ok=True)
+        fig.savefig(docs / f"sweep_{name}.png")
+        plt.close(fig)
+        out.append(f"![{name} sweep](sweep_{name}.png)")
+    return "\n\n".join(out)
+
+
+def on_disk(root: Path, cells: list[Cell]) -> list[Cell]:
+    """The planned cells plus every other finished cell under ROOT/sets (earlier runs with other
+    seeds or variants), so the tables always show everything measured."""
+    known = {c.name for c in cells}
+    extra = []
+    for d in sorted((root / "sets").glob("*-ipc*-s*")):
+        if d.name in known or not (d / "evals").is_dir():
+            continue
+        variant, _, rest = d.name.rpartition("-ipc")
+        ipc, _, seed = rest.partition("-s")
+        sweep = None
+        for name, (_, values, _, pattern) in SWEEPS.items():
+            for val in values:
+                if variant == pattern.format(val):
+                    sweep = (name, val)
+        extra.append(Cell(variant, int(ipc), int(seed), [], [f.stem for f in sorted((d / "evals").glob("*.json"))],
+                          [], sweep))
+    return cells + extra
+
+
+def write_outputs(root: Path, cells: list[Cell], a, started: str, wall: float) -> None:
+    rows = collect(root, on_disk(root, cells))
+    (root / "table.json").write_text(json.dumps(rows, indent=1))
+    docs = Path(a.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    import torch
+
+    md = [
+        "# Fashion-MNIST grid (generated by benchmarks/fmnist_table.py)",
+        "",
+        f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/fmnist_table.py', *sys.argv[1:]])}`",
+        f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} on CPU, one torch thread per job, "
+        f"{a.jobs} jobs; started {started}, this part ran {wall / 60:.0f} min.",
+        "",
+        "Test accuracy (%) of ConvNet-3 on the 10000 real test images; mean ± std (ddof 0) over generation "
+        "seeds × evaluation seeds (n runs); in brackets the difference to random real under the same "
+        "protocol and IPC.",
+        "",
+        table_md(rows, a),
+        "",
+        sweep_md_and_plots(rows, docs, a.sweep_ipc, a.gen_seeds),
+        "",
+        "| cell | protocol | accuracies | distill s | eval s |",
+        "|---|---|---|---|---|",
+        *[f"| {r['variant']}-ipc{r['ipc']}-s{r['seed']} | {r['protocol']} | "
+          f"{' / '.join(f'{x:.2f}' for x in r['accs'])} | {r['distill_s'] or 0:.0f} | {r['eval_s'] or 0:.0f} |"
+          for r in rows],
+    ]
+    (docs / "fmnist_table.md").write_text("\n".join(md) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=str(REPO / "runs" / "fmnist-table"), help="sets and evaluations")
+    ap.add_argument("--docs", default=str(REPO / "docs" / "results"), help="markdown table and plots")
+    ap.add_argument("--methods", nargs="+", default=GRID, choices=list(VARIANTS))
+    ap.add_argument("--ipcs", nargs="+", type=int, default=[1, 10, 50])
+    ap.add_argument("--gen-seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--eval-seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--eval-seeds-for", nargs="*", default=[], metavar="IPC=S,S",
+                    help="other evaluation seeds for an IPC, e.g. 10=0")
+    ap.add_argument("--dsa-ipcs", nargs="*", type=int, default=[10], help="IPCs also evaluated under dc-dsa")
+    ap.add_argument("--sweeps", nargs="*", default=list(SWEEPS), choices=list(SWEEPS))
+    ap.add_argument("--sweep-ipc", type=int, default=10)
+    ap.add_argument("--max-real-per-class", type=int, default=1000)
+    ap.add_argument("--precision", default=None, help="distill precision (default fp32)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--cache-dir", default=None, help="MGD3_CACHE_DIR for the jobs")
+    ap.add_argument("--only", nargs="+", metavar="CELL", help="run only these planned cells, e.g. mgd3-ipc10-s1")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--tables-only", action="store_true", help="rewrite the tables from what is done")
+    a = ap.parse_args()
+    root = Path(a.root)
+    (root / "sets").mkdir(parents=True, exist_ok=True)
+    cells = plan(a)
+    if a.only:
+        unknown = sorted(set(a.only) - {c.name for c in cells})
+        if unknown:
+            ap.error(f"not in the plan: {', '.join(unknown)}")
+        cells = [c for c in cells if c.name in a.only]
+    started = f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    if a.tables_only:
+        write_outputs(root, cells, a, started, 0.0)
+        return 0
+    cpu, wall = estimate(root, cells, a.jobs)
+    todo = [c for c in cells if not distilled(root, c) or not all(evaluated(root, c, p) for p in c.protocols)]
+    print(f"{len(cells)} cells, {len(todo)} left: about {cpu / 3600:.1f} h of CPU, {wall / 3600:.1f} h wall "
+          f"with {a.jobs} jobs on this machine")
+    for c in todo:
+        print(f"  {c.name}: {' '.join(c.args)}; {', '.join(c.protocols)}; eval seeds {c.eval_seeds}")
+    if a.dry_run:
+        return 0
+    r = Runner(a)
+    t0 = time.perf_counter()
+    failed = 0
+    # cheapest first, so the table fills early; the first distill runs alone (it fills the cache)
+    todo.sort(key=lambda c: (c.ipc, c.sweep is not None, GRID.index(c.variant) if c.variant in GRID else 99))
+    with cf.ThreadPoolExecutor(a.jobs) as pool:
+        futs = {pool.submit(r.cell, c): c for c in todo}
+        for f in cf.as_completed(futs):
+            try:
+                f.result()
+            except Exception as e:  # one failed cell does not stop the grid
+                failed += 1
+                r.say(f"FAILED {futs[f].name}: {e}")
+            write_outputs(root, cells, a, started, time.perf_counter() - t0)
+    r.say(f"grid finished in {(time.perf_counter() - t0) / 60:.1f} min, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
