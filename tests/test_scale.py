@@ -110,3 +110,11 @@ def test_encode_workers_do_not_change_the_run(digits_model, tmp_path):
     r = run_cli("distill", "--data", "digits", "--model", digits_model, "--out", tmp_path / "bad",
                 "--encode-workers", "-1", "--quiet")
     assert r.returncode == 2 and "--encode-workers must be at least 0" in r.stderr
+
+
+def test_autocast_encodings_have_their_own_cache_folder(digits_model, tmp_path):
+    data = load_data("digits", resolution=8, channels=1, classes=["3"])
+    encode_classes(load_backend(digits_model), data, [0], progress=False)
+    encode_classes(load_backend(digits_model, precision="bf16"), data, [0], progress=False)
+    folders = sorted(f.parent.name for f in (tmp_path / "mgd3-cache" / "latents").rglob("*.pt"))
+    assert len(folders) == 2 and folders[0].endswith("-f16") and folders[1].endswith("-f16-bf16")

@@ -147,7 +147,10 @@ def encode_classes(
     if workers < 0:
         raise Mgd3Error(f"--encode-workers must be at least 0, got {workers}")
     lazy = lazy and use_cache
-    folder = cache_root(cache_dir) / "latents" / f"{backend.vae_fingerprint()}-{data.fingerprint()}-{CACHE_VERSION}"
+    # encodings under bf16/fp16 autocast differ from fp32 ones: their own folder (fp32 keeps the plain name)
+    precision = getattr(backend, "precision", "fp32")
+    amp = "" if precision == "fp32" else f"-{precision}"
+    folder = cache_root(cache_dir) / "latents" / f"{backend.vae_fingerprint()}-{data.fingerprint()}-{CACHE_VERSION}{amp}"
     out: dict[int, Tensor] = {}
     todo = []
     for c in class_indices:
