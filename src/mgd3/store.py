@@ -36,25 +36,6 @@ OUTPUTS = ("images", "latents.pt", "grid.png", "manifest.json", PARTIAL, RUN_FIL
 log = logging.getLogger(__name__)
 
 
-def prepare_out(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Create (or, with overwrite, clear mgd3's outputs in) the output folder."""
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise Mgd3Error(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise Mgd3Error(f"output folder {out} is not empty (use --overwrite to replace it)")
-        _clear(out)
-    try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        probe = out / ".mgd3-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise Mgd3Error(f"cannot write to output folder {out} ({e.strerror or e})") from None
-    return out
-
-
 def _flat(d, prefix: str = "") -> dict:
     """{"sampler": {"steps": 50}} -> {"sampler.steps": 50} (lists stay values)."""
     out = {}

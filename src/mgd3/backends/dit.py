@@ -63,7 +63,28 @@ def train_betas(scheduler_dir: Path) -> np.ndarray:
     return sched.betas.double().numpy()
 
 
-class DiTBackend(Backend):
+class KLVaeMixin:
+    """The VAE side of a backend built on a diffusers AutoencoderKL (DiT and Stable Diffusion):
+    needs `vae`, `scaling_factor`, `shift_factor`, `_vae_dir` and `autocast()`. Latents are the
+    posterior mean, shifted and scaled as the pipeline does."""
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        with self.autocast():
+            mean = self.vae.encode(images.to(self.device)).latent_dist.mean
+        return (mean.float() - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        with self.autocast():
+            images = self.vae.decode(latents.to(self.device) / self.scaling_factor + self.shift_factor).sample
+        return images.float().clamp(-1.0, 1.0)
+
+    def vae_fingerprint(self) -> str:
+        return _file_fingerprint(self._vae_dir)
+
+
+class DiTBackend(KLVaeMixin, Backend):
     def __init__(self, path: Path, index: dict, device: torch.device, precision: str):
         from diffusers import AutoencoderKL, DiTTransformer2DModel
 
@@ -143,21 +164,6 @@ class DiTBackend(Backend):
         if self.learned_sigma:
             return ModelOutput(out[:, :c], out[:, c:])
         return ModelOutput(out)
-
-    @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        with self.autocast():
-            mean = self.vae.encode(images.to(self.device)).latent_dist.mean
-        return (mean.float() - self.shift_factor) * self.scaling_factor
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        with self.autocast():
-            images = self.vae.decode(latents.to(self.device) / self.scaling_factor + self.shift_factor).sample
-        return images.float().clamp(-1.0, 1.0)
-
-    def vae_fingerprint(self) -> str:
-        return _file_fingerprint(self._vae_dir)
 
 
 BACKENDS.add("dit", DiTBackend)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from mgd3.backends import BACKENDS, PIPELINE_CLASSES, Backend
-from mgd3.backends.dit import _file_fingerprint, train_betas
+from mgd3.backends.dit import KLVaeMixin, train_betas
 from mgd3.errors import Mgd3Error
 from mgd3.sampling import ModelOutput
 
@@ -72,7 +72,7 @@ def _quiet_transformers():
             tf_logging.enable_progress_bar()
 
 
-class StableDiffusionBackend(Backend):
+class StableDiffusionBackend(KLVaeMixin, Backend):
     def __init__(self, path: Path, index: dict, device: torch.device, precision: str):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -222,23 +222,8 @@ class StableDiffusionBackend(Backend):
             out = (1.0 - a).sqrt() * x_t.float() + a.sqrt() * out
         return ModelOutput(out)
 
-    # --- VAE
-    @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        # The mean of the posterior (the Backend contract, deterministic and cacheable); the
-        # official SD variant of MGD³ used a sample, latent_dist.sample() × scaling_factor.
-        with self.autocast():
-            mean = self.vae.encode(images.to(self.device)).latent_dist.mean
-        return (mean.float() - self.shift_factor) * self.scaling_factor
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        with self.autocast():
-            images = self.vae.decode(latents.to(self.device) / self.scaling_factor + self.shift_factor).sample
-        return images.float().clamp(-1.0, 1.0)
-
-    def vae_fingerprint(self) -> str:
-        return _file_fingerprint(self._vae_dir)
+    # --- VAE: KLVaeMixin. Modes use the posterior mean (deterministic and cacheable); the official
+    # SD variant of MGD³ used a sample, latent_dist.sample() × scaling_factor.
 
 
 BACKENDS.add("stable-diffusion", StableDiffusionBackend)
