@@ -25,18 +25,11 @@ from pathlib import Path
 import torch
 
 from mgd3.distill import DistillConfig, distill
+from mgd3.machine import cpu_name
 from mgd3.methods import SamplerConfig
 from mgd3.testing import build_dit_folder
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

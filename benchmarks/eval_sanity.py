@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mgd3.evaluate import EvalConfig, evaluate
+from mgd3.machine import cpu_name
 
 PUBLISHED = {"ipc1": (51.4, 3.8), "ipc10": (73.8, 0.7), "ipc50": (82.5, 0.7), "full": (93.5, 0.1),
              "dsa10": (73.8, 0.7), "dsa10-same": (73.8, 0.7)}
@@ -71,7 +72,7 @@ def write(a, rows, started) -> None:
         "# evaluation sanity: random real Fashion-MNIST vs the DC paper",
         "",
         f"Command: `nice -n 10 .venv/bin/python benchmarks/eval_sanity.py {' '.join(sys.argv[1:])}`",
-        f"Machine: {platform.processor() or platform.machine()} (AMD EPYC, 2 cores shared with other jobs), "
+        f"Machine: {cpu_name()} (2 cores shared with other jobs), "
         f"torch {torch.__version__} on CPU, {a.threads} torch thread(s), Python {platform.python_version()}; "
         f"started {started}, updated {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
         "",

@@ -31,6 +31,7 @@ from mgd3.evaluate.networks import build_network
 from mgd3.evaluate.protocols import get_protocol, resolve
 from mgd3.evaluate.references import random_real_indices
 from mgd3.evaluate.train import RunOptions, dataset_normalization, tensor_set, train_and_test
+from mgd3.machine import cpu_name
 
 
 def plain_loop(x: torch.Tensor, y: torch.Tensor, passes: int, seed: int, batch: int = 256) -> float:
@@ -115,7 +116,7 @@ def main() -> int:
         "# evaluation speed: mgd3's training loop vs a plain PyTorch loop",
         "",
         f"Command: `nice -n 10 .venv/bin/python benchmarks/eval_speed.py {' '.join(sys.argv[1:])}`",
-        f"Machine: {platform.processor() or platform.machine()} (AMD EPYC, 2 cores, shared with other jobs), "
+        f"Machine: {cpu_name()} (2 cores, shared with other jobs), "
         f"{a.threads} torch thread(s), torch {torch.__version__} on CPU, Python {platform.python_version()}; "
         f"measured {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
         f"Work: ConvNet-3 (instance norm) on {len(y)} random real Fashion-MNIST images (IPC {a.ipc}), "

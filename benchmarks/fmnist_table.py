@@ -22,7 +22,6 @@ import concurrent.futures as cf
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -316,8 +315,9 @@ def write_outputs(root: Path, cells: list[Cell], a, started: str, wall: float) -
     (root / "table.json").write_text(json.dumps(rows, indent=1))
     docs = Path(a.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    from mgd3.machine import cpu_name
+
+    cpu = cpu_name()
     import torch
 
     md = [

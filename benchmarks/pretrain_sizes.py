@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -94,6 +93,7 @@ def main() -> None:
     from mgd3.data import load_data
     from mgd3.distill import DistillConfig, distill
     from mgd3.methods import SamplerConfig
+    from mgd3.machine import cpu_name
     from mgd3.pretrain import calibrate, pretrain
     from mgd3.quality import ConvNet, accuracy, load_set_images, per_class_subset, train_classifier
 
@@ -202,7 +202,7 @@ def main() -> None:
         "# `mgd3 pretrain`: DiT size vs. quality on a fixed CPU budget",
         "",
         f"Command: `{command}`",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other "
         f"users (load average per row), torch {torch.__version__} ({torch.get_num_threads()} thread(s)), "
         f"device {args.device}, bf16 autocast {args.bf16}; measured "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",

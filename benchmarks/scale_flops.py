@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mgd3.machine import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "mgd3" / "models" / "fashion-mnist"
 
@@ -42,16 +44,6 @@ STEPS = 50
 IMAGENET_TRAIN = {"ImageNet-100": (100, 126_689), "ImageNet-1K": (1000, 1_281_167)}
 SCENARIOS = [("ImageNet-100", 10), ("ImageNet-1K", 50)]
 KMEANS_ITERS = (10, 40)  # assumed Lloyd iterations per class (range)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # --------------------------------------------------------------------------- models (meta)
@@ -357,7 +349,7 @@ def main() -> None:
           "First-run file check of the train split (once per file listing, cached; one core): "
           + "; ".join(f"{name} {hours(train / check)}" for name, (_, train) in IMAGENET_TRAIN.items())
           + " from the page cache, more when the disk is slower than the check.",
-          f"PNG writes of the distilled set, one core: " + "; ".join(
+          "PNG writes of the distilled set, one core: " + "; ".join(
               f"{name} IPC {ipc} {hours(IMAGENET_TRAIN[name][0] * ipc / png_rate)}" for name, ipc in SCENARIOS) + ".",
           f"k-means of every class, one core: ImageNet-100 (k = 10) {hours(100 * km_s[10][0])} – "
           f"{hours(100 * km_s[10][1])}, ImageNet-1K (k = 50) {hours(1000 * km_s[50][0])} – "

@@ -47,6 +47,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mgd3.errors import Mgd3Error
+from mgd3.machine import cpu_name
 
 log = logging.getLogger(__name__)
 
@@ -745,7 +746,7 @@ def write_model_card(out: Path, cfg: PretrainConfig, data, stats: dict, n_params
         f"{cfg.limit if cfg.limit else len(data)} train images",
         "- Command" + ("s" if len(runs) > 1 else "") + ": " + "; ".join(f"`{r['command'] or 'pretrain(cfg)'}`"
                                                                         for r in runs),
-        f"- Device: {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
+        f"- Device: {device} ({cpu_name()}, {torch.get_num_threads()} threads); "
         f"torch {torch.__version__}; bf16 autocast: {cfg.bf16}",
         f"- VAE: AutoencoderKL, {cfg.vae_levels} levels, width {cfg.vae_width}, latent {lat}, "
         f"{len(stats.get('vae_loss', []))} epochs ({cfg.vae_loss} + {cfg.kl_weight:g} KL, lr {cfg.vae_lr:g} cosine), "

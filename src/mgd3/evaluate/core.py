@@ -26,6 +26,7 @@ from mgd3.evaluate.networks import NETWORKS
 from mgd3.evaluate.protocols import PROTOCOLS, Protocol, override, resolve, to_dict
 from mgd3.evaluate.train import (Normalization, RunOptions, TensorSet, center_crop, imagenet_normalization,
                                  resolve_device, tensor_set, to_uint8)
+from mgd3.machine import cpu_name
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ def _summary(runs: list[dict]) -> dict:
 def _environment(device: torch.device, cfg: EvalConfig) -> dict:
     return {"device": str(device), "bf16": cfg.bf16, "compile": cfg.compile, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "machine": platform.processor() or platform.machine(),
+            "machine": cpu_name(),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
