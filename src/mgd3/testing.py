@@ -16,6 +16,24 @@ from pathlib import Path
 import torch
 
 
+def _tiny_vae(channels: int, width: int, levels: int, latent_channels: int, resolution: int):
+    """A small AutoencoderKL: `levels` blocks of widths width, 2·width, ... (downsampling 2^(levels-1))."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(width * (i + 1) for i in range(levels)),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=min(width, 4),
+        sample_size=resolution,
+        scaling_factor=0.5,
+    )
+
+
 def build_dit_folder(
     path: str | Path,
     *,
@@ -35,25 +53,14 @@ def build_dit_folder(
     seed: int = 0,
 ) -> Path:
     """Build and save a tiny DiT pipeline; returns the folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     path = Path(path)
     down = 2 ** (vae_levels - 1)
     if resolution % down:
         raise ValueError("resolution must be divisible by the VAE downsampling factor")
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=image_channels,
-        out_channels=image_channels,
-        down_block_types=("DownEncoderBlock2D",) * vae_levels,
-        up_block_types=("UpDecoderBlock2D",) * vae_levels,
-        block_out_channels=tuple(vae_width * (i + 1) for i in range(vae_levels)),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=min(vae_width, 4),
-        sample_size=resolution,
-        scaling_factor=0.5,
-    )
+    vae = _tiny_vae(image_channels, vae_width, vae_levels, latent_channels, resolution)
     transformer = DiTTransformer2DModel(
         num_attention_heads=heads,
         attention_head_dim=head_dim,
@@ -122,7 +129,7 @@ def build_sd_folder(
     seed: int = 0,
 ) -> Path:
     """Build and save a tiny Stable Diffusion (text-to-image) pipeline; returns the folder."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -132,18 +139,7 @@ def build_sd_folder(
     _write_clip_tokenizer(path / "tokenizer", max_length)
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * vae_levels,
-        up_block_types=("UpDecoderBlock2D",) * vae_levels,
-        block_out_channels=tuple(widths[0] * (i + 1) for i in range(vae_levels)),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=min(widths[0], 4),
-        sample_size=resolution,
-        scaling_factor=0.5,
-    )
+    vae = _tiny_vae(3, widths[0], vae_levels, latent_channels, resolution)
     unet = UNet2DConditionModel(
         sample_size=resolution // down,
         in_channels=latent_channels,
