@@ -699,6 +699,15 @@ def _report(cfg: ReportConfig) -> dict:
     return result
 
 
+def _per_class_rows(sets: list[dict], cids: list, cell) -> list[list[str]]:
+    """One row per class id: the class, then cell(metrics) for each set ('' where the set lacks it)."""
+    rows = []
+    for c in cids:
+        ms = [e["metrics"]["per_class"].get(c) for e in sets]
+        rows.append([c] + ["" if m is None else cell(m) for m in ms])
+    return rows
+
+
 def _document(r: dict, out: Path) -> Doc:
     doc = Doc()
     sets = r["sets"]
@@ -752,29 +761,17 @@ def _document(r: dict, out: Path) -> Doc:
               [[e["label"], _fmt(e["metrics"]["diversity"], ".4f"), _fmt(e["metrics"]["representativeness"], ".4f")]
                for e in sets])
     cids = list(dict.fromkeys(c for e in sets for c in e["metrics"]["per_class"]))
-    per = []
-    for c in cids:
-        row = [c]
-        for e in sets:
-            m = e["metrics"]["per_class"].get(c)
-            row.append("" if m is None else f"{_fmt(m['diversity'], '.3f')} / {_fmt(m['representativeness'], '.3f')}")
-        per.append(row)
     doc.p("Per class (diversity / representativeness):")
-    doc.table(["class"] + [e["label"] for e in sets], per)
+    doc.table(["class"] + [e["label"] for e in sets], _per_class_rows(
+        sets, cids, lambda m: f"{_fmt(m['diversity'], '.3f')} / {_fmt(m['representativeness'], '.3f')}"))
 
     doc.h(2, "5. Mode coverage")
     doc.p(f"{d['mode_coverage']}.")
     doc.table(["set", "covered / modes (all classes)", "coverage (mean over classes)"],
               [[e["label"], f"{e['metrics']['covered']} / {e['metrics']['modes']}",
                 _fmt(100 * e["metrics"]["coverage"], ".1f") + " %"] for e in sets])
-    per = []
-    for c in cids:
-        row = [c]
-        for e in sets:
-            m = e["metrics"]["per_class"].get(c)
-            row.append("" if m is None else f"{m['covered']}/{m['modes']}")
-        per.append(row)
-    doc.table(["class"] + [e["label"] for e in sets], per)
+    doc.table(["class"] + [e["label"] for e in sets],
+              _per_class_rows(sets, cids, lambda m: f"{m['covered']}/{m['modes']}"))
 
     doc.h(2, "6. Timings (seconds)")
     keys = list(dict.fromkeys(k for e in sets for k in e["timing_s"]))
