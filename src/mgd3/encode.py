@@ -148,9 +148,9 @@ def encode_classes(
         raise Mgd3Error(f"--encode-workers must be at least 0, got {workers}")
     lazy = lazy and use_cache
     # encodings under bf16/fp16 autocast differ from fp32 ones: their own folder (fp32 keeps the plain name)
-    precision = getattr(backend, "precision", "fp32")
-    amp = "" if precision == "fp32" else f"-{precision}"
-    folder = cache_root(cache_dir) / "latents" / f"{backend.vae_fingerprint()}-{data.fingerprint()}-{CACHE_VERSION}{amp}"
+    amp = "" if backend.precision == "fp32" else f"-{backend.precision}"
+    name = f"{backend.vae_fingerprint()}-{data.fingerprint()}-{CACHE_VERSION}{amp}"
+    folder = cache_root(cache_dir) / "latents" / name
     out: dict[int, Tensor] = {}
     todo = []
     for c in class_indices:
