@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
 import json
 import os
@@ -169,7 +170,7 @@ class Runner:
                "--max-real-per-class", str(self.a.max_real_per_class), "--quiet", "--device", "cpu", *c.args]
         if self.a.precision:
             cmd += ["--precision", self.a.precision]
-        with self.encode_lock if not self.encoded else _nullcontext():
+        with self.encode_lock if not self.encoded else contextlib.nullcontext():
             self.sh(cmd, f"distill {c.name}")
             self.encoded = True
 
@@ -186,14 +187,6 @@ class Runner:
         self.distill(c)
         for p in c.protocols:
             self.evaluate(c, p)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------- tables and plots
@@ -221,11 +214,14 @@ def agg(rows: list[dict]) -> tuple[float, float, int]:
     return statistics.fmean(accs), (statistics.pstdev(accs) if len(accs) > 1 else 0.0), len(accs)
 
 
-def table_md(rows: list[dict], a) -> str:
+def table_md(rows: list[dict]) -> str:
     cols = sorted({(r["protocol"], r["ipc"]) for r in rows if r["variant"] in VARIANTS},
                   key=lambda x: (x[0] != "dc", x[1]))
-    base = {(p, i): agg([r for r in rows if r["variant"] == "random-real" and (r["protocol"], r["ipc"]) == (p, i)])
-            for p, i in cols if any(r["variant"] == "random-real" and (r["protocol"], r["ipc"]) == (p, i) for r in rows)}
+    base = {}  # random real per column, for the difference in brackets
+    for p, i in cols:
+        ref = [r for r in rows if r["variant"] == "random-real" and (r["protocol"], r["ipc"]) == (p, i)]
+        if ref:
+            base[(p, i)] = agg(ref)
     head = "| method | " + " | ".join(f"{p} IPC {i}" for p, i in cols) + " |"
     lines = [head, "|---|" + "---|" * len(cols)]
     for v in VARIANTS:
@@ -246,20 +242,19 @@ def table_md(rows: list[dict], a) -> str:
 def sweep_md_and_plots(rows: list[dict], docs: Path, ipc: int, seeds: list[int]) -> str:
     out = []
     for name, (opt, values, default, _) in SWEEPS.items():
-        pts = []
+        per_value = {}
         for val in values:
-            # the sweep's own generation seeds only, so every point has the same seeds
-            if val == default:
-                sel = [r for r in rows if r["variant"] == "mgd3" and r["ipc"] == ipc and r["protocol"] == "dc"
-                       and r["seed"] in seeds]
-            else:
-                sel = [r for r in rows if r["sweep"] == [name, val] and r["ipc"] == ipc and r["protocol"] == "dc"
-                       and r["seed"] in seeds]
-            if sel:
-                pts.append((val, *agg(sel)))
-        if not pts:
+            per_value[val] = [r for r in rows if r["ipc"] == ipc and r["protocol"] == "dc" and r["seed"] in seeds
+                              and (r["variant"] == "mgd3" if val == default else r["sweep"] == [name, val])]
+        per_value = {v: sel for v, sel in per_value.items() if sel}
+        if not per_value:
             continue
-        out.append(f"**{opt} sweep** (mgd3, IPC {ipc}, dc): " + "; ".join(
+        # only the generation seeds every point has, so the points compare like with like
+        common = set.intersection(*({r["seed"] for r in sel} for sel in per_value.values()))
+        if not common:
+            continue
+        pts = [(v, *agg([r for r in sel if r["seed"] in common])) for v, sel in per_value.items()]
+        out.append(f"**{opt} sweep** (mgd3, IPC {ipc}, dc, generation seeds {sorted(common)}): " + "; ".join(
             f"{v}: {m:.2f} ± {s:.2f}" + (" (default)" if v == default else "") for v, m, s, _ in pts))
         import matplotlib
 
@@ -273,7 +268,7 @@ def sweep_md_and_plots(rows: list[dict], docs: Path, ipc: int, seeds: list[int])
             if p[0] == default:
                 ax.plot([x], [p[1]], "r*", markersize=14, label="default")
         plain = [r for r in rows if r["variant"] == "plain" and r["ipc"] == ipc and r["protocol"] == "dc"
-                 and r["seed"] in seeds]
+                 and r["seed"] in common]
         if plain:
             ax.axhline(agg(plain)[0], color="gray", linestyle="--", label="plain")
         if name == "lambda":
@@ -331,7 +326,7 @@ def write_outputs(root: Path, cells: list[Cell], a, started: str, wall: float) -
         "seeds × evaluation seeds (n runs); in brackets the difference to random real under the same "
         "protocol and IPC.",
         "",
-        table_md(rows, a),
+        table_md(rows),
         "",
         sweep_md_and_plots(rows, docs, a.sweep_ipc, a.gen_seeds),
         "",
