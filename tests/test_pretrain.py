@@ -2,6 +2,7 @@
 distill; resume after an interruption; the trainer owns label dropout; bad input."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -97,6 +98,30 @@ def test_distill_runs_on_the_pretrained_model(trained, tmp_path):
     assert s["images"] == 20
     m = json.loads((tmp_path / "set" / "manifest.json").read_text())
     assert m["config"]["sampler"]["cfg"] == 1.5  # the model's recommended CFG from mgd3.json
+
+
+def test_a_model_recommends_method_options_and_the_user_overrides_them(trained, tmp_path):
+    from mgd3.distill import DistillConfig, distill
+    from mgd3.methods import SamplerConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(trained, model)
+    info = json.loads((model / "mgd3.json").read_text())
+    info["defaults"]["methods"] = {"mgd3": {"lambda": 0.25, "t-stop": 2}}
+    (model / "mgd3.json").write_text(json.dumps(info))
+
+    def options(out, **given):
+        distill(DistillConfig(data="digits", out=str(tmp_path / out), model=str(model), method="mgd3", ipc=1,
+                              classes=["0", "1"], progress=False, sampler=SamplerConfig(steps=4), options=given))
+        return json.loads((tmp_path / out / "manifest.json").read_text())["config"]["options"]
+
+    assert options("rec")["lam"] == 0.25 and options("rec")["t_stop"] == 2
+    o = options("mine", lam=0.1)
+    assert o["lam"] == 0.1 and o["t_stop"] == 2
+    info["defaults"]["methods"] = {"mgd3": {"lambda": 0.25, "strength": 0.5}}
+    (model / "mgd3.json").write_text(json.dumps(info))
+    with pytest.raises(Mgd3Error, match="recommends strength for method 'mgd3'"):
+        options("bad")
 
 
 def test_label_dropout_belongs_to_the_trainer(trained):

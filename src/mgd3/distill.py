@@ -417,6 +417,13 @@ def _distill(cfg: DistillConfig, ranks: "Ranks") -> dict:
     progress = cfg.progress and ranks.rank == 0
     t = time.perf_counter()
     backend = load_backend(model, device=device, precision=cfg.precision)
+    recommended = _recommended_options(backend, method_cls)
+    if recommended:  # what the user gave wins over what the model recommends
+        options = _method_options(method_cls, {**recommended, **cfg.options})
+        used = {k: v for k, v in recommended.items() if k not in cfg.options}
+        if used:
+            log.info("%s options recommended by %s/mgd3.json: %s", cfg.method, backend.path,
+                     ", ".join(f"{_flag(k)} {v}" for k, v in used.items()))
     _set_resolution(backend, cfg)  # [text-to-image]
     if cfg.sampler.cfg_channels is not None and cfg.sampler.cfg_channels > backend.latent_shape[0]:
         raise Mgd3Error(f"--cfg-channels {cfg.sampler.cfg_channels} > latent channels {backend.latent_shape[0]}")
@@ -598,6 +605,21 @@ def _method_options(method_cls, given: dict):
         raise Mgd3Error(f"method {method_cls.name!r} does not take {', '.join(_flag(u) for u in unknown)}; "
                         f"its options: {', '.join(sorted(fields.values()))}")
     return method_cls.Options(**given)
+
+
+def _recommended_options(backend: Backend, method_cls) -> dict:
+    """The model's recommended options for this method, by field name, from its mgd3.json:
+    {"defaults": {"methods": {"mgd3": {"lambda": 0.3}}}} (keys are the CLI flags without "--")."""
+    rec = (backend.defaults.get("methods") or {}).get(method_cls.name) or {}
+    if not rec:
+        return {}
+    opts = dataclasses.fields(method_cls.Options) if method_cls.Options else ()
+    fields = {option_flag(f).lstrip("-"): f.name for f in opts}
+    unknown = sorted(map(str, set(rec) - set(fields))) if isinstance(rec, dict) else [repr(rec)]
+    if unknown:
+        raise Mgd3Error(f"{backend.path}/mgd3.json recommends {', '.join(unknown)} for method "
+                        f"{method_cls.name!r}, which it does not take")
+    return {fields[k]: v for k, v in rec.items()}
 
 
 def _flag(field_name: str) -> str:

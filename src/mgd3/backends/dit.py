@@ -3,7 +3,8 @@
 The folder layout of `facebook/DiT-XL-2-256`: `model_index.json` (DiTPipeline, `id2label`),
 `transformer/` (Transformer2DModel or DiTTransformer2DModel, ada-norm-zero; learned sigma when
 out_channels = 2 × in_channels), `vae/` (AutoencoderKL with its `scaling_factor`), `scheduler/`.
-An optional `mgd3.json` in the folder holds recommended sampling settings (e.g. {"cfg": 1.5}).
+An optional `mgd3.json` in the folder holds recommended settings: {"defaults": {"cfg": 1.5, "methods":
+{"mgd3": {"lambda": 0.3}}}} (method options by their flag without "--"; what the user gives wins).
 """
 
 from __future__ import annotations

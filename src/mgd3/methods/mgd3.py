@@ -18,7 +18,8 @@ from mgd3.modes import MODE_FINDERS, find_modes
 
 @dataclass
 class MGD3Options:
-    lam: float = option(0.1, "mode guidance scale λ (paper: 0.1)", flag="--lambda")
+    lam: float = option(0.1, "mode guidance scale λ (paper: 0.1; a model's mgd3.json may recommend "
+                                 "another)", flag="--lambda")
     t_stop: int | None = option(None, "stop guidance: guide while step index > t_stop (default steps // 2: "
                                       "25 of 50 guides the first 24 steps; -1 every step; steps-1 none)")
     modes: str = option("kmeans", "mode discovery: kmeans (centroids), kmeans-closest (nearest real "
