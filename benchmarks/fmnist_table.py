@@ -84,6 +84,8 @@ SWEEPS = {
     # sampling too), the discovery variant, and the bounded guidance form at larger λ
     "cfg": Sweep("--cfg", (1.0, 1.5, 2.5), 1.5, bases=("mgd3", "plain"), tag="cfg",
                  label="classifier-free guidance scale"),
+    "cfg-lambda0.3": Sweep("--cfg", (1.5, 2.5), None, tag="lambda0.3-cfg", extra=("--lambda", "0.3"),
+                           aliases=((1.5, "mgd3-lambda0.3"),), label="classifier-free guidance scale, at λ 0.3"),
     "modes": Sweep("--modes", ("kmeans", "kmeans-closest", "gmm", "bisecting", "random"), "kmeans", tag="modes-",
                    aliases=(("random", "mgd3-random-modes"),), label="mode discovery"),
     "x0-lambda": Sweep("--lambda", (0.3, 1.0), None, tag="x0-lambda", extra=("--guidance-form", "x0"),
