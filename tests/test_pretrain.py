@@ -115,7 +115,8 @@ def test_a_model_recommends_method_options_and_the_user_overrides_them(trained, 
                               classes=["0", "1"], progress=False, sampler=SamplerConfig(steps=4), options=given))
         return json.loads((tmp_path / out / "manifest.json").read_text())["config"]["options"]
 
-    assert options("rec")["lam"] == 0.25 and options("rec")["t_stop"] == 2
+    o = options("rec")
+    assert o["lam"] == 0.25 and o["t_stop"] == 2
     o = options("mine", lam=0.1)
     assert o["lam"] == 0.1 and o["t_stop"] == 2
     info["defaults"]["methods"] = {"mgd3": {"lambda": 0.25, "strength": 0.5}}
