@@ -63,6 +63,7 @@ class Sweep:
     extra: tuple = ()  # further distill arguments for every point
     label: str = ""
     aliases: tuple = ()  # ((value, variant), ...)
+    numeric: bool = False  # plot the values on a numeric axis (else evenly spaced categories)
 
     def variant(self, base: str, val) -> str:
         alias = dict(self.aliases).get(val)
@@ -77,12 +78,12 @@ class Sweep:
 
 
 SWEEPS = {
-    "tstop": Sweep("--t-stop", (-1, 12, 25, 37), 25, tag="tstop", aliases=((-1, "mgd3-no-stop"),),
+    "tstop": Sweep("--t-stop", (-1, 12, 25, 37), 25, tag="tstop", aliases=((-1, "mgd3-no-stop"),), numeric=True,
                    label="t_stop (guide while step index > t_stop; 50 steps)"),
     "lambda": Sweep("--lambda", (0.03, 0.1, 0.3, 1.0), 0.1, tag="lambda", label="λ"),
     # what else the issue asks to measure when a target is missed: CFG for this model (for plain
     # sampling too), the discovery variant, and the bounded guidance form at larger λ
-    "cfg": Sweep("--cfg", (1.0, 1.5, 2.5), 1.5, bases=("mgd3", "plain"), tag="cfg",
+    "cfg": Sweep("--cfg", (1.0, 1.5, 2.5), 1.5, bases=("mgd3", "plain"), tag="cfg", numeric=True,
                  label="classifier-free guidance scale"),
     "cfg-lambda0.3": Sweep("--cfg", (1.5, 2.5), None, tag="lambda0.3-cfg", extra=("--lambda", "0.3"),
                            aliases=((1.5, "mgd3-lambda0.3"),), label="classifier-free guidance scale, at λ 0.3"),
@@ -309,9 +310,8 @@ def sweep_md_and_plots(rows: list[dict], docs: Path, ipc: int, seeds: list[int])
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(4.2, 3.0), dpi=120)
-        numeric = name in ("tstop", "cfg")  # evenly spaced categories otherwise
         for base, (common, pts) in curves.items():
-            xs = [p[0] for p in pts] if numeric else [sw.values.index(p[0]) for p in pts]
+            xs = [p[0] for p in pts] if sw.numeric else [sw.values.index(p[0]) for p in pts]
             ax.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
                         label=base if len(curves) > 1 else None)
             for x, p in zip(xs, pts):
@@ -322,7 +322,7 @@ def sweep_md_and_plots(rows: list[dict], docs: Path, ipc: int, seeds: list[int])
                  and r["seed"] in common]
         if plain and "plain" not in curves:
             ax.axhline(agg(plain)[0], color="gray", linestyle="--", label="plain")
-        if not numeric:
+        if not sw.numeric:
             ax.set_xticks(range(len(sw.values)), [str(v) for v in sw.values])
         ax.set_xlabel(sw.label, fontsize=8)
         ax.set_ylabel("test accuracy (%)")
