@@ -107,7 +107,7 @@ def test_a_model_recommends_method_options_and_the_user_overrides_them(trained, 
     model = tmp_path / "model"
     shutil.copytree(trained, model)
     info = json.loads((model / "mgd3.json").read_text())
-    info["defaults"]["methods"] = {"mgd3": {"lambda": 0.25, "t-stop": 2}}
+    info["defaults"]["methods"] = {"mgd3": {"lambda": 0.25, "t_stop": 2}}  # `_` or `-`, as in --config
     (model / "mgd3.json").write_text(json.dumps(info))
 
     def options(out, **given):
@@ -122,6 +122,10 @@ def test_a_model_recommends_method_options_and_the_user_overrides_them(trained, 
     info["defaults"]["methods"] = {"mgd3": {"lambda": 0.25, "strength": 0.5}}
     (model / "mgd3.json").write_text(json.dumps(info))
     with pytest.raises(Mgd3Error, match="recommends strength for method 'mgd3'"):
+        options("bad")
+    info["defaults"]["methods"] = {"mgd3": [0.25]}
+    (model / "mgd3.json").write_text(json.dumps(info))
+    with pytest.raises(Mgd3Error, match="must be a mapping of option: value"):
         options("bad")
 
 

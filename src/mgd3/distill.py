@@ -609,13 +609,18 @@ def _method_options(method_cls, given: dict):
 
 def _recommended_options(backend: Backend, method_cls) -> dict:
     """The model's recommended options for this method, by field name, from its mgd3.json:
-    {"defaults": {"methods": {"mgd3": {"lambda": 0.3}}}} (keys are the CLI flags without "--")."""
+    {"defaults": {"methods": {"mgd3": {"lambda": 0.3}}}} (keys are the CLI flags without "--"; `t_stop`
+    is `t-stop`, as in a --config file)."""
     rec = (backend.defaults.get("methods") or {}).get(method_cls.name) or {}
     if not rec:
         return {}
     opts = dataclasses.fields(method_cls.Options) if method_cls.Options else ()
     fields = {option_flag(f).lstrip("-"): f.name for f in opts}
-    unknown = sorted(map(str, set(rec) - set(fields))) if isinstance(rec, dict) else [repr(rec)]
+    if not isinstance(rec, dict):
+        raise Mgd3Error(f"{backend.path}/mgd3.json recommends {rec!r} for method {method_cls.name!r}; "
+                        "it must be a mapping of option: value")
+    rec = {str(k).replace("_", "-"): v for k, v in rec.items()}
+    unknown = sorted(set(rec) - set(fields))
     if unknown:
         raise Mgd3Error(f"{backend.path}/mgd3.json recommends {', '.join(unknown)} for method "
                         f"{method_cls.name!r}, which it does not take")
