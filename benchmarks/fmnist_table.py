@@ -91,6 +91,9 @@ SWEEPS = {
                    aliases=(("random", "mgd3-random-modes"),), label="mode discovery"),
     "x0-lambda": Sweep("--lambda", (0.3, 1.0), None, tag="x0-lambda", extra=("--guidance-form", "x0"),
                        label="λ with --guidance-form x0 (x̂0 ← x̂0 + λ·(mode − x̂0))"),
+    # the sampler: DDIM (eta 0, the DDIM form of mode guidance) instead of DDPM, same 50 steps
+    "sampler": Sweep("--sampler", ("ddpm", "ddim"), "ddpm", bases=("mgd3", "plain"), tag="sampler-",
+                     label="sampler (50 steps)"),
 }
 
 # measured on this machine (2-core AMD EPYC, 1 torch thread per job), seconds
