@@ -185,8 +185,11 @@ class Runner:
     def __init__(self, a):
         self.a, self.root = a, Path(a.root)
         self.lock = threading.Lock()
-        self.encode_lock = threading.Lock()  # the first distill fills the encoding cache alone
-        self.encoded = False
+        # the first distill of a new root fills the encoding cache alone; once any set here is
+        # distilled the cache is warm (if it is not, e.g. another --cache-dir, two jobs encode the
+        # same classes twice, ~20 s each, and the atomic cache writes keep that safe)
+        self.encode_lock = threading.Lock()
+        self.encoded = any((self.root / "sets").glob("*/manifest.json"))
         self.log = self.root / "run.log"
 
     def say(self, text: str) -> None:
@@ -407,7 +410,8 @@ def main() -> int:
     ap.add_argument("--precision", default=None, help="distill precision (default fp32)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--cache-dir", default=None, help="MGD3_CACHE_DIR for the jobs")
-    ap.add_argument("--only", nargs="+", metavar="CELL", help="run only these planned cells, e.g. mgd3-ipc10-s1")
+    ap.add_argument("--only", nargs="+", metavar="CELL",
+                    help="run only these planned cells, in this order, e.g. mgd3-ipc10-s1")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--tables-only", action="store_true", help="rewrite the tables from what is done")
     a = ap.parse_args()
@@ -434,8 +438,11 @@ def main() -> int:
     r = Runner(a)
     t0 = time.perf_counter()
     failed = 0
-    # cheapest first, so the table fills early; the first distill runs alone (it fills the cache)
-    todo.sort(key=lambda c: (c.ipc, c.sweep is not None, GRID.index(c.variant) if c.variant in GRID else 99))
+    # cheapest first, so the table fills early (or in the order --only gives)
+    if a.only:
+        todo.sort(key=lambda c: a.only.index(c.name))
+    else:
+        todo.sort(key=lambda c: (c.ipc, c.sweep is not None, GRID.index(c.variant) if c.variant in GRID else 99))
     with cf.ThreadPoolExecutor(a.jobs) as pool:
         futs = {pool.submit(r.cell, c): c for c in todo}
         for f in cf.as_completed(futs):
