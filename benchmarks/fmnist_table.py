@@ -429,6 +429,11 @@ def main() -> int:
         return 0
     cpu, wall = estimate(root, cells, a.jobs)
     todo = [c for c in cells if not distilled(root, c) or not all(evaluated(root, c, p) for p in c.protocols)]
+    # cheapest first, so the table fills early (or in the order --only gives)
+    if a.only:
+        todo.sort(key=lambda c: a.only.index(c.name))
+    else:
+        todo.sort(key=lambda c: (c.ipc, c.sweep is not None, GRID.index(c.variant) if c.variant in GRID else 99))
     print(f"{len(cells)} cells, {len(todo)} left: about {cpu / 3600:.1f} h of CPU, {wall / 3600:.1f} h wall "
           f"with {a.jobs} jobs on this machine")
     for c in todo:
@@ -438,11 +443,6 @@ def main() -> int:
     r = Runner(a)
     t0 = time.perf_counter()
     failed = 0
-    # cheapest first, so the table fills early (or in the order --only gives)
-    if a.only:
-        todo.sort(key=lambda c: a.only.index(c.name))
-    else:
-        todo.sort(key=lambda c: (c.ipc, c.sweep is not None, GRID.index(c.variant) if c.variant in GRID else 99))
     with cf.ThreadPoolExecutor(a.jobs) as pool:
         futs = {pool.submit(r.cell, c): c for c in todo}
         for f in cf.as_completed(futs):
