@@ -316,13 +316,16 @@ def sweep_md_and_plots(rows: list[dict], docs: Path, ipc: int, seeds: list[int])
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(4.2, 3.0), dpi=120)
+        starred = False
         for base, (common, pts) in curves.items():
             xs = [p[0] for p in pts] if sw.numeric else [sw.values.index(p[0]) for p in pts]
+            # a lone curve of the sweep's first base needs no name; any other curve does
             ax.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                        label=base if len(curves) > 1 else None)
+                        label=base if len(curves) > 1 or base != sw.bases[0] else None)
             for x, p in zip(xs, pts):
                 if p[0] == sw.default:
-                    ax.plot([x], [p[1]], "r*", markersize=14, label="default" if base == sw.bases[0] else None)
+                    ax.plot([x], [p[1]], "r*", markersize=14, label=None if starred else "default")
+                    starred = True
         common = next(iter(curves.values()))[0]
         plain = [r for r in rows if r["variant"] == "plain" and r["ipc"] == ipc and r["protocol"] == "dc"
                  and r["seed"] in common]
@@ -333,7 +336,8 @@ def sweep_md_and_plots(rows: list[dict], docs: Path, ipc: int, seeds: list[int])
         ax.set_xlabel(sw.label, fontsize=8)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"Fashion-MNIST IPC {ipc}, ConvNet-3 (dc), seeds {common}", fontsize=9)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         docs.mkdir(parents=True, exist_ok=True)
         fig.savefig(docs / f"sweep_{name}.png")
