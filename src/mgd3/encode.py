@@ -193,3 +193,30 @@ def encode_classes(
     if lazy:
         return CachedLatents({c: cache_file(c) for c in class_indices})
     return {c: out[c] for c in class_indices}
+
+
+def real_subset(data, c: int, max_per_class: int | None) -> np.ndarray:
+    """The real items of class c that modes are found from: all of them, or a fixed random subset
+    of `max_per_class` (seeded by the class id alone, so every method and the report agree)."""
+    import hashlib
+
+    idx = data.indices(c)
+    if max_per_class is None or len(idx) <= max_per_class:
+        return idx
+    s = int(hashlib.sha256(f"real-subset/{data.class_ids[c]}".encode()).hexdigest()[:15], 16)
+    return np.sort(np.random.default_rng(s).choice(idx, size=max_per_class, replace=False))
+
+
+def real_latents(backend, data, class_indices: Sequence[int], *, max_per_class: int | None = None,
+                 batch_size: int = 64, workers: int | None = None, cache_dir: str | os.PathLike | None = None,
+                 progress: bool = True) -> Mapping[int, Tensor]:
+    """{class index: (N_c, C, h, w) float32} latents of the real train images of the classes, in
+    the order of `real_subset`: what methods cluster and what the report measures against. Encoded
+    once and cached; the mapping holds one class in memory at a time. `workers`: None picks
+    `default_workers` for the backend's device."""
+    subset = None
+    if max_per_class is not None:
+        subset = {c: real_subset(data, c, max_per_class) for c in class_indices}
+    return encode_classes(backend, data, list(class_indices), batch_size=batch_size,
+                          workers=default_workers(backend.device) if workers is None else workers,
+                          cache_dir=cache_dir, progress=progress, indices=subset, lazy=True)
