@@ -1,6 +1,7 @@
 """Stage: the distilled set on disk.
 
-    OUT/images/<class_id>/<index>.png   (torchvision ImageFolder-readable)
+    OUT/images/<NNN>-<class_id>/<index>.png  NNN = the class index, zero-padded: torchvision's
+                                        ImageFolder sorts the folders into the manifest's order
     OUT/latents.pt                      {"latents": (N, C, h, w), "paths": [...], ...}
     OUT/grid.png                        a few images per class, one row per class
     OUT/manifest.json                   written last: its presence means the set is complete
@@ -184,11 +185,20 @@ def _writers() -> int:
     return max(1, min(8, cpus))
 
 
-def write_images(out: Path, class_ids: list[str], indices: list[int], images: Tensor) -> list[str]:
-    """Write images (B, C, R, R) in [-1, 1]; returns their paths relative to `out`. PNG encoding
-    (zlib, which releases the GIL) runs on up to 8 threads; every file is written when this returns."""
+def class_folder(class_index: int, class_id: str, num_classes: int) -> str:
+    """The folder of a class under OUT/images: "003-n01530575". The index, zero-padded to one
+    width (at least 3 digits), makes sorted folder names (torchvision ImageFolder's class_to_idx)
+    follow the class indices of the manifest whatever the class ids are."""
+    width = max(3, len(str(max(num_classes - 1, 0))))
+    return f"{class_index:0{width}d}-{class_id}"
+
+
+def write_images(out: Path, folders: list[str], indices: list[int], images: Tensor) -> list[str]:
+    """Write images (B, C, R, R) in [-1, 1] to images/<folder>/<index>.png (`class_folder`);
+    returns their paths relative to `out`. PNG encoding (zlib, which releases the GIL) runs on up
+    to 8 threads; every file is written when this returns."""
     arrays = to_uint8(images)
-    paths = [f"images/{cid}/{k}.png" for cid, k in zip(class_ids, indices)]
+    paths = [f"images/{folder}/{k}.png" for folder, k in zip(folders, indices)]
     for rel in dict.fromkeys(str(Path(r).parent) for r in paths):
         (out / rel).mkdir(parents=True, exist_ok=True)
     workers = min(_writers(), len(paths))
