@@ -97,7 +97,8 @@ def main() -> None:
     from mgd3.pretrain import calibrate, pretrain
     from mgd3.api import load_set
     from mgd3.evaluate.networks import build_network
-    from mgd3.evaluate.train import TensorSet, to_uint8
+    from mgd3.evaluate.train import TensorSet
+    from mgd3.files import to_uint8
     from mgd3.quality import classifier_accuracy, per_class_subset, subset, train_classifier
 
     work = Path(args.work)

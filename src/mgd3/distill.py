@@ -316,7 +316,7 @@ def _generate_batch(run: _Run, items: list[Item]) -> dict:
     paths = store.write_images(run.out, folders, [it.index for it in items], images)
     run.timing["decode_write"] += time.perf_counter() - t
     latents = result.latents.detach().cpu() if result.latents is not None else None
-    shard = runs.make_shard(items, paths, latents, store.to_uint8(images), result.mode_ids, result.extra)
+    shard = runs.make_shard(items, paths, latents, store.to_pixels(images), result.mode_ids, result.extra)
     store.save_shard(run.out, items[0].cls.index, items[0].index, shard)
     return shard
 

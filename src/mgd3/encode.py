@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mgd3.errors import Mgd3Error
+from mgd3.files import cache_root, save_torch_atomic
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +38,6 @@ def _digest(idx) -> str:
     import hashlib
 
     return hashlib.sha256(np.asarray(idx, dtype=np.int64).tobytes()).hexdigest()[:12]
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir`, else $MGD3_CACHE_DIR, else ~/.cache/mgd3."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("MGD3_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mgd3"
-
-
-def save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def default_workers(device: torch.device | str) -> int:
@@ -181,7 +167,7 @@ def encode_classes(
                 lat = torch.cat(parts)
                 del parts
                 if use_cache:
-                    save_atomic(lat, cache_file(c))
+                    save_torch_atomic(lat, cache_file(c))
                 if not lazy:
                     out[c] = lat.float()
                 del lat

@@ -58,3 +58,11 @@ def folder_fingerprint(folder: Path) -> str:
                 fh.seek(-(1 << 20), 2)
                 h.update(fh.read())
     return h.hexdigest()[:16]
+
+
+def to_uint8(images):
+    """Images in [-1, 1] (any float tensor shape) -> uint8 0..255, the same shape: how a pixel is
+    written to a file (exact for images that came from 8-bit pixels)."""
+    import torch
+
+    return ((images.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)

@@ -36,7 +36,6 @@ import html
 import json
 import logging
 import math
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ import numpy as np
 import mgd3
 from mgd3.errors import Mgd3Error
 from mgd3.evaluate.core import ddrs
+from mgd3.files import write_text_atomic
 from mgd3.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -616,9 +616,7 @@ def _jsonable(x):
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 # --------------------------------------------------------------------------- the report
