@@ -130,7 +130,8 @@ def _split_settings(method: str, settings: Mapping[str, Any]) -> tuple[dict, dic
         elif k in option_keys or key in option_keys:
             options[k] = v
         else:
-            raise Mgd3Error(f"distill() takes no setting {k!r}; settings: {', '.join(sorted(top_names | sampler_names))}; "
+            accepted = ", ".join(sorted(top_names | sampler_names))
+            raise Mgd3Error(f"distill() takes no setting {k!r}; settings: {accepted}; "
                             f"options of method {method!r}: {describe_options(method_cls)}")
     return top, sampler, options
 
@@ -165,9 +166,9 @@ def distill(data: str, out: str | os.PathLike, *, model=None, method: str = "mgd
 def evaluate(distilled: DistilledSet | str | os.PathLike | None = None, **settings) -> dict:
     """Train fresh networks on a distilled set (a `DistilledSet` or its folder) and test them on
     the real test split; returns what eval.json holds (`result["mean"]`, `result["std"]`: the
-    final test accuracy in %, over the seeds; `result["runs"]`: one entry per seed). settings: any `mgd3 evaluate` flag without "--" (`protocol`,
-    `arch`, `seeds`, `epochs`, `device`, ...); `reference="random-real", ipc=10, data=...`
-    scores a reference instead of a set."""
+    final test accuracy in %, over the seeds; `result["runs"]`: one entry per seed). settings:
+    any `mgd3 evaluate` flag without "--" (`protocol`, `arch`, `seeds`, `epochs`, `device`, ...);
+    `reference="random-real", ipc=10, data=...` scores a reference instead of a set."""
     from mgd3.evaluate import EvalConfig
     from mgd3.evaluate import evaluate as run_evaluate
 

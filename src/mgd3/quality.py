@@ -103,8 +103,8 @@ def measure(model_dir, data_name: str, *, device="cpu", fidelity_per_class: int 
     out[f"acc_{cas_ipc}_per_class_random_real"] = round(train_classifier(
         subset(train, per_class_subset(train.targets, cas_ipc, seed)), test, k, epochs=cas_epochs, seed=seed,
         device=device)[1], 2)
+    scale = cfg if cfg is not None else b.defaults.get("cfg", 4.0)
     out["settings"] = (f"ConvNet-3 (DC protocol of mgd3.evaluate, no augmentation); real classifier {real_epochs} "
-                       f"epochs on the full train set; {fidelity_per_class}/class plain samples (CFG "
-                       f"{cfg if cfg is not None else b.defaults.get('cfg', 4.0)}, 50 DDPM steps); CAS and random-real: "
-                       f"{cas_ipc}/class, {cas_epochs} epochs, seed {seed}")
+                       f"epochs on the full train set; {fidelity_per_class}/class plain samples (CFG {scale}, "
+                       f"50 DDPM steps); CAS and random-real: {cas_ipc}/class, {cas_epochs} epochs, seed {seed}")
     return out

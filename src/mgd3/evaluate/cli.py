@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
     S = argparse.SUPPRESS
     p = subparsers.add_parser(
         "evaluate", help="train networks on a distilled set and test them on real data",
-        description="Train fresh networks on a distilled set (DIR/images/<class>/<k>.png + DIR/manifest.json, "
+        description="Train fresh networks on a distilled set (DIR/images/<NNN>-<class>/<k>.png + DIR/manifest.json, "
                     "or a plain ImageFolder) with hard labels, test them on the real test split of the same "
                     "classes, and write DIR/eval.json (per seed and mean ± std). With --reference, evaluate a "
                     "random real subset or the full real train split under the same protocol instead (cached).",

@@ -1,6 +1,6 @@
 """Stage: evaluation — score a distilled set (or a real-data reference) under a protocol.
 
-Reads a set from disk (`DIR/images/<class_id>/<k>.png` + `DIR/manifest.json`, or a plain
+Reads a set from disk (`DIR/images/<NNN>-<class_id>/<k>.png` + `DIR/manifest.json`, or a plain
 ImageFolder), the real test split of the same classes (matched by class id), trains fresh
 networks with explicit seeds and writes `eval.json`. Knows nothing of diffusion.
 """

@@ -1,8 +1,9 @@
 """Method `d4m`: D4M prototypes (Su et al., CVPR 2024) through the shared sampler.
 
 Prototypes = per-class k-means centroids of VAE latents (k = IPC; the official code uses
-MiniBatchKMeans: mode finder `kmeans-minibatch`). Each prototype is noised to the img2img start (strength 0.7 = 70 % of the
-sampling steps remain) and denoised with the class condition. Strength 0 returns the prototypes.
+MiniBatchKMeans: mode finder `kmeans-minibatch`). Each prototype is noised to the img2img start
+(strength 0.7 = 70 % of the sampling steps remain) and denoised with the class condition.
+Strength 0 returns the prototypes.
 """
 
 from __future__ import annotations

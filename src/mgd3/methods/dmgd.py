@@ -108,8 +108,8 @@ class OTDistributionMatching:
                 cen = torch.nn.functional.normalize(self.centroids[c].to(pts.device), dim=1)
                 cost = torch.cdist(pts, cen)  # (n, K)
                 a = torch.full((len(pts),), 1.0 / len(pts), device=pts.device)
-                plan = sinkhorn(cost.detach(), a, self.masses[c].to(pts.device), self.iters, self.eps)
-                loss = loss + (plan * cost).sum()
+                transport = sinkhorn(cost.detach(), a, self.masses[c].to(pts.device), self.iters, self.eps)
+                loss = loss + (transport * cost).sum()
             (grad_x0,) = torch.autograd.grad(loss, x0)
         grad = grad_x0 / math.sqrt(step.alpha_bar)  # ∂x̂0/∂x_t = 1/sqrt(ᾱ) with ε held fixed
         if isinstance(step.sigma, Tensor) or step.sigma > 0:
