@@ -24,6 +24,7 @@ def readme_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_readme_python_example_runs_as_printed(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # its runs/ folder goes to the test's folder
@@ -41,7 +42,7 @@ def test_readme_python_example_runs_as_printed(tmp_path, monkeypatch, capsys):
     assert result["mean"] == result["runs"][0]["final_acc"]
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("torch.Size([10, 1, 28, 28]) [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] T-shirt/top")
-    assert out[-1] == f"convnet3: {result['mean']:.1f}% test accuracy"
+    assert result["arch"] == "convnet-3" and out[-1] == f"convnet-3: {result['mean']:.1f}% test accuracy"
 
 
 def test_a_loaded_backend_serves_runs_without_reloading(digits_model, tmp_path, monkeypatch):

@@ -197,6 +197,7 @@ def assert_image_folder_agrees(out: Path) -> None:
     assert sorted(folder.targets) == sorted(r["class_index"] for r in m["images"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST is not installed")
 def test_image_folder_indices_agree_with_the_manifest_on_fashion_mnist(tmp_path):
     from torchvision.datasets import ImageFolder
