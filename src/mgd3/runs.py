@@ -50,30 +50,30 @@ def model_fingerprint(path: Path) -> str:
     return folder_fingerprint(path)
 
 
-def resolved_config(cfg, cfg_scale: float, options) -> dict:
+def resolved_config(config, cfg_scale: float, options) -> dict:
     """The run's config as a dict with what the model resolved: the CFG scale and every option."""
-    d = dataclasses.asdict(cfg)
+    d = dataclasses.asdict(config)
     d["sampler"]["cfg"] = cfg_scale
     d["options"] = dataclasses.asdict(options) if options is not None else {}
     return d
 
 
-def run_key(cfg, backend, data, classes: list[ClassInfo], cfg_scale: float, options,
+def run_key(config, backend, data, classes: list[ClassInfo], cfg_scale: float, options,
             order_dependent: bool) -> dict:
     """The resolved settings that determine the images (OUT/.mgd3-run.json): a re-run with the
     same key resumes, another key is refused. Batch size is not in it (an image has its own
     generator), except for methods whose images depend on earlier batches (`order_dependent`)."""
-    key: dict = {"mgd3_version": mgd3.__version__, "method": cfg.method, "ipc": cfg.ipc, "seed": cfg.seed,
+    key: dict = {"mgd3_version": mgd3.__version__, "method": config.method, "ipc": config.ipc, "seed": config.seed,
                  "data": {"fingerprint": data.fingerprint(), "resolution": data.resolution,
                           "channels": data.channels},
                  "classes": [[c.class_id, c.label] for c in classes],
                  "model": {"backend": backend.name, "fingerprint": model_fingerprint(backend.path),
                            "latent_shape": list(backend.latent_shape)}}
-    for k, v in resolved_config(cfg, cfg_scale, options).items():
+    for k, v in resolved_config(config, cfg_scale, options).items():
         if k not in NOT_IN_RUN_KEY and k not in key:
             key[k] = v
     if order_dependent:
-        key["batch_size"] = cfg.batch_size
+        key["batch_size"] = config.batch_size
     return key
 
 
@@ -185,23 +185,23 @@ def assemble(classes: list[ClassInfo], outputs: dict[int, ClassOutput]):
     return records, (torch.cat(latents) if latents else None), rows
 
 
-def manifest(cfg, backend, data, classes: list[ClassInfo], config: dict, method_info, timing: dict,
+def manifest(config, backend, data, classes: list[ClassInfo], resolved: dict, method_info, timing: dict,
              device: str, processes: int, resumed: int, records: list[dict]) -> dict:
     """manifest.json of a finished set (store adds the format)."""
     return {
         "mgd3_version": mgd3.__version__,
         "git_commit": git_commit(),
-        "method": cfg.method,
-        "ipc": cfg.ipc,
-        "seed": cfg.seed,
-        "data": {"name": cfg.data, "classes": cfg.classes, "data_root": cfg.data_root,
-                 "resolution": cfg.save_resolution or data.resolution,
+        "method": config.method,
+        "ipc": config.ipc,
+        "seed": config.seed,
+        "data": {"name": config.data, "classes": config.classes, "data_root": config.data_root,
+                 "resolution": config.save_resolution or data.resolution,
                  "channels": data.channels, "fingerprint": data.fingerprint()},
         "model": {"path": str(backend.path), "backend": backend.name, "latent_shape": list(backend.latent_shape),
                   "learned_sigma": backend.learned_sigma},
         "classes": [class_record(c) for c in classes],
         "method_info": method_info,
-        "config": config,
+        "config": resolved,
         "timing_s": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in timing.items()},
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "device": device, "threads": torch.get_num_threads(), "processes": processes,
