@@ -91,9 +91,9 @@ def test_option_errors_list_the_names_a_method_takes(digits_model, tmp_path):
 def test_load_set_matches_the_manifest_and_refuses_paths_outside(digits_model, tmp_path):
     s = mgd3.distill("digits", tmp_path / "s", model=digits_model, method="plain", ipc=2, classes=["7", "2"], **FAST)
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert s.class_ids == [c["class_id"] for c in m["classes"]] == ["2", "7"]
+    assert s.class_ids == [c["class_id"] for c in m["classes"]] == ["7", "2"]  # the order asked for
     assert s.labels.tolist() == [r["class_index"] for r in m["images"]] == [0, 0, 1, 1]
-    assert s.model_labels.tolist() == [2, 2, 7, 7]
+    assert s.model_labels.tolist() == [7, 7, 2, 2]
     assert s.latents.shape == (4, 4, 4, 4)
     m["images"][0]["path"] = "../../outside.png"
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(m))
