@@ -95,7 +95,11 @@ def main() -> None:
     from mgd3.methods import SamplerConfig
     from mgd3.machine import cpu_name
     from mgd3.pretrain import calibrate, pretrain
-    from mgd3.quality import ConvNet, accuracy, load_set_images, per_class_subset, train_classifier
+    from mgd3.api import load_set
+    from mgd3.evaluate.networks import build_network
+    from mgd3.evaluate.train import TensorSet
+    from mgd3.files import to_uint8
+    from mgd3.quality import classifier_accuracy, per_class_subset, subset, train_classifier
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -104,23 +108,22 @@ def main() -> None:
     xtr, ytr = _tensors(train)
     xte, yte = _tensors(test)
     k = len(train.class_ids)
+    tr, te = TensorSet(to_uint8(xtr), ytr), TensorSet(to_uint8(xte), yte)  # uint8, as mgd3.evaluate trains
 
     # the real-data classifier for class fidelity and the random-real CAS reference, trained once
     real_idx = per_class_subset(ytr, args.per_class, 0)
     refs_file, net_file = work / "references.json", work / "real_convnet.pt"
     if args.keep and refs_file.is_file() and net_file.is_file():
-        real_net = ConvNet(xtr.shape[1], k, xtr.shape[-1]).to(args.device)
+        real_net = build_network("convnet-3", xtr.shape[1], k, xtr.shape[-1]).to(args.device)
         real_net.load_state_dict(torch.load(net_file, map_location=args.device, weights_only=True))
         real_net.eval()
         real_acc, real_s, cas_real = (json.loads(refs_file.read_text())[key] for key in ("real_acc", "real_s", "cas_real"))
     else:
         t = time.perf_counter()
-        real_net = train_classifier(xtr, ytr, k, epochs=args.real_epochs, seed=0, device=args.device)
-        real_acc = accuracy(real_net, xte, yte, args.device)
+        real_net, real_acc = train_classifier(tr, te, k, epochs=args.real_epochs, seed=0, device=args.device)
         real_s = time.perf_counter() - t
         # the random-real reference for CAS: same budget, `per_class` random real images per class
-        cas_real = accuracy(train_classifier(xtr[real_idx], ytr[real_idx], k, epochs=args.cas_epochs, seed=0,
-                                             device=args.device), xte, yte, args.device)
+        cas_real = train_classifier(subset(tr, real_idx), te, k, epochs=args.cas_epochs, seed=0, device=args.device)[1]
         torch.save(real_net.state_dict(), net_file)
         refs_file.write_text(json.dumps({"real_acc": real_acc, "real_s": real_s, "cas_real": cas_real}))
     logging.info("real ConvNet-3: %.2f %% test accuracy; CAS of random real: %.2f %%", real_acc, cas_real)
@@ -165,10 +168,10 @@ def main() -> None:
                               ipc=args.per_class, batch_size=250, device=args.device, progress=False,
                               overwrite=True, sampler=SamplerConfig(cfg=args.cfg)))
         sample_s = time.perf_counter() - t
-        xs, ys = load_set_images(out / "plain")
-        fidelity = accuracy(real_net, xs, ys, args.device)
-        cas = accuracy(train_classifier(xs, ys, k, epochs=args.cas_epochs, seed=0, device=args.device), xte, yte,
-                       args.device)
+        made = load_set(out / "plain")
+        xs, ys = made.images.float() / 127.5 - 1.0, made.labels  # (N, C, R, R) in [-1, 1]
+        fidelity = classifier_accuracy(real_net, TensorSet(made.images, ys), args.device)
+        cas = train_classifier(TensorSet(made.images, ys), te, k, epochs=args.cas_epochs, seed=0, device=args.device)[1]
         b = load_backend(out, device=args.device)
         z_gen = torch.cat([b.encode(xs[i:i + 500]) for i in range(0, len(xs), 500)]).cpu()
         z_real = torch.cat([b.encode(xtr[real_idx][i:i + 500]) for i in range(0, len(real_idx), 500)]).cpu()

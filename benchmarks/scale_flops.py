@@ -140,10 +140,10 @@ def png_write_rate(reps: int) -> float:
     import sklearn
 
     from mgd3.data import read_image, to_model_space
-    from mgd3.store import save_png, to_uint8
+    from mgd3.store import save_png, to_pixels
 
     f = sorted((Path(sklearn.__file__).parent / "datasets" / "images").glob("*.jpg"))[0]
-    arr = to_uint8(to_model_space(read_image(f, 3), 256, 3)[None])[0]  # (256, 256, 3)
+    arr = to_pixels(to_model_space(read_image(f, 3), 256, 3)[None])[0]  # (256, 256, 3)
     with tempfile.TemporaryDirectory() as d:
         runs = timed(lambda: [save_png(arr, Path(d) / f"{i}.png") for i in range(10)], reps)
     return 10 / statistics.median(runs)

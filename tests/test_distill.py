@@ -1,12 +1,15 @@
 """`mgd3 distill` end to end through the real CLI, on a tiny real DiT and real digits data."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from conftest import run_cli
+from inprocess import run_main
 from mgd3.distill import DistillConfig, distill
 from mgd3.methods import SamplerConfig
 
@@ -34,7 +37,7 @@ def test_cli_distill_writes_a_complete_set(digits_model, tmp_path):
     for rec in m["images"]:
         img = Image.open(out / rec["path"])
         assert img.size == (8, 8) and img.mode == "L"
-    assert sorted(p.name for p in (out / "images").iterdir()) == [str(i) for i in range(10)]
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:03d}-{i}" for i in range(10)]
     lat = torch.load(out / "latents.pt", weights_only=True)
     assert lat["latents"].shape == (20, 4, 4, 4) and lat["paths"] == [r["path"] for r in m["images"]]
     assert (out / "grid.png").is_file()
@@ -99,11 +102,11 @@ def test_encodings_are_cached(digits_model, tmp_path, monkeypatch):
     distill(_cfg(digits_model, tmp_path / "b", method="mgd3", ipc=1, classes=["9"]))
 
 
-def test_yaml_config_and_flags(digits_model, tmp_path):
+def test_yaml_config_and_flags(digits_model, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("method: mgd3\nipc: 1\nlambda: 0.2\nt-stop: 3\nsteps: 4\nclasses: ['8']\n")
     out = tmp_path / "o"
-    r = run_cli("distill", "--config", cfg, "--data", "digits", "--model", digits_model, "--out", out,
+    r = run_main(capsys, "distill", "--config", cfg, "--data", "digits", "--model", digits_model, "--out", out,
                 "--t-stop", "1", "--quiet")
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "manifest.json").read_text())
@@ -122,24 +125,25 @@ def test_yaml_config_and_flags(digits_model, tmp_path):
     (["--modes", "magic"], "unknown mode finder 'magic'"),
     (["--sampler", "heun"], "invalid choice"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(digits_model, tmp_path, args, message):
+def test_bad_input_is_one_line_and_writes_nothing(digits_model, tmp_path, args, message, capsys):
     out = tmp_path / "o"
     base = ["distill", "--data", "digits", "--model", digits_model, "--out", out, "--steps", "6", "--quiet"]
-    r = run_cli(*base, *args)
+    r = run_main(capsys, *base, *args)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (out / "manifest.json").exists()
 
 
-def test_non_empty_output_and_missing_model(digits_model, tmp_path):
+def test_non_empty_output_and_missing_model(digits_model, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "x.txt").write_text("keep")
-    r = run_cli("distill", "--data", "digits", "--model", digits_model, "--out", out, "--quiet")
+    r = run_main(capsys, "distill", "--data", "digits", "--model", digits_model, "--out", out, "--quiet")
     assert r.returncode == 2 and "is not empty" in r.stderr
-    r = run_cli("distill", "--data", "digits", "--model", tmp_path / "nope", "--out", tmp_path / "p")
+    assert (out / "x.txt").read_text() == "keep"
+    r = run_main(capsys, "distill", "--data", "digits", "--model", tmp_path / "nope", "--out", tmp_path / "p")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("distill", "--data", "digits", "--out", tmp_path / "p")
+    r = run_main(capsys, "distill", "--data", "digits", "--out", tmp_path / "p")
     assert r.returncode == 2 and "no --model given" in r.stderr
 
 
@@ -149,11 +153,11 @@ def test_overwrite_replaces_outputs(digits_model, tmp_path):
     distill(_cfg(digits_model, out, method="plain", ipc=1, classes=["2"], overwrite=True))
     m = json.loads((out / "manifest.json").read_text())
     assert [r["class_id"] for r in m["images"]] == ["2"]
-    assert not (out / "images" / "1").exists()
+    assert not (out / "images" / "000-1").exists() and (out / "images" / "000-2").is_dir()
 
 
-def test_help_explains_every_flag():
-    r = run_cli("distill", "--help")
+def test_help_explains_every_flag(capsys):
+    r = run_main(capsys, "distill", "--help")
     assert r.returncode == 0
     for flag in ("--data", "--model", "--method", "--ipc", "--seed", "--out", "--batch-size", "--lambda",
                  "--t-stop", "--cfg", "--steps", "--sampler", "--cfg-channels", "--modes", "--guidance-form"):
@@ -163,7 +167,7 @@ def test_help_explains_every_flag():
 def test_labels_match_full_names_before_synonyms():
     from types import SimpleNamespace
 
-    from mgd3.distill import map_labels
+    from mgd3.backends.labels import map_labels
 
     backend = SimpleNamespace(id2label={0: "garter snake, grass snake", 1: "green snake, grass snake",
                                         2: "tench, Tinca tinca"}, num_classes=3, path=SimpleNamespace(name="m"))
@@ -173,3 +177,78 @@ def test_labels_match_full_names_before_synonyms():
     ambiguous = SimpleNamespace(class_ids=["x"], labels=[None], class_names=["grass snake"])
     with pytest.raises(Exception, match="class-map"):
         map_labels(ambiguous, backend)
+
+
+# --------------------------------------------------------------------------- torchvision conventions
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def assert_image_folder_agrees(out: Path) -> None:
+    """torchvision's ImageFolder(OUT/images) gives every image the manifest's class index."""
+    from torchvision.datasets import ImageFolder
+
+    m = json.loads((out / "manifest.json").read_text())
+    folder = ImageFolder(out / "images")
+    by_folder = {Path(r["path"]).parent.name: r["class_index"] for r in m["images"]}
+    assert folder.class_to_idx == by_folder
+    index = {(out / r["path"]).resolve(): r["class_index"] for r in m["images"]}
+    assert [index[Path(f).resolve()] for f, _ in folder.samples] == [t for _, t in folder.samples]
+    assert sorted(folder.targets) == sorted(r["class_index"] for r in m["images"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST is not installed")
+def test_image_folder_indices_agree_with_the_manifest_on_fashion_mnist(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    distill(DistillConfig(data="fashion-mnist", out=str(tmp_path / "f"), method="plain", ipc=1, progress=False,
+                          sampler=SamplerConfig(steps=2)))
+    assert_image_folder_agrees(tmp_path / "f")
+    m = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert m["classes"][0]["class_id"] == "T-shirt_top" and m["classes"][9]["class_id"] == "Ankle_boot"
+    idx = ImageFolder(tmp_path / "f" / "images").class_to_idx
+    assert idx["000-T-shirt_top"] == 0 and idx["009-Ankle_boot"] == 9  # not alphabetical by class id
+    assert Image.open(tmp_path / "f" / m["images"][0]["path"]).mode == "L"  # grayscale, one channel
+
+
+def test_image_folder_indices_agree_with_the_manifest_on_an_unsorted_imagenet_subset(tmp_path):
+    """imageidc lists its wnids in the ImageNet-100 order, not sorted: n02869837 comes first."""
+    from mgd3.data import IMAGEIDC, WNID_NAMES
+    from mgd3.testing import build_dit_folder
+
+    assert IMAGEIDC != sorted(IMAGEIDC)
+    root = tmp_path / "imagenet"
+    for k, w in enumerate(IMAGEIDC):
+        for split in ("train", "val"):
+            (root / split / w).mkdir(parents=True)
+            Image.fromarray(np.full((10, 10, 3), 20 * k, dtype=np.uint8)).save(root / split / w / f"{w}_{split}.JPEG")
+    model = build_dit_folder(tmp_path / "model", num_classes=10, image_channels=3, resolution=8,
+                             class_names=[WNID_NAMES[w] for w in sorted(IMAGEIDC)])  # labels by sorted wnid
+    out = tmp_path / "set"
+    distill(DistillConfig(data="imageidc", data_root=str(root), out=str(out), model=str(model), method="plain",
+                          ipc=2, progress=False, sampler=SamplerConfig(steps=2)))
+    assert_image_folder_agrees(out)
+    m = json.loads((out / "manifest.json").read_text())
+    assert [c["class_id"] for c in m["classes"]] == IMAGEIDC
+    assert [c["label"] for c in m["classes"]] == [sorted(IMAGEIDC).index(w) for w in IMAGEIDC]
+    assert sorted(p.name for p in (out / "images").iterdir())[0] == f"000-{IMAGEIDC[0]}"
+
+
+def test_shipped_model_in_diffusers_dit_pipeline_as_its_card_says():
+    """DiTPipeline samples without CFG; with CFG its hard-coded null class 1000 is out of range."""
+    from diffusers import DiTPipeline
+
+    from mgd3.distill import shipped_model
+
+    folder = shipped_model("fashion-mnist")
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "hard-codes the null class as label 1000" in card and "null class is label 10" in card
+    pipe = DiTPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.num_embeds_ada_norm == 10
+    out = pipe(class_labels=[0], num_inference_steps=1, guidance_scale=1.0, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 28, 28, 1)
+    with pytest.raises(IndexError, match="index out of range"):
+        pipe(class_labels=[0], num_inference_steps=1, guidance_scale=4.0, output_type="np")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from inprocess import run_main
 from mgd3.distill import DistillConfig, distill
 from mgd3.methods import SamplerConfig, load_methods
 from mgd3.methods.dmgd import semantic_lambda, sinkhorn
@@ -26,9 +26,9 @@ def _latents(out):
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_writes_a_complete_set(digits_model, tmp_path, method, sampler):
+def test_every_method_writes_a_complete_set(digits_model, tmp_path, method, sampler, capsys):
     out = tmp_path / method
-    r = run_cli("distill", "--data", "digits", "--model", digits_model, "--method", method, "--ipc", "2",
+    r = run_main(capsys, "distill", "--data", "digits", "--model", digits_model, "--method", method, "--ipc", "2",
                 "--classes", "0", "1", "2", "--out", out, "--steps", "6", "--sampler", sampler, "--quiet")
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "manifest.json").read_text())
@@ -127,9 +127,9 @@ def test_every_mode_finder_gives_k_modes(finder):
     assert np.array_equal(m.modes, again.modes)
 
 
-def test_mgd3_modes_option_through_cli_records_finder(digits_model, tmp_path):
+def test_mgd3_modes_option_through_cli_records_finder(digits_model, tmp_path, capsys):
     out = tmp_path / "s"
-    r = run_cli("distill", "--data", "digits", "--model", digits_model, "--modes", "dbscan", "--ipc", "3",
+    r = run_main(capsys, "distill", "--data", "digits", "--model", digits_model, "--modes", "dbscan", "--ipc", "3",
                 "--classes", "7", "--out", out, "--steps", "4", "--quiet")
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "manifest.json").read_text())

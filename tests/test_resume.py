@@ -127,7 +127,7 @@ def test_other_settings_in_the_same_folder_are_refused(digits_model, reference, 
 def test_overwrite_replaces_a_run_with_other_settings(digits_model, reference, tmp_path):
     out = tmp_path / "set"
     shutil.copytree(reference, out)
-    (out / "images" / "1" / "2.png").unlink()  # overwrite does not care what is there
+    (out / "images" / "001-1" / "2.png").unlink()  # overwrite does not care what is there
     r = _run(digits_model, out, tmp_path / "cache", "--seed", "1", "--steps", "4", "--overwrite")
     assert r.returncode == 0, r.stderr
     assert "wrote 6 images" in r.stdout and "resumed" not in r.stdout

@@ -48,7 +48,8 @@ def add_distill_parser(sub) -> None:
     p = sub.add_parser(
         "distill", help="distill a dataset into IPC synthetic images per class",
         description="Distill a dataset with a pretrained latent diffusion model. Writes "
-                    "OUT/images/<class>/<k>.png, OUT/latents.pt, OUT/grid.png and, last, OUT/manifest.json. "
+                    "OUT/images/<NNN>-<class>/<k>.png (NNN: the class index), OUT/latents.pt, OUT/grid.png "
+                    "and, last, OUT/manifest.json. "
                     "Re-running the same command after an interruption finishes the missing images only "
                     "(OUT/.mgd3-run.json holds the settings; other settings are refused without --overwrite). "
                     "Several processes or GPUs: torchrun --nproc_per_node N -m mgd3 distill ... shares the "

@@ -580,7 +580,7 @@ def _image_problem(path: str) -> str | None:
 def check_files(source: "_FileSource", targets: np.ndarray, class_ids: list[str], strict: bool) -> tuple:
     """Drop missing or unreadable image files (one warning with their count), or with `strict`
     stop at the first. The result is cached per file listing, so a second run checks nothing."""
-    from mgd3.encode import cache_root
+    from mgd3.files import cache_root, write_text_atomic
 
     cache = cache_root() / "checked" / f"{hashlib.sha256(source.key.encode()).hexdigest()[:24]}.json"
     try:
@@ -593,10 +593,7 @@ def check_files(source: "_FileSource", targets: np.ndarray, class_ids: list[str]
             if why is not None:
                 bad[i] = why
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(bad))
-            os.replace(tmp, cache)
+            write_text_atomic(cache, json.dumps(bad))
         except OSError:
             pass  # a read-only cache only costs the check next time
     if not bad:

@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mgd3.errors import Mgd3Error
+from mgd3.files import cache_root, save_torch_atomic
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +38,6 @@ def _digest(idx) -> str:
     import hashlib
 
     return hashlib.sha256(np.asarray(idx, dtype=np.int64).tobytes()).hexdigest()[:12]
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir`, else $MGD3_CACHE_DIR, else ~/.cache/mgd3."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("MGD3_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mgd3"
-
-
-def save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def default_workers(device: torch.device | str) -> int:
@@ -181,7 +167,7 @@ def encode_classes(
                 lat = torch.cat(parts)
                 del parts
                 if use_cache:
-                    save_atomic(lat, cache_file(c))
+                    save_torch_atomic(lat, cache_file(c))
                 if not lazy:
                     out[c] = lat.float()
                 del lat
@@ -193,3 +179,30 @@ def encode_classes(
     if lazy:
         return CachedLatents({c: cache_file(c) for c in class_indices})
     return {c: out[c] for c in class_indices}
+
+
+def real_subset(data, c: int, max_per_class: int | None) -> np.ndarray:
+    """The real items of class c that modes are found from: all of them, or a fixed random subset
+    of `max_per_class` (seeded by the class id alone, so every method and the report agree)."""
+    import hashlib
+
+    idx = data.indices(c)
+    if max_per_class is None or len(idx) <= max_per_class:
+        return idx
+    s = int(hashlib.sha256(f"real-subset/{data.class_ids[c]}".encode()).hexdigest()[:15], 16)
+    return np.sort(np.random.default_rng(s).choice(idx, size=max_per_class, replace=False))
+
+
+def real_latents(backend, data, class_indices: Sequence[int], *, max_per_class: int | None = None,
+                 batch_size: int = 64, workers: int | None = None, cache_dir: str | os.PathLike | None = None,
+                 progress: bool = True) -> Mapping[int, Tensor]:
+    """{class index: (N_c, C, h, w) float32} latents of the real train images of the classes, in
+    the order of `real_subset`: what methods cluster and what the report measures against. Encoded
+    once and cached; the mapping holds one class in memory at a time. `workers`: None picks
+    `default_workers` for the backend's device."""
+    subset = None
+    if max_per_class is not None:
+        subset = {c: real_subset(data, c, max_per_class) for c in class_indices}
+    return encode_classes(backend, data, list(class_indices), batch_size=batch_size,
+                          workers=default_workers(backend.device) if workers is None else workers,
+                          cache_dir=cache_dir, progress=progress, indices=subset, lazy=True)

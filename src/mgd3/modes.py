@@ -30,10 +30,13 @@ ModeFinder = Callable[[np.ndarray, int, int], Modes]
 MODE_FINDERS: Registry[ModeFinder] = Registry("mode finder")
 
 
-def _nearest(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """Index into `points` of the point nearest each center."""
-    d = ((centers[:, None, :].astype(np.float64) - points[None, :, :]) ** 2).sum(-1)  # (k, N)
-    return d.argmin(axis=1)
+def nearest(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """(k,) index into `points` (N, D) of the point nearest each of `centers` (k, D), in float64.
+    scikit-learn works through the (k, N) distances in chunks of bounded memory (its
+    working_memory), never holding a k × N × D array."""
+    from sklearn.metrics import pairwise_distances_argmin
+
+    return pairwise_distances_argmin(np.asarray(centers, dtype=np.float64), np.asarray(points, dtype=np.float64))
 
 
 def _check(latents: np.ndarray, k: int) -> None:
@@ -43,10 +46,10 @@ def _check(latents: np.ndarray, k: int) -> None:
         raise Mgd3Error(f"IPC {k} is larger than the class ({len(latents)} images)")
 
 
-def _kmeans(latents: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.cluster import KMeans
+def _kmeans(latents: np.ndarray, k: int, seed: int, minibatch: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.cluster import KMeans, MiniBatchKMeans
 
-    km = KMeans(n_clusters=k, random_state=seed, n_init="auto").fit(latents)
+    km = (MiniBatchKMeans if minibatch else KMeans)(n_clusters=k, random_state=seed, n_init="auto").fit(latents)
     return km.cluster_centers_.astype(np.float32), km.labels_
 
 
@@ -54,14 +57,22 @@ def _kmeans(latents: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndar
 def kmeans_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
     _check(latents, k)
     centers, labels = _kmeans(latents, k, seed)
-    return Modes(centers, labels, _nearest(latents, centers), {"finder": "kmeans", "random_state": seed})
+    return Modes(centers, labels, nearest(latents, centers), {"finder": "kmeans", "random_state": seed})
+
+
+@MODE_FINDERS.register("kmeans-minibatch")
+def kmeans_minibatch_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
+    """MiniBatchKMeans centroids (the official D4M prototypes)."""
+    _check(latents, k)
+    centers, labels = _kmeans(latents, k, seed, minibatch=True)
+    return Modes(centers, labels, nearest(latents, centers), {"finder": "kmeans-minibatch", "random_state": seed})
 
 
 @MODE_FINDERS.register("kmeans-closest")
 def kmeans_closest_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
     _check(latents, k)
     centers, labels = _kmeans(latents, k, seed)
-    nearest = _nearest(latents, centers)
+    nearest = nearest(latents, centers)
     return Modes(latents[nearest].astype(np.float32), labels, nearest,
                  {"finder": "kmeans-closest", "random_state": seed})
 
@@ -90,7 +101,7 @@ def random_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
     _check(latents, k)
     idx = np.random.default_rng(seed).choice(len(latents), size=k, replace=False)
     modes = latents[idx].astype(np.float32)
-    return Modes(modes, _nearest(modes, latents), idx, {"finder": "random", "seed": seed})
+    return Modes(modes, nearest(modes, latents), idx, {"finder": "random", "seed": seed})
 
 
 @MODE_FINDERS.register("gmm")
@@ -101,7 +112,7 @@ def gmm_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
     _check(latents, k)
     gm = GaussianMixture(k, covariance_type="diag", random_state=seed, reg_covar=1e-4).fit(latents)
     modes = gm.means_.astype(np.float32)
-    return Modes(modes, gm.predict(latents), _nearest(latents, modes), {"finder": "gmm", "random_state": seed})
+    return Modes(modes, gm.predict(latents), nearest(latents, modes), {"finder": "gmm", "random_state": seed})
 
 
 @MODE_FINDERS.register("bisecting")
@@ -112,7 +123,7 @@ def bisecting_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
     _check(latents, k)
     bk = BisectingKMeans(n_clusters=k, random_state=seed).fit(latents)
     modes = bk.cluster_centers_.astype(np.float32)
-    return Modes(modes, bk.labels_, _nearest(latents, modes), {"finder": "bisecting", "random_state": seed})
+    return Modes(modes, bk.labels_, nearest(latents, modes), {"finder": "bisecting", "random_state": seed})
 
 
 @MODE_FINDERS.register("spectral")
@@ -128,7 +139,7 @@ def spectral_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
         labels = SpectralClustering(k, affinity="nearest_neighbors", n_neighbors=n_neighbors,
                                     random_state=seed, assign_labels="cluster_qr").fit_predict(latents)
     modes, info = _cluster_means(latents, labels, k)
-    return Modes(modes, labels, _nearest(latents, modes), {"finder": "spectral", "random_state": seed, **info})
+    return Modes(modes, labels, nearest(latents, modes), {"finder": "spectral", "random_state": seed, **info})
 
 
 @MODE_FINDERS.register("dbscan")
@@ -148,4 +159,4 @@ def dbscan_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
         eps = float(np.median(dist[:, -1]))
         labels = DBSCAN(eps=max(eps, 1e-6), min_samples=m).fit_predict(latents)
     modes, info = _cluster_means(latents, labels, k)
-    return Modes(modes, labels, _nearest(latents, modes), {"finder": "dbscan", "eps": eps, **info})
+    return Modes(modes, labels, nearest(latents, modes), {"finder": "dbscan", "eps": eps, **info})

@@ -47,6 +47,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mgd3.errors import Mgd3Error
+from mgd3.files import to_uint8, write_atomic
 from mgd3.machine import cpu_name
 
 log = logging.getLogger(__name__)
@@ -211,10 +212,6 @@ def dit_init(m) -> None:
 # --------------------------------------------------------------------------- data
 
 
-def _to_uint8(x: Tensor) -> Tensor:
-    return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 def _to_float(x: Tensor, device) -> Tensor:
     return x.to(device).float() / 127.5 - 1.0  # (B, C, R, R) in [-1, 1]
 
@@ -251,7 +248,7 @@ def _load_split(cfg: PretrainConfig, split: str, limit: int | None = None):
     loader = torch.utils.data.DataLoader(data.dataset(idx), batch_size=256, num_workers=0)
     xs, ys = [], []
     for x, y in tqdm(loader, desc=f"load {split}", disable=not cfg.progress, leave=False):
-        xs.append(_to_uint8(x))
+        xs.append(to_uint8(x))
         ys.append(torch.as_tensor(y, dtype=torch.long))
     return data, torch.cat(xs), torch.cat(ys)
 
@@ -285,9 +282,7 @@ class _Checkpoints:
         self.folder.mkdir(parents=True, exist_ok=True)
         for name, write in ((f"{stage}.pt", lambda p: torch.save(state, p)),
                             (f"{stage}.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))):
-            tmp = self.folder / f".{name}.tmp"
-            write(tmp)
-            os.replace(tmp, self.folder / name)
+            write_atomic(self.folder / name, write)
 
 
 def _signature(cfg: PretrainConfig, keys: tuple[str, ...]) -> dict:
@@ -470,13 +465,13 @@ def sample_latents(dit, labels: Tensor, num_classes: int, device, cfg_scale: flo
 @torch.no_grad()
 def sample_grid(dit, vae, scaling_factor: float, num_classes: int, path: Path, device, cfg_scale: float) -> None:
     """A few plain samples per class (one row per class, at most 64 classes) -> PNG."""
-    from mgd3.store import to_uint8, write_grid
+    from mgd3.store import to_pixels, write_grid
 
     shown = min(num_classes, 64)
     per_class = max(1, min(4, 64 // shown))
     labels = torch.arange(shown).repeat_interleave(per_class)
     z = sample_latents(dit, labels, num_classes, device, cfg_scale)
-    imgs = to_uint8(vae.decode(z / scaling_factor).sample.clamp(-1, 1))
+    imgs = to_pixels(vae.decode(z / scaling_factor).sample.clamp(-1, 1))
     write_grid(path, [imgs[i * per_class:(i + 1) * per_class] for i in range(shown)])
 
 

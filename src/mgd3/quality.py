@@ -1,9 +1,9 @@
 """Model quality numbers for a pretrained pipeline (used by `mgd3 pretrain --quality` and the
 model card): VAE reconstruction PSNR, class fidelity and classification accuracy score (CAS).
 
-Classifier: ConvNet-3 of the DC protocol (Zhao et al., 2021): 3 x [conv 3x3, 128 ch, instance
-norm (GroupNorm(128, 128)), ReLU, AvgPool 2x2] + linear; for 28x28 input the first conv pads 3.
-SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, lr x 0.1 at half the epochs.
+Classifiers are trained with the evaluation stage's networks and loop (`mgd3.evaluate`):
+ConvNet-3 under the DC protocol (Zhao et al., 2021; SGD lr 0.01, momentum 0.9, weight decay
+5e-4, batch 256, lr x 0.1 at half the epochs), no augmentation, on images scaled to [-1, 1].
 """
 
 from __future__ import annotations
@@ -13,61 +13,22 @@ import math
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from mgd3.evaluate.protocols import Protocol, get_protocol, override
+from mgd3.evaluate.train import Normalization, RunOptions, TensorSet, accuracy, tensor_set, train_and_test
 
 log = logging.getLogger(__name__)
 
 
-class ConvNet(nn.Module):
-    """DC-protocol ConvNet: `depth` blocks of conv-instancenorm-relu-avgpool, then a linear layer."""
-
-    def __init__(self, channels: int, num_classes: int, resolution: int, depth: int = 3, width: int = 128):
-        super().__init__()
-        layers, c, r = [], channels, resolution
-        for d in range(depth):
-            pad = 3 if (d == 0 and resolution == 28) else 1
-            layers += [nn.Conv2d(c, width, 3, padding=pad), nn.GroupNorm(width, width, affine=True),
-                       nn.ReLU(inplace=True), nn.AvgPool2d(2)]
-            r = (r + 2 * pad - 2) // 2
-            c = width
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(width * r * r, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.features(x).flatten(1))
+def protocol(epochs: int) -> Protocol:
+    """The DC protocol for `epochs` epochs, lr x 0.1 from epoch epochs // 2 on (no extra pass)."""
+    return override(get_protocol("dc"), epochs=epochs, dc_extra_epoch=False)
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, epochs: int,
-                     seed: int = 0, device="cpu", batch_size: int = 256, lr: float = 0.01,
-                     progress: bool = False) -> nn.Module:
-    """ConvNet-3 on images in [-1, 1] (kept as tensors on the device), DC-protocol optimiser."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = ConvNet(images.shape[1], num_classes, images.shape[-1]).to(device)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2], 0.1)
-    x, y = images.to(device), labels.to(device)
-    for _ in tqdm(range(epochs), desc="classifier", disable=not progress, leave=False):
-        net.train()
-        perm = torch.randperm(len(x), generator=g).to(device)
-        for i in range(0, len(x), batch_size):
-            idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
-    return net.eval()
-
-
-@torch.no_grad()
-def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, device="cpu", bs: int = 1000) -> float:
-    correct = 0
-    for i in range(0, len(images), bs):
-        correct += (net(images[i:i + bs].to(device)).argmax(1).cpu() == labels[i:i + bs]).sum().item()
-    return 100.0 * correct / len(images)
+def minus_one_to_one(channels: int) -> Normalization:
+    """uint8 pixels -> [-1, 1] (what the diffusion model sees), as an evaluation normalization."""
+    return Normalization((0.5,) * channels, (0.5,) * channels, "[-1, 1]")
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,18 +43,23 @@ def per_class_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(idx))
 
 
-def load_set_images(out) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, C, R, R) in [-1, 1] and class indices of a distilled set, read from its PNGs."""
-    import json
-    from pathlib import Path
+def subset(s: TensorSet, idx: torch.Tensor) -> TensorSet:
+    return TensorSet(s.images[idx], s.targets[idx])
 
-    from PIL import Image
 
-    m = json.loads((Path(out) / "manifest.json").read_text())
-    arrs = [np.asarray(Image.open(Path(out) / r["path"])) for r in m["images"]]
-    x = torch.from_numpy(np.stack(arrs)).float() / 127.5 - 1.0
-    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    return x.contiguous(), torch.tensor([r["class_index"] for r in m["images"]])
+def train_classifier(train: TensorSet, test: TensorSet, num_classes: int, *, epochs: int, seed: int = 0,
+                     device="cpu", progress: bool = False) -> tuple[torch.nn.Module, float]:
+    """A ConvNet-3 trained on `train` (uint8 images) under `protocol(epochs)`; returns it and its
+    test accuracy (%) on `test`."""
+    r = train_and_test(protocol(epochs), train, test, seed=seed, num_classes=num_classes,
+                       norm=minus_one_to_one(train.images.shape[1]),
+                       opts=RunOptions(device=str(device), progress=progress), return_model=True)
+    return r["model"].eval(), r["final_acc"]
+
+
+def classifier_accuracy(model: torch.nn.Module, s: TensorSet, device="cpu") -> float:
+    """Top-1 accuracy (%) of a `train_classifier` network on `s`."""
+    return accuracy(model, s, minus_one_to_one(s.images.shape[1]), device=torch.device(device))
 
 
 def measure(model_dir, data_name: str, *, device="cpu", fidelity_per_class: int = 100, cas_ipc: int = 50,
@@ -103,6 +69,7 @@ def measure(model_dir, data_name: str, *, device="cpu", fidelity_per_class: int 
     import tempfile
     from pathlib import Path
 
+    from mgd3.api import load_set
     from mgd3.backends import load_backend
     from mgd3.data import load_data
     from mgd3.distill import DistillConfig, distill
@@ -110,36 +77,34 @@ def measure(model_dir, data_name: str, *, device="cpu", fidelity_per_class: int 
 
     b = load_backend(model_dir, device=device)
     kw = dict(resolution=b.resolution, channels=b.image_channels)
-    train, test = load_data(data_name, "train", **kw), load_data(data_name, "test", **kw)
+    train_data, test_data = load_data(data_name, "train", **kw), load_data(data_name, "test", **kw)
+    train, test = tensor_set(train_data.dataset(), batch_size=1000), tensor_set(test_data.dataset(), batch_size=1000)
+    k = len(train_data.class_ids)
 
-    def tensors(d):
-        loader = torch.utils.data.DataLoader(d.dataset(), batch_size=1000)
-        xs, ys = zip(*loader)
-        return torch.cat(xs), torch.cat(ys)
+    x = test.images[:2000].float() / 127.5 - 1.0  # (n, C, R, R) in [-1, 1]
+    rec = torch.cat([b.decode(b.encode(x[i:i + 500])).cpu() for i in range(0, len(x), 500)])
+    out = {"vae_test_psnr_db": round(psnr(rec, x), 2)}
 
-    xtr, ytr = tensors(train)
-    xte, yte = tensors(test)
-    k = len(train.class_ids)
-    rec = torch.cat([b.decode(b.encode(xte[i:i + 500])).cpu() for i in range(0, min(len(xte), 2000), 500)])
-    out = {"vae_test_psnr_db": round(psnr(rec, xte[: len(rec)]), 2)}
-
-    real_net = train_classifier(xtr, ytr, k, epochs=real_epochs, seed=seed, device=device, progress=progress)
-    out["real_classifier_test_acc"] = round(accuracy(real_net, xte, yte, device), 2)
+    real_net, real_acc = train_classifier(train, test, k, epochs=real_epochs, seed=seed, device=device,
+                                          progress=progress)
+    out["real_classifier_test_acc"] = round(real_acc, 2)
     work = Path(workdir or tempfile.mkdtemp(prefix="mgd3-quality-"))
     n = max(fidelity_per_class, cas_ipc)
     distill(DistillConfig(data=data_name, out=str(work / "plain"), model=str(model_dir), method="plain", ipc=n,
                           seed=seed, batch_size=500, device=str(device), overwrite=True, progress=progress,
                           sampler=SamplerConfig(cfg=cfg)))
-    xs, ys = load_set_images(work / "plain")
-    fid = torch.cat([torch.nonzero(ys == c).flatten()[:fidelity_per_class] for c in range(k)])
-    out["class_fidelity_acc"] = round(accuracy(real_net, xs[fid], ys[fid], device), 2)
-    cas = torch.cat([torch.nonzero(ys == c).flatten()[:cas_ipc] for c in range(k)])
-    syn_net = train_classifier(xs[cas], ys[cas], k, epochs=cas_epochs, seed=seed, device=device)
-    out[f"cas_acc_{cas_ipc}_per_class_generated"] = round(accuracy(syn_net, xte, yte, device), 2)
-    real_idx = per_class_subset(ytr, cas_ipc, seed)
-    real_sub = train_classifier(xtr[real_idx], ytr[real_idx], k, epochs=cas_epochs, seed=seed, device=device)
-    out[f"acc_{cas_ipc}_per_class_random_real"] = round(accuracy(real_sub, xte, yte, device), 2)
-    out["settings"] = (f"ConvNet-3 (DC optimiser); real classifier {real_epochs} epochs on the full train set; "
-                       f"{fidelity_per_class}/class plain samples (CFG {cfg if cfg is not None else b.defaults.get('cfg', 4.0)}, "
+    generated = load_set(work / "plain")
+    made = TensorSet(generated.images, generated.labels)
+    fid = torch.cat([torch.nonzero(made.targets == c).flatten()[:fidelity_per_class] for c in range(k)])
+    out["class_fidelity_acc"] = round(classifier_accuracy(real_net, subset(made, fid), device), 2)
+    cas = torch.cat([torch.nonzero(made.targets == c).flatten()[:cas_ipc] for c in range(k)])
+    out[f"cas_acc_{cas_ipc}_per_class_generated"] = round(
+        train_classifier(subset(made, cas), test, k, epochs=cas_epochs, seed=seed, device=device)[1], 2)
+    out[f"acc_{cas_ipc}_per_class_random_real"] = round(train_classifier(
+        subset(train, per_class_subset(train.targets, cas_ipc, seed)), test, k, epochs=cas_epochs, seed=seed,
+        device=device)[1], 2)
+    scale = cfg if cfg is not None else b.defaults.get("cfg", 4.0)
+    out["settings"] = (f"ConvNet-3 (DC protocol of mgd3.evaluate, no augmentation); real classifier {real_epochs} "
+                       f"epochs on the full train set; {fidelity_per_class}/class plain samples (CFG {scale}, "
                        f"50 DDPM steps); CAS and random-real: {cas_ipc}/class, {cas_epochs} epochs, seed {seed}")
     return out

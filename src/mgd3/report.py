@@ -36,7 +36,6 @@ import html
 import json
 import logging
 import math
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -47,6 +46,8 @@ import numpy as np
 
 import mgd3
 from mgd3.errors import Mgd3Error
+from mgd3.evaluate.core import ddrs
+from mgd3.files import write_text_atomic
 from mgd3.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ DEFINITIONS = {
     "ior": "improvement over random real = mean accuracy − random-real reference accuracy (same protocol, IPC)",
     "recovery": "recovery of full-data accuracy = mean accuracy / full-data reference accuracy",
     "hlr": "hard-label recovery gap (DD-Ranking) = full-data accuracy − mean accuracy",
+    "ddrs": "DD-Ranking score = (e^a - e^-1) / (e - e^-1), a = 0.5 IOR - 0.5 HLR (accuracies as fractions)",
 }
 
 
@@ -112,10 +114,11 @@ def representativeness(distilled: np.ndarray, real: np.ndarray, k: int = 50) -> 
 
 def nearest_mode(points: np.ndarray, modes: np.ndarray) -> np.ndarray:
     """(n, ...) points, (k, ...) modes -> (n,) index of the nearest mode (Euclidean; ties: lowest)."""
+    from mgd3.modes import nearest
+
     p = np.asarray(points, dtype=np.float64).reshape(len(points), -1)
     m = np.asarray(modes, dtype=np.float64).reshape(len(modes), -1)
-    d = ((p[:, None, :] - m[None, :, :]) ** 2).sum(-1)  # (n, k)
-    return d.argmin(axis=1)
+    return nearest(m, p)  # for each point, the nearest of the modes (bounded memory)
 
 
 def mode_coverage(distilled: np.ndarray, modes: np.ndarray) -> tuple[int, np.ndarray]:
@@ -307,6 +310,7 @@ def accuracy_rows(s: SetInfo) -> list[dict]:
             "random_real": _r2(rr), "ior": _r2(mean - rr) if rr is not None else None,
             "full": _r2(full), "recovery": round(mean / full, 4) if full else None,
             "hlr": _r2(full - mean) if full is not None else None,
+            "ddrs": ddrs(mean - rr, full - mean) if rr is not None and full is not None else None,
             "eval_seconds": _r2(r.get("train_seconds")), "file": r.get("file"),
         })
     return rows
@@ -321,7 +325,7 @@ class LatentSource:
     def __init__(self, cfg: ReportConfig):
         self.cfg = cfg
         self._backends: dict[str, object] = {}
-        self._contexts: dict[tuple, object] = {}
+        self._real: dict[tuple, tuple] = {}  # key -> (backend, data, real latents)
 
     def backend(self, model: str):
         from mgd3.backends import default_device, load_backend
@@ -334,7 +338,7 @@ class LatentSource:
     def real(self, s: SetInfo) -> tuple[object, dict[str, np.ndarray], int | None]:
         """(backend, {class id: (N_c, D) real latents}, max_real_per_class used)."""
         from mgd3.data import load_data
-        from mgd3.methods import ClassInfo, Context, SamplerConfig
+        from mgd3.encode import real_latents
 
         m = s.manifest
         config = m.get("config") or {}
@@ -347,22 +351,20 @@ class LatentSource:
         d = m.get("data") or {}
         name = self.cfg.data or d.get("name")
         key = (str(model), name, json.dumps(d.get("classes")), d.get("data_root"), n_max)
-        if key not in self._contexts:
+        if key not in self._real:
             backend = self.backend(str(model))
             # the classes the set was distilled with, so the data fingerprint (and the encoding cache) match
             data = load_data(name, "train", resolution=backend.resolution, channels=backend.image_channels,
                              classes=d.get("classes"), data_root=d.get("data_root"),
                              class_map=config.get("class_map"))
-            classes = [ClassInfo(i, cid, data.class_names[i], -1) for i, cid in enumerate(data.class_ids)]
-            # a Context gives the very subset (real_indices) and encodings the methods used
-            self._contexts[key] = Context(backend, data, classes, s.ipc, 0, SamplerConfig(),
-                                          encode_batch_size=self.cfg.encode_batch_size,
-                                          cache_dir=self.cfg.cache_dir, progress=self.cfg.progress,
-                                          max_real_per_class=n_max)
-        ctx = self._contexts[key]
-        lat = ctx.real_latents()
-        real = {cid: lat[c].numpy().reshape(len(lat[c]), -1) for c, cid in enumerate(ctx.data.class_ids)}
-        return ctx.backend, real, n_max
+            # the very subset and encodings the methods used
+            lat = real_latents(backend, data, range(len(data.class_ids)), max_per_class=n_max,
+                               batch_size=self.cfg.encode_batch_size, cache_dir=self.cfg.cache_dir,
+                               progress=self.cfg.progress)
+            self._real[key] = (backend, data, lat)
+        backend, data, lat = self._real[key]
+        real = {cid: lat[c].numpy().reshape(len(lat[c]), -1) for c, cid in enumerate(data.class_ids)}
+        return backend, real, n_max
 
     def distilled(self, s: SetInfo, backend) -> dict[str, np.ndarray]:
         """{class id: (n_c, D)} latents of the set: latents.pt, else the images encoded by the VAE."""
@@ -614,9 +616,7 @@ def _jsonable(x):
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 # --------------------------------------------------------------------------- the report
@@ -719,20 +719,21 @@ def _document(r: dict, out: Path) -> Doc:
 
     doc.h(2, "1. Accuracy")
     doc.p("Mean ± std over evaluation seeds (from each set's `eval.json` / `evals/`). IOR = mean − random-real "
-          "reference (same protocol and IPC); recovery = mean / full-data reference; HLR = full − mean. "
+          "reference (same protocol and IPC); recovery = mean / full-data reference; HLR = full − mean; "
+          "DDRS = DD-Ranking's score (e^α − e^−1) / (e − e^−1), α = ½ IOR − ½ HLR in fractions of 1. "
           "References appear when they were cached when the set was evaluated (`mgd3 evaluate --reference`).")
     rows = []
     for e in sets:
         if not e["accuracy"]:
-            rows.append([e["label"], e["method"], e["ipc"], e["seed"], "not evaluated"] + [""] * 9)
+            rows.append([e["label"], e["method"], e["ipc"], e["seed"], "not evaluated"] + [""] * 10)
         for a in e["accuracy"]:
             rows.append([e["label"], a["method"], a["ipc"], a["seed"], a["protocol"], a["arch"], a["epochs"],
                          f"{_fmt(a['mean'])} ± {_fmt(a['std'])}", " ".join(map(str, a["eval_seeds"] or [])),
                          _fmt(a["random_real"]), _fmt(a["ior"], "+.2f"), _fmt(a["full"]),
                          _fmt(None if a["recovery"] is None else 100 * a["recovery"], ".1f") +
-                         (" %" if a["recovery"] is not None else ""), _fmt(a["hlr"])])
+                         (" %" if a["recovery"] is not None else ""), _fmt(a["hlr"]), _fmt(a["ddrs"], ".4f")])
     doc.table(["set", "method", "IPC", "seed", "protocol", "arch", "epochs", "acc % (mean ± std)", "eval seeds",
-               "random real %", "IOR", "full %", "recovery", "HLR"], rows)
+               "random real %", "IOR", "full %", "recovery", "HLR", "DDRS"], rows)
 
     doc.h(2, "2. Sample grids")
     for e in sets:

@@ -1,6 +1,7 @@
 """Stage: the distilled set on disk.
 
-    OUT/images/<class_id>/<index>.png   (torchvision ImageFolder-readable)
+    OUT/images/<NNN>-<class_id>/<index>.png  NNN = the class index, zero-padded: torchvision's
+                                        ImageFolder sorts the folders into the manifest's order
     OUT/latents.pt                      {"latents": (N, C, h, w), "paths": [...], ...}
     OUT/grid.png                        a few images per class, one row per class
     OUT/manifest.json                   written last: its presence means the set is complete
@@ -26,6 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from mgd3.errors import Mgd3Error
+from mgd3.files import save_torch_atomic, to_uint8, write_atomic, write_text_atomic
 
 FORMAT = "mgd3-distilled-set/1"
 RUN_FORMAT = "mgd3-run/1"
@@ -102,9 +104,7 @@ def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | No
         for tmp in [*out.glob(".*.tmp"), *out.glob("images/*/.*.tmp"), *out.glob(f"{PARTIAL}/.*.tmp")]:
             tmp.unlink(missing_ok=True)  # left by a killed run
     if state == "new":
-        tmp = out / f".{RUN_FILE}.tmp"
-        tmp.write_text(json.dumps({"format": RUN_FORMAT, "key": key, "info": info or {}}, indent=2))
-        _replace_atomic(tmp, out / RUN_FILE)
+        write_text_atomic(out / RUN_FILE, json.dumps({"format": RUN_FORMAT, "key": key, "info": info or {}}, indent=2))
     return out, state
 
 
@@ -161,22 +161,14 @@ def remove_partial(out: Path) -> None:
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
 
 
-def to_uint8(images: Tensor) -> np.ndarray:
-    """(B, C, R, R) in [-1, 1] -> (B, R, R) or (B, R, R, 3) uint8."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    x = x.permute(0, 2, 3, 1).numpy()  # (B, R, R, C)
+def to_pixels(images: Tensor) -> np.ndarray:
+    """(B, C, R, R) in [-1, 1] -> (B, R, R) or (B, R, R, 3) uint8 arrays, as PNGs hold them."""
+    x = to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()  # (B, R, R, C)
     return x[..., 0] if x.shape[-1] == 1 else x
 
 
-def _replace_atomic(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-
-
 def save_png(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    _replace_atomic(tmp, path)
+    write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def _writers() -> int:
@@ -184,11 +176,20 @@ def _writers() -> int:
     return max(1, min(8, cpus))
 
 
-def write_images(out: Path, class_ids: list[str], indices: list[int], images: Tensor) -> list[str]:
-    """Write images (B, C, R, R) in [-1, 1]; returns their paths relative to `out`. PNG encoding
-    (zlib, which releases the GIL) runs on up to 8 threads; every file is written when this returns."""
-    arrays = to_uint8(images)
-    paths = [f"images/{cid}/{k}.png" for cid, k in zip(class_ids, indices)]
+def class_folder(class_index: int, class_id: str, num_classes: int) -> str:
+    """The folder of a class under OUT/images: "003-n01530575". The index, zero-padded to one
+    width (at least 3 digits), makes sorted folder names (torchvision ImageFolder's class_to_idx)
+    follow the class indices of the manifest whatever the class ids are."""
+    width = max(3, len(str(max(num_classes - 1, 0))))
+    return f"{class_index:0{width}d}-{class_id}"
+
+
+def write_images(out: Path, folders: list[str], indices: list[int], images: Tensor) -> list[str]:
+    """Write images (B, C, R, R) in [-1, 1] to images/<folder>/<index>.png (`class_folder`);
+    returns their paths relative to `out`. PNG encoding (zlib, which releases the GIL) runs on up
+    to 8 threads; every file is written when this returns."""
+    arrays = to_pixels(images)
+    paths = [f"images/{folder}/{k}.png" for folder, k in zip(folders, indices)]
     for rel in dict.fromkeys(str(Path(r).parent) for r in paths):
         (out / rel).mkdir(parents=True, exist_ok=True)
     workers = min(_writers(), len(paths))
@@ -221,16 +222,12 @@ def write_grid(path: Path, rows: list[np.ndarray], pad: int = 2) -> None:
 
 
 def save_torch(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    _replace_atomic(tmp, path)
+    save_torch_atomic(obj, path)
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
     manifest = {"format": FORMAT, **manifest}
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    _replace_atomic(tmp, out / "manifest.json")
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2, default=str))
 
 
 def read_manifest(out: str | os.PathLike) -> dict:

@@ -106,8 +106,10 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
             f"model {model!r} is not a local folder and not in the Hugging Face cache "
             "(HF_HUB_OFFLINE is set, so nothing is downloaded)"
         )
+    from mgd3.backends.hub import download
+
     try:
-        return Path(snapshot_download(model))
+        return download(model)  # only the files the backend loads (one weight variant)
     except Exception as e:
         raise Mgd3Error(
             f"model {model!r} is not a local folder, not in the Hugging Face cache, and could "

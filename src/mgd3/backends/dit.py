@@ -9,7 +9,6 @@ An optional `mgd3.json` in the folder holds recommended settings: {"defaults": {
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -21,25 +20,10 @@ from torch import Tensor
 
 from mgd3.backends import BACKENDS, PIPELINE_CLASSES, Backend
 from mgd3.errors import Mgd3Error
+from mgd3.files import folder_fingerprint
 from mgd3.sampling import ModelOutput
 
 log = logging.getLogger(__name__)
-
-
-def _file_fingerprint(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(folder.iterdir()):
-        if not f.is_file():
-            continue
-        h.update(f.name.encode())
-        size = f.stat().st_size
-        h.update(str(size).encode())
-        with f.open("rb") as fh:  # head and tail: cheap even for GB files
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), 2)
-                h.update(fh.read())
-    return h.hexdigest()[:16]
 
 
 def train_betas(scheduler_dir: Path) -> np.ndarray:
@@ -82,7 +66,7 @@ class KLVaeMixin:
         return images.float().clamp(-1.0, 1.0)
 
     def vae_fingerprint(self) -> str:
-        return _file_fingerprint(self._vae_dir)
+        return folder_fingerprint(self._vae_dir)
 
 
 class DiTBackend(KLVaeMixin, Backend):

@@ -15,3 +15,7 @@ from mgd3.evaluate.protocols import PROTOCOLS, Protocol, get_protocol, resolve
 
 __all__ = ["EvalConfig", "evaluate", "evaluate_set", "evaluate_reference", "read_set", "NETWORKS",
            "build_network", "PROTOCOLS", "Protocol", "get_protocol", "resolve"]
+
+from mgd3.api import callable_module  # noqa: E402
+
+callable_module(__name__)  # mgd3.evaluate(...) is the Python API's evaluate (mgd3.api)

@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
     S = argparse.SUPPRESS
     p = subparsers.add_parser(
         "evaluate", help="train networks on a distilled set and test them on real data",
-        description="Train fresh networks on a distilled set (DIR/images/<class>/<k>.png + DIR/manifest.json, "
+        description="Train fresh networks on a distilled set (DIR/images/<NNN>-<class>/<k>.png + DIR/manifest.json, "
                     "or a plain ImageFolder) with hard labels, test them on the real test split of the same "
                     "classes, and write DIR/eval.json (per seed and mean ± std). With --reference, evaluate a "
                     "random real subset or the full real train split under the same protocol instead (cached).",
@@ -125,6 +125,8 @@ def summary_line(r: dict) -> str:
         extra += f"; IOR {r['ior']:+.2f}"
     if "hlr" in r:
         extra += f"; HLR {r['hlr']:.2f}"
+    if "ddrs" in r:
+        extra += f"; DDRS {r['ddrs']:.4f}"
     if "teacher" in r:
         extra += f"; teacher {r['teacher']['test_acc']:.2f} %"
     where = r.get("out") or r.get("cache_file")

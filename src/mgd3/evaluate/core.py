@@ -1,6 +1,6 @@
 """Stage: evaluation — score a distilled set (or a real-data reference) under a protocol.
 
-Reads a set from disk (`DIR/images/<class_id>/<k>.png` + `DIR/manifest.json`, or a plain
+Reads a set from disk (`DIR/images/<NNN>-<class_id>/<k>.png` + `DIR/manifest.json`, or a plain
 ImageFolder), the real test split of the same classes (matched by class id), trains fresh
 networks with explicit seeds and writes `eval.json`. Knows nothing of diffusion.
 """
@@ -11,6 +11,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import platform
 from dataclasses import dataclass, field
@@ -382,8 +383,18 @@ def _attach_references(result: dict, p: Protocol, train_fp: str, ipc: int, cfg: 
         refs["full"] = {k: full.get(k) for k in ("mean", "std", "seeds", "cache_file")}
         refs["full"]["epochs"] = full["protocol"]["epochs"]
         result["hlr"] = round(full["mean"] - result["mean"], 2)
+    if rr and full:
+        result["ddrs"] = ddrs(result["ior"], result["hlr"])
     if refs:
         result["references"] = refs
+
+
+def ddrs(ior: float, hlr: float, w: float = 0.5) -> float:
+    """DD-Ranking score (Li et al. 2025, DD-Ranking README): alpha = w IOR - (1 - w) HLR with the
+    accuracies as fractions, DDRS = (e^alpha - e^-1) / (e - e^-1), in [0, 1]; w = 0.5 (their
+    leaderboard) weighs both equally. IOR and HLR come in % (as mgd3 writes them)."""
+    alpha = w * ior / 100.0 - (1.0 - w) * hlr / 100.0
+    return round((math.exp(alpha) - math.exp(-1.0)) / (math.e - math.exp(-1.0)), 4)
 
 
 def _config_dict(cfg: EvalConfig) -> dict:

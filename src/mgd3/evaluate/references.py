@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mgd3 import files
 from mgd3.evaluate.protocols import Protocol, to_dict
 from mgd3.evaluate.train import Normalization, RunOptions, TensorSet, dataset_normalization, train_and_test
 
@@ -33,13 +34,8 @@ EVAL_CACHE_VERSION = 1
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir`, else $MGD3_CACHE_DIR, else ~/.cache/mgd3 (the mgd3 cache), + /eval."""
-    if cache_dir:
-        root = Path(cache_dir).expanduser()
-    else:
-        env = os.environ.get("MGD3_CACHE_DIR")
-        root = Path(env).expanduser() if env else Path.home() / ".cache" / "mgd3"
-    return root / "eval"
+    """The mgd3 cache (`mgd3.files.cache_root`) + /eval."""
+    return files.cache_root(cache_dir) / "eval"
 
 
 def key_of(obj) -> str:
@@ -47,10 +43,7 @@ def key_of(obj) -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    files.write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def read_json(path: Path) -> dict | None:
@@ -185,9 +178,6 @@ def get_teacher(p: Protocol, *, train_fp: str, test_fp: str, make_train, test: T
     rec = {"arch": tp.arch, "epochs": tp.epochs, "train_images": train_shape[0], "channels": train_shape[1],
            "resolution": train_shape[-1], "test_acc": r["last_acc"], "train_seconds": r["train_seconds"],
            "seed": seed, "protocol": to_dict(tp)}
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
     state = {k: v.detach().cpu() for k, v in getattr(model, "_orig_mod", model).state_dict().items()}
-    torch.save({"state_dict": state, "record": rec}, tmp)
-    os.replace(tmp, f)
+    files.save_torch_atomic({"state_dict": state, "record": rec}, f)
     return model.eval(), {**rec, "cache_file": str(f)}

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mgd3.errors import Mgd3Error
+from mgd3.files import to_uint8
 from mgd3.evaluate import augment as A
 from mgd3.evaluate.networks import build_network
 from mgd3.evaluate.protocols import Protocol
@@ -43,11 +44,6 @@ class TensorSet:
 
     def to(self, device) -> "TensorSet":
         return TensorSet(self.images.to(device), self.targets.to(device))
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """[-1, 1] float images -> uint8 0..255 (exact for images that came from 8-bit pixels)."""
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def tensor_set(dataset, *, batch_size: int = 500, workers: int = 0, progress: bool = False,

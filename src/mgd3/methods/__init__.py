@@ -8,6 +8,7 @@ Method options are a dataclass (`Options`) whose fields carry their CLI flag and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import math
@@ -96,32 +97,22 @@ class Context:
         self.observers: list = []  # step observers (progress), set by the driver
 
     def real_indices(self, c: int) -> np.ndarray:
-        """The real items of class c that modes are found from: all of them, or a fixed random
-        subset of max_real_per_class (seeded by the class id, independent of --seed)."""
-        idx = self.data.indices(c)
-        n = self.max_real_per_class
-        if n is None or len(idx) <= n:
-            return idx
-        s = int(hashlib.sha256(f"real-subset/{self.data.class_ids[c]}".encode()).hexdigest()[:15], 16)
-        return np.sort(np.random.default_rng(s).choice(idx, size=n, replace=False))
+        """The real items of class c that modes are found from (see `mgd3.encode.real_subset`)."""
+        from mgd3.encode import real_subset
+
+        return real_subset(self.data, c, self.max_real_per_class)
 
     def real_latents(self) -> Mapping[int, Tensor]:
-        """{class index: (N_c, C, h, w) float32} latents of the real train images of every class,
-        in the order of `real_indices`. Encoded once and cached on disk as float16; the mapping
-        reads a class from the cache when indexed and keeps only that class in memory, so
-        per-class work (k-means) never holds more than one class."""
-        from mgd3.encode import default_workers, encode_classes
+        """{class index: (N_c, C, h, w) float32} latents of the real train images of this process's
+        classes (see `mgd3.encode.real_latents`): per-class work (k-means) never holds more than
+        one class."""
+        from mgd3.encode import real_latents
 
         wanted = [c.index for c in self.classes]
         if self._latents is None or list(self._latents) != wanted:
-            subset = None
-            if self.max_real_per_class is not None:
-                subset = {c: self.real_indices(c) for c in wanted}
-            workers = self.encode_workers
-            self._latents = encode_classes(
-                self.backend, self.data, wanted, batch_size=self.encode_batch_size,
-                workers=default_workers(self.backend.device) if workers is None else workers,
-                cache_dir=self.cache_dir, progress=self.progress, indices=subset, lazy=True)
+            self._latents = real_latents(self.backend, self.data, wanted, max_per_class=self.max_real_per_class,
+                                         batch_size=self.encode_batch_size, workers=self.encode_workers,
+                                         cache_dir=self.cache_dir, progress=self.progress)
         return self._latents
 
     def check_class_sizes(self) -> None:
@@ -207,6 +198,89 @@ def load_methods() -> Registry[type[Method]]:
 
 def get_method(name: str) -> type[Method]:
     return load_methods().get(name)
+
+
+def option_names(method_cls: type[Method]) -> dict[str, str]:
+    """Every name an option of the method goes by -> its field name: the documented name (the CLI
+    flag without "--": `lambda`, `t-stop`), the same with "_" for "-" (`t_stop`, as in a YAML
+    file or a Python call), the field name (`lam`) and the flag itself (`--t-stop`)."""
+    names: dict[str, str] = {}
+    for f in dataclasses.fields(method_cls.Options) if method_cls.Options else ():
+        doc = option_flag(f)[2:]
+        for n in (doc, doc.replace("-", "_"), f.name, option_flag(f)):
+            names.setdefault(n, f.name)
+    return names
+
+
+def documented_options(method_cls: type[Method]) -> list[str]:
+    """The method's option names as a Python call or a YAML file takes them (the CLI flags without
+    "--", "_" for "-": `lambda`, `t_stop`)."""
+    return [option_flag(f)[2:].replace("-", "_") for f in dataclasses.fields(method_cls.Options)] \
+        if method_cls.Options else []
+
+
+def describe_options(method_cls: type[Method]) -> str:
+    """'--lambda, --t-stop (in Python and YAML: lambda, t_stop)', or 'none'."""
+    if not method_cls.Options:
+        return "none"
+    flags = ", ".join(option_flag(f) for f in dataclasses.fields(method_cls.Options))
+    return f"{flags} (in Python and YAML: {', '.join(documented_options(method_cls))})"
+
+
+def _shown(name: str) -> str:
+    """How an option name a method does not take is shown: as a flag when some method has it."""
+    for other in load_methods().names():
+        field_names = option_names(METHODS.get(other))
+        if name in field_names:
+            f = next(f for f in dataclasses.fields(METHODS.get(other).Options) if f.name == field_names[name])
+            return option_flag(f)
+    return repr(name)
+
+
+def options_by_field(method_cls: type[Method], given: Mapping[str, Any], source: str = "") -> dict[str, Any]:
+    """`given` (keyed by any name of `option_names`) keyed by field name; a name the method does
+    not take, or one option given twice, is an error that lists the names it takes."""
+    names = option_names(method_cls)
+    out: dict[str, Any] = {}
+    where = f"{source} " if source else ""
+    if given and not names:
+        shown = ", ".join(sorted(_shown(str(k)) for k in given))
+        raise Mgd3Error(f"{where}method {method_cls.name!r} takes no option {shown}")
+    unknown = sorted(str(k) for k in given if str(k) not in names)
+    if unknown:
+        raise Mgd3Error(f"{where}method {method_cls.name!r} does not take {', '.join(_shown(u) for u in unknown)}; "
+                        f"its options: {describe_options(method_cls)}")
+    for k, v in given.items():
+        name = names[str(k)]
+        if name in out:
+            raise Mgd3Error(f"{where}method {method_cls.name!r}: option {k!r} is given twice (as {name!r} too)")
+        out[name] = v
+    return out
+
+
+def method_options(method_cls: type[Method], given: Mapping[str, Any]):
+    """The method's options dataclass from `given` (see `options_by_field`), or None when the
+    method takes no options."""
+    fields = options_by_field(method_cls, given)
+    return method_cls.Options(**fields) if method_cls.Options is not None else None
+
+
+def recommended_options(backend: "Backend", method_cls: type[Method]) -> dict[str, Any]:
+    """The model's recommended options for this method, by field name, from its mgd3.json:
+    {"defaults": {"methods": {"mgd3": {"lambda": 0.3}}}} (keys are documented names, e.g. `t-stop`
+    or `t_stop`, as in a --config file)."""
+    rec = (backend.defaults.get("methods") or {}).get(method_cls.name) or {}
+    if not rec:
+        return {}
+    if not isinstance(rec, dict):
+        raise Mgd3Error(f"{backend.path}/mgd3.json recommends {rec!r} for method {method_cls.name!r}; "
+                        "it must be a mapping of option: value")
+    names = option_names(method_cls)
+    unknown = sorted(str(k) for k in rec if str(k) not in names)
+    if unknown:
+        raise Mgd3Error(f"{backend.path}/mgd3.json recommends {', '.join(unknown)} for method "
+                        f"{method_cls.name!r}, which it does not take")
+    return options_by_field(method_cls, rec)
 
 
 def check_finite(name: str, value: float, minimum: float = 0.0) -> None:

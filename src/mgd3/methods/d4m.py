@@ -1,8 +1,9 @@
 """Method `d4m`: D4M prototypes (Su et al., CVPR 2024) through the shared sampler.
 
 Prototypes = per-class k-means centroids of VAE latents (k = IPC; the official code uses
-MiniBatchKMeans). Each prototype is noised to the img2img start (strength 0.7 = 70 % of the
-sampling steps remain) and denoised with the class condition. Strength 0 returns the prototypes.
+MiniBatchKMeans: mode finder `kmeans-minibatch`). Each prototype is noised to the img2img start
+(strength 0.7 = 70 % of the sampling steps remain) and denoised with the class condition.
+Strength 0 returns the prototypes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from mgd3.errors import Mgd3Error
 from mgd3.methods import METHODS, Batch, Method, as_tensor_modes, class_modes_progress, option
+from mgd3.modes import find_modes
 
 
 @dataclass
@@ -46,14 +48,10 @@ class D4M(Method):
         ctx.check_class_sizes()
 
     def prepare(self, ctx):
-        from sklearn.cluster import KMeans, MiniBatchKMeans
-
+        finder = "kmeans-minibatch" if self.options.kmeans == "minibatch" else "kmeans"
         latents = ctx.real_latents()
         for c in class_modes_progress(ctx, "prototypes"):
-            x = latents[c.index].reshape(len(latents[c.index]), -1).numpy()
-            cls = MiniBatchKMeans if self.options.kmeans == "minibatch" else KMeans
-            km = cls(n_clusters=ctx.ipc, random_state=self.options.mode_seed, n_init="auto").fit(x)
-            self.protos[c.index] = km.cluster_centers_.astype(np.float32)
+            self.protos[c.index] = find_modes(finder, latents[c.index].numpy(), ctx.ipc, self.options.mode_seed).modes
 
     def generate(self, ctx, items):
         shape = ctx.backend.latent_shape

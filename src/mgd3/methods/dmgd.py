@@ -29,6 +29,7 @@ from torch import Tensor
 
 from mgd3.errors import Mgd3Error
 from mgd3.methods import METHODS, Batch, Method, check_finite, class_modes_progress, option
+from mgd3.modes import find_modes
 from mgd3.sampling import ModelOutput, Step
 
 
@@ -107,8 +108,8 @@ class OTDistributionMatching:
                 cen = torch.nn.functional.normalize(self.centroids[c].to(pts.device), dim=1)
                 cost = torch.cdist(pts, cen)  # (n, K)
                 a = torch.full((len(pts),), 1.0 / len(pts), device=pts.device)
-                plan = sinkhorn(cost.detach(), a, self.masses[c].to(pts.device), self.iters, self.eps)
-                loss = loss + (plan * cost).sum()
+                transport = sinkhorn(cost.detach(), a, self.masses[c].to(pts.device), self.iters, self.eps)
+                loss = loss + (transport * cost).sum()
             (grad_x0,) = torch.autograd.grad(loss, x0)
         grad = grad_x0 / math.sqrt(step.alpha_bar)  # ∂x̂0/∂x_t = 1/sqrt(ᾱ) with ε held fixed
         if isinstance(step.sigma, Tensor) or step.sigma > 0:
@@ -153,21 +154,19 @@ class DMGD(Method):
             raise Mgd3Error("--semantic mixes in another class of the subset: distill at least 2 classes")
 
     def prepare(self, ctx):
-        from sklearn.cluster import KMeans
-
         o = self.options
         self.centroids, self.masses, self.memory = {}, {}, {}
         if not o.distribution:
             return
         latents = ctx.real_latents()
         for c in class_modes_progress(ctx, "OT centroids"):
-            x = latents[c.index].reshape(len(latents[c.index]), -1).numpy()
+            x = latents[c.index]  # (N, C, h, w)
             k = min(o.ot_clusters, len(x))
-            km = KMeans(n_clusters=k, random_state=o.mode_seed, n_init="auto").fit(x)
-            sizes = np.bincount(km.labels_, minlength=k).astype(np.float32)
-            self.centroids[c.index] = torch.from_numpy(km.cluster_centers_.astype(np.float32))
+            m = find_modes("kmeans", x.numpy(), k, o.mode_seed)
+            sizes = np.bincount(m.assignment, minlength=k).astype(np.float32)
+            self.centroids[c.index] = torch.from_numpy(m.modes)
             self.masses[c.index] = torch.from_numpy(sizes / sizes.sum())
-            self.memory[c.index] = torch.zeros(0, x.shape[1])
+            self.memory[c.index] = torch.zeros(0, m.modes.shape[1])
 
     def generate(self, ctx, items):
         o = self.options
