@@ -163,6 +163,9 @@ def resize_for_saving(images: torch.Tensor, resolution: int | None) -> torch.Ten
 
 
 def _validate(cfg: DistillConfig) -> None:
+    from mgd3.config import validate_distill
+
+    validate_distill(cfg)  # types, ranges, choices, device, memory: mgd3.config
     if cfg.ipc < 1:
         raise Mgd3Error(f"--ipc must be at least 1, got {cfg.ipc}")
     if cfg.max_real_per_class is not None and cfg.max_real_per_class < cfg.ipc:
@@ -439,6 +442,9 @@ def _distill(cfg: DistillConfig, ranks: "Ranks") -> dict:
                   cache_dir=cfg.cache_dir, progress=progress, max_real_per_class=cfg.max_real_per_class)
     method = method_cls(options) if method_cls.Options else method_cls()
     method.validate(ctx)
+    from mgd3.config import check_distill_run
+
+    check_distill_run(cfg, backend, classes, ctx.cfg_scale)  # before the output folder is touched
     key = run_key(cfg, backend, data, classes, ctx, options, method)
     state = None
     if ranks.rank == 0:  # only after every check passed

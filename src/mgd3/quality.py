@@ -84,16 +84,18 @@ def per_class_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 def load_set_images(out) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, C, R, R) in [-1, 1] and class indices of a distilled set, read from its PNGs."""
-    import json
-    from pathlib import Path
-
     from PIL import Image
 
-    m = json.loads((Path(out) / "manifest.json").read_text())
-    arrs = [np.asarray(Image.open(Path(out) / r["path"])) for r in m["images"]]
+    from mgd3.store import read_set
+
+    s = read_set(out, allow_image_folder=False)
+    arrs = []
+    for f in s.files:
+        with Image.open(f) as im:
+            arrs.append(np.asarray(im))
     x = torch.from_numpy(np.stack(arrs)).float() / 127.5 - 1.0
     x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    return x.contiguous(), torch.tensor([r["class_index"] for r in m["images"]])
+    return x.contiguous(), torch.as_tensor(s.targets, dtype=torch.int64)
 
 
 def measure(model_dir, data_name: str, *, device="cpu", fidelity_per_class: int = 100, cas_ipc: int = 50,
