@@ -334,7 +334,7 @@ def check_method_options(options: dict, source: str = "") -> dict:
             out[k] = v
             continue
         name = option_flag(f)
-        v = convert(name if not source else k, v, f.type, source)
+        v = convert(name if not source else name.lstrip("-"), v, f.type, source)
         choices = option_choices(f)
         if choices is not None:
             Rule(choices=tuple(choices), what="mode finder" if k == "modes" else None).check(name, v)

@@ -87,9 +87,15 @@ def _parse_options(items) -> dict:
         if not sep or not k.strip():
             raise Mgd3Error(f"--option expects KEY=VALUE, got {it!r}")
         try:
-            out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+            value = yaml.safe_load(v)
         except yaml.YAMLError:
-            out[k.strip().replace("-", "_")] = v
+            value = v
+        if isinstance(value, str):  # YAML 1.1 reads 1e5, nan and inf as strings
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[k.strip().replace("-", "_")] = value
     return out
 
 
