@@ -205,10 +205,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_rules(obj, rules: dict[str, Rule], prefix: str = "") -> None:
+def check_rules(obj, rules: dict[str, Rule]) -> None:
+    """Every rule whose field `obj` has, named by its flag."""
     for name, rule in rules.items():
         if hasattr(obj, name):
-            rule.check(flag(prefix + name) if not prefix else flag(name), getattr(obj, name))
+            rule.check(flag(name), getattr(obj, name))
 
 
 def check_device(name: str | None, flag_name: str = "--device") -> None:
@@ -425,11 +426,8 @@ def check_distill_run(cfg, backend, classes, cfg_scale: float) -> None:
         if bad:
             raise Mgd3Error(f"class {bad[0].class_id!r} maps to label {bad[0].label}, outside the model's "
                             f"0..{n - 1} (check --class-map)")
-    if cfg.sampler.cfg is None:
-        try:
-            Rule(minimum=0.0).check(f"cfg recommended by {backend.path}/mgd3.json", cfg_scale)
-        except Mgd3Error:
-            raise
+    if cfg.sampler.cfg is None:  # the model's recommendation (mgd3.json), checked as --cfg is
+        Rule(minimum=0.0).check(f"cfg recommended by {backend.path}/mgd3.json", float(cfg_scale))
     _check_image_memory(cfg.batch_size, int(cfg.save_resolution or backend.resolution), "the image size")
 
 
@@ -515,6 +513,8 @@ def validate_eval(cfg) -> None:
     check_cache_dir(cfg.cache_dir)
     if cfg.out is not None and Path(cfg.out).expanduser().is_dir():
         raise Mgd3Error(f"--out {cfg.out} is a folder; give a file name (e.g. {Path(cfg.out) / 'eval.json'})")
+    if cfg.out is not None and Path(cfg.out).expanduser().exists() and not Path(cfg.out).expanduser().is_file():
+        raise Mgd3Error(f"--out {cfg.out} exists and is not a regular file; it is not replaced")
 
 
 PROTOCOL_RULES: dict[str, Rule] = {
