@@ -1,24 +1,20 @@
-"""Bad input to `mgd3 distill`, through the real CLI: exit status 2, one `mgd3: error:` line,
-no traceback, no manifest.json. Also the image-folder policy for missing or corrupt files
-(skipped with a warning by default, an error with --strict).
-
-Every case is its own `python -m mgd3` process. They are independent, so they are started
-together (a few at a time) when the first test asks for one; each test checks its own.
+"""Bad input to `mgd3 distill`, through the real CLI called in-process (`mgd3.cli.main`): exit
+status 2, one `mgd3: error:` line, no traceback, no manifest.json. Also the image-folder policy
+for missing or corrupt files (skipped with a warning by default, an error with --strict).
 """
 
 import json
+import logging
 import os
 import shutil
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from clitools import refused
+from mgd3.cli import main
 
 FAST = ["--steps", "4", "--ipc", "1", "--quiet", "--device", "cpu"]
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -107,43 +103,25 @@ def _cases(ws: Path, model: Path) -> dict:
             for name, (args, env, msg) in cases.items()}
 
 
-def _run(argv, env_extra, cache: Path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MGD3_CACHE_DIR=str(cache))
-    for k, v in env_extra.items():
-        if v is None:
-            env.pop(k, None)
-        else:
-            env[k] = str(v)
-    return subprocess.run([sys.executable, "-m", "mgd3", *map(str, argv)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
-
-
 @pytest.fixture(scope="module")
-def launched(digits_model, tmp_path_factory):
-    """name -> (future CompletedProcess, expected message, out folder); all started at once."""
+def cases(digits_model, tmp_path_factory):
+    """name -> (argv, extra environment, expected message, out folder); the files made once."""
     ws = tmp_path_factory.mktemp("bad-input")
-    cases = _cases(ws, digits_model)
-    pool = ThreadPoolExecutor(max_workers=3)
-    futures = {name: (pool.submit(_run, argv, env, ws / "cache" / name), msg, out)
-               for name, (argv, env, msg, out) in cases.items()}
-    yield futures
-    pool.shutdown(wait=True, cancel_futures=True)
+    yield _cases(ws, digits_model)
     ro = ws / "read-only"
     if ro.exists():
         ro.chmod(0o700)  # so pytest can clean up
 
 
-def _check_refused(launched, name):
-    future, msg, out = launched[name]
-    r = future.result()
-    err = r.stderr
-    assert r.returncode == 2, f"{name}: exit {r.returncode}\n{err}"
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith("mgd3: error: "), err
-    assert msg in errors[0], err
-    assert not (Path(out) / "manifest.json").exists()
-    return errors[0]
+def _run_case(cases, name, capsys, monkeypatch):
+    argv, env, msg, out = cases[name]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for k, v in env.items():
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, str(v))
+    return argv, msg, out
 
 
 ERROR_CASES = ["corrupt-file-strict", "empty-class-folder", "ipc-too-large-random-real", "ipc-too-large-kmeans-real",
@@ -153,26 +131,41 @@ ERROR_CASES = ["corrupt-file-strict", "empty-class-folder", "ipc-too-large-rando
 
 
 @pytest.mark.parametrize("name", ERROR_CASES)
-def test_bad_input_is_one_error_line_and_exit_2(launched, name):
-    line = _check_refused(launched, name)
+def test_bad_input_is_one_error_line_and_exit_2(cases, name, capsys, monkeypatch):
+    argv, msg, out = _run_case(cases, name, capsys, monkeypatch)
+    line = refused(capsys, argv, msg, out)
     if name == "corrupt-file-strict":  # names the first unusable file and the count
         assert str(Path("1") / "9.png") in line and "2 such file(s)" in line
     if name == "foreign-output-folder":
-        assert (launched[name][2] / "notes.txt").read_text() == "someone else's file\n"  # left alone
-        assert not (launched[name][2] / "images").exists()
+        assert (out / "notes.txt").read_text() == "someone else's file\n"  # left alone
+        assert not (out / "images").exists()
 
 
 @pytest.mark.skipif(AS_ROOT, reason="root can write to a read-only folder")
-def test_unwritable_output_folder(launched):
-    _check_refused(launched, "unwritable-output-folder")
+def test_unwritable_output_folder(cases, capsys, monkeypatch):
+    argv, msg, out = _run_case(cases, "unwritable-output-folder", capsys, monkeypatch)
+    refused(capsys, argv, msg, out)
 
 
-def test_missing_and_corrupt_files_are_skipped_by_default(launched):
-    future, _, out = launched["corrupt-file-skipped"]
-    r = future.result()
-    assert r.returncode == 0, r.stderr
-    assert "Traceback" not in r.stderr and "error:" not in r.stderr
-    warn = [line for line in r.stderr.splitlines() if "skipped" in line]
+def test_missing_and_corrupt_files_are_skipped_by_default(cases, capsys, monkeypatch, caplog):
+    argv, _, out = _run_case(cases, "corrupt-file-skipped", capsys, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="mgd3"):
+        code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "error:" not in err
+    warn = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(warn) == 1 and "2 missing or unreadable image file(s)" in warn[0] and "--strict" in warn[0]
     m = json.loads((out / "manifest.json").read_text())
     assert [rec["class_id"] for rec in m["images"]] == ["0", "1", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread, as the subprocesses had (OMP_NUM_THREADS=1): a shared CPU stalls otherwise."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -199,7 +199,7 @@ def test_bad_input_is_one_line(two_sets, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("mgd3: error: ") and "no manifest.json" in err and len(err.strip().splitlines()) == 1
     other = tmp_path / "fmnist"
-    other.mkdir()
+    shutil.copytree(sets["mgd3"], other)  # a whole set (a manifest without its images is refused earlier)
     m = json.loads((sets["mgd3"] / "manifest.json").read_text())
     m["data"]["name"] = "fashion-mnist"
     (other / "manifest.json").write_text(json.dumps(m))

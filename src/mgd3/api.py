@@ -64,39 +64,19 @@ def load_set(path: str | os.PathLike) -> DistilledSet:
 
     from mgd3 import store
 
-    root = Path(path).expanduser()
-    m = store.read_manifest(root)
-    try:
-        classes = sorted(m["classes"], key=lambda c: int(c["class_index"]))
-        records = list(m["images"])
-        index = {str(c["class_id"]): int(c["class_index"]) for c in classes}
-        labels = [index[str(r["class_id"])] for r in records]
-        files = [_inside(root, str(r["path"])) for r in records]
-    except (KeyError, TypeError, ValueError) as e:
-        raise Mgd3Error(f"{root}/manifest.json lacks a required entry ({e})") from None
+    s = store.read_set(path, allow_image_folder=False)  # containment and consistency checked there
     arrays = []
-    for f in files:
+    for f in s.files:
         try:
             with Image.open(f) as im:
                 a = np.asarray(im)
         except OSError as e:
-            raise Mgd3Error(f"cannot read image {f} of set {root} ({e})") from None
+            raise Mgd3Error(f"cannot read image {f} of set {s.path} ({e})") from None
         arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))  # (C, R, R)
     images = torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, dtype=torch.uint8)
-    latents = None
-    if (root / "latents.pt").is_file():
-        latents = torch.load(root / "latents.pt", map_location="cpu", weights_only=True)["latents"].float()
-    return DistilledSet(root, images, torch.as_tensor(labels, dtype=torch.int64),
-                        [str(c["class_id"]) for c in classes], [str(c.get("name", c["class_id"])) for c in classes],
-                        m, latents)
-
-
-def _inside(root: Path, rel: str) -> Path:
-    """root / rel, refused when it leaves the set's folder (paths come from the manifest)."""
-    f = (root / rel).resolve()
-    if not f.is_relative_to(root.resolve()):
-        raise Mgd3Error(f"{root}/manifest.json names a file outside the set: {rel!r}")
-    return f
+    latents = store.read_latents(s.path)["latents"] if (s.path / "latents.pt").is_file() else None
+    return DistilledSet(s.path, images, torch.as_tensor(s.targets, dtype=torch.int64), s.class_ids, s.class_names,
+                        s.manifest, latents)
 
 
 def load_model(model: str | os.PathLike, device: str = "auto", precision: str = "fp32"):

@@ -10,7 +10,6 @@ import dataclasses
 import importlib
 import logging
 import sys
-from pathlib import Path
 
 from mgd3 import __version__
 from mgd3.errors import Mgd3Error
@@ -41,6 +40,7 @@ def _method_option_fields() -> dict[str, tuple]:
 
 
 def add_distill_parser(sub) -> None:
+    from mgd3.config import option_choices
     from mgd3.methods import load_methods
     from mgd3.sampling import UPDATE_RULES
 
@@ -110,61 +110,32 @@ def add_distill_parser(sub) -> None:
     for flag, (f, methods) in _method_option_fields().items():
         kw = {"help": f"{f.metadata['help']} (default {f.default}; methods: {', '.join(methods)})",
               "dest": "opt_" + f.name}
-        if f.metadata.get("choices"):
-            kw["choices"] = list(f.metadata["choices"])
+        choices = option_choices(f)
+        if choices:
+            kw["choices"] = choices
         if str(f.type) == "bool":
             kw["action"] = "store_true"
         else:
             kw["type"] = _TYPES.get(str(f.type), str)
-            kw["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+            if not choices:  # argparse shows {a,b,...} for an enumerated option
+                kw["metavar"] = flag.lstrip("-").replace("-", "_").upper()
         g.add_argument(flag, **kw)
     p.set_defaults(func=run_distill)
 
 
 def load_yaml_config(path: str) -> dict:
     """A YAML mapping of option: value (dashes in keys become underscores); one-line errors."""
-    import yaml
+    from mgd3.config import load_yaml
 
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise Mgd3Error(f"config file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise Mgd3Error(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise Mgd3Error(f"config file {path} must hold a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return load_yaml(path)
 
 
 def run_distill(args) -> int:
-    from mgd3.distill import DistillConfig, distill
-    from mgd3.methods import SamplerConfig
+    from mgd3.config import distill_config, merged
+    from mgd3.distill import distill
 
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose")}
-    values = load_yaml_config(given.pop("config")) if "config" in given else {}
-    opt_fields = {f.name: flag for flag, (f, _) in _method_option_fields().items()}
-    flag_to_field = {flag.lstrip("-").replace("-", "_"): name for name, flag in opt_fields.items()}
-    values = {("opt_" + flag_to_field[k] if k in flag_to_field else k): v for k, v in values.items()}
-    values.update(given)
-    sampler_keys = {f.name for f in dataclasses.fields(SamplerConfig)}
-    top_keys = {f.name for f in dataclasses.fields(DistillConfig)} - {"sampler", "options", "progress"}
-    sampler, options, top = {}, {}, {}
-    for k, v in values.items():
-        if k.startswith("opt_"):
-            options[k[4:]] = v
-        elif k in sampler_keys:
-            sampler[k] = v
-        elif k in top_keys:
-            top[k] = v
-        elif k != "quiet":
-            raise Mgd3Error(f"unknown option {k!r} in --config")
-    for req in ("data", "out"):
-        if req not in top:
-            raise Mgd3Error(f"--{req} is required")
-    if isinstance(top.get("classes"), str):
-        top["classes"] = [top["classes"]]
-    cfg = DistillConfig(**top, progress=not values.get("quiet", False),
-                        sampler=SamplerConfig(**sampler), options=options)
+    values, source = merged(args)
+    cfg = distill_config(values, source)
     s = distill(cfg)
     if s.get("rank"):  # another process of a torchrun launch: rank 0 reports
         return 0
@@ -179,8 +150,16 @@ def run_distill(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors are the house's one line too: `mgd3: error: ...` (after the usage), exit 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"mgd3: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mgd3", description="Training-free dataset distillation with pretrained diffusion models.")
     parser.add_argument("--version", action="version", version=f"mgd3 {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -203,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    except SystemExit as e:  # --help, --version (0) or a usage error (2, said by argparse)
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="mgd3: %(message)s", stream=sys.stderr)
     for noisy in ("diffusers", "huggingface_hub", "PIL"):
@@ -217,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except Mgd3Error as e:
         if not getattr(e, "reported", False):  # said already (another process of a torchrun launch)
             print(f"mgd3: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("mgd3: error: out of memory (try a smaller --batch-size or resolution)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mgd3: interrupted", file=sys.stderr)

@@ -35,6 +35,7 @@ from mgd3.methods import (ClassInfo, Context, Item, Method, SamplerConfig, check
 from mgd3.ranks import Ranks
 from mgd3.runs import NOT_IN_RUN_KEY  # noqa: F401  (re-exported: the fields a run key leaves out)
 from mgd3.sampling import UPDATE_RULES
+from mgd3.config import check_distill_run
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,9 @@ def resize_for_saving(images: torch.Tensor, resolution: int | None) -> torch.Ten
 
 
 def _validate(cfg: DistillConfig) -> None:
+    from mgd3.config import validate_distill
+
+    validate_distill(cfg)  # types, ranges, choices, device, memory: mgd3.config
     if cfg.ipc < 1:
         raise Mgd3Error(f"--ipc must be at least 1, got {cfg.ipc}")
     if cfg.max_real_per_class is not None and cfg.max_real_per_class < cfg.ipc:
@@ -251,6 +255,7 @@ def _options(cfg: DistillConfig, backend: Backend, method_cls):
 def _open_output(run: _Run) -> str:
     """Open the output folder (rank 0, only after every check passed); every process gets its state."""
     cfg, ranks = run.cfg, run.ranks
+    check_distill_run(cfg, run.backend, run.classes, run.ctx.cfg_scale)  # before the output folder is touched
     key = runs.run_key(cfg, run.backend, run.data, run.classes, run.ctx.cfg_scale, run.options,
                        run.method.order_dependent)
     state = None

@@ -72,8 +72,8 @@ def kmeans_minibatch_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
 def kmeans_closest_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
     _check(latents, k)
     centers, labels = _kmeans(latents, k, seed)
-    nearest = nearest(latents, centers)
-    return Modes(latents[nearest].astype(np.float32), labels, nearest,
+    idx = nearest(latents, centers)
+    return Modes(latents[idx].astype(np.float32), labels, idx,
                  {"finder": "kmeans-closest", "random_state": seed})
 
 

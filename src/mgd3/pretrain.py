@@ -27,6 +27,7 @@ model's training. Images are held in memory as uint8 during training.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -264,16 +265,41 @@ class _Checkpoints:
 
     def meta(self, stage: str) -> dict | None:
         f = self.folder / f"{stage}.json"
-        return json.loads(f.read_text()) if f.is_file() and (self.folder / f"{stage}.pt").is_file() else None
+        if not (f.is_file() and (self.folder / f"{stage}.pt").is_file()):
+            return None
+        try:
+            meta = json.loads(f.read_text())
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict) or not isinstance(meta.get("signature"), dict) \
+                or not isinstance(meta.get("epoch"), int):
+            raise Mgd3Error(f"checkpoint {f} is unreadable; delete {self.folder} (or use --overwrite) to start "
+                            "that stage afresh")
+        return meta
 
     def load(self, stage: str) -> dict | None:
+        """A checkpoint: plain tensors, numbers and lists only (weights_only=True, so a planted pickle
+        cannot run); a truncated or foreign file is one error line."""
         if self.meta(stage) is None:
             return None
-        return torch.load(self.folder / f"{stage}.pt", map_location="cpu", weights_only=False)
+        f = self.folder / f"{stage}.pt"
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not {"model", "opt", "gen", "epoch", "step", "stats"} <= set(state):
+                raise ValueError("not an mgd3 pretrain checkpoint")
+        except Exception as e:  # noqa: BLE001  (truncated, garbage, or a pickle that is not plain data)
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise Mgd3Error(f"checkpoint {f} is unreadable ({first}); delete {self.folder} (or use --overwrite) to "
+                            "start that stage afresh") from None
+        return state
 
     def add_run(self, run: dict) -> list[dict]:
         f = self.folder / "runs.json"
-        runs = (json.loads(f.read_text()) if f.is_file() else []) + [run]
+        try:
+            runs = json.loads(f.read_text()) if f.is_file() else []
+        except (OSError, ValueError):
+            runs = []
+        runs = (runs if isinstance(runs, list) else []) + [run]
         self.folder.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(runs, indent=2))
         return runs
@@ -283,6 +309,17 @@ class _Checkpoints:
         for name, write in ((f"{stage}.pt", lambda p: torch.save(state, p)),
                             (f"{stage}.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))):
             write_atomic(self.folder / name, write)
+
+
+@contextlib.contextmanager
+def _restoring(ckpt: _Checkpoints, stage: str):
+    """A checkpoint that loads but does not fit the model is one error line."""
+    try:
+        yield
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise Mgd3Error(f"checkpoint {ckpt.folder / (stage + '.pt')} does not fit this model ({first}); delete "
+                        f"{ckpt.folder} (or use --overwrite) to start afresh") from None
 
 
 def _signature(cfg: PretrainConfig, keys: tuple[str, ...]) -> dict:
@@ -300,6 +337,14 @@ def _check_signature(meta: dict | None, cfg: PretrainConfig, keys: tuple[str, ..
                         "use the same options, another --out, or --overwrite")
 
 
+def _written_by_pretrain(out: Path) -> bool:
+    try:
+        info = json.loads((out / "mgd3.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("trained_by") == "mgd3 pretrain"
+
+
 def _prepare_out(cfg: PretrainConfig) -> tuple[Path, _Checkpoints]:
     """Create OUT, clear it (--overwrite), or decide to continue from its checkpoints."""
     out = Path(cfg.out).expanduser()
@@ -311,6 +356,10 @@ def _prepare_out(cfg: PretrainConfig) -> tuple[Path, _Checkpoints]:
         if foreign and not ((out / "model_index.json").exists() or (out / ".checkpoints").exists()):
             raise Mgd3Error(f"output folder {out} is not empty and holds no mgd3 pretrain run "
                             f"(found {', '.join(foreign[:3])})")
+        if cfg.overwrite and (out / "model_index.json").exists() and not (out / ".checkpoints").exists() \
+                and not _written_by_pretrain(out):
+            raise Mgd3Error(f"--overwrite: {out} holds a model mgd3 pretrain did not write (no .checkpoints, no "
+                            "mgd3.json of mgd3 pretrain); mgd3 deletes only what it wrote; choose another --out")
         if cfg.overwrite:
             for name in OUTPUTS:  # model_index.json first: a crash mid-clean never leaves a 'finished' folder
                 p = out / name
@@ -355,10 +404,11 @@ def train_vae(cfg: PretrainConfig, images: Tensor, ckpt: _Checkpoints, device, s
     start, step = 0, 0
     state = ckpt.load("vae")
     if state:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start, step = state["epoch"], state["step"]
+        with _restoring(ckpt, "vae"):
+            vae.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            start, step = int(state["epoch"]), int(state["step"])
         stats.update(state["stats"])
         log.info("VAE: continuing after epoch %d", start)
     bs = cfg.vae_batch_size or cfg.batch_size
@@ -490,11 +540,12 @@ def train_dit(cfg: PretrainConfig, latents: Tensor, labels: Tensor, num_classes:
     start, step = 0, 0
     state = ckpt.load("dit")
     if state:
-        dit.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start, step = state["epoch"], state["step"]
+        with _restoring(ckpt, "dit"):
+            dit.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            start, step = int(state["epoch"]), int(state["step"])
         stats.update(state["stats"])
         log.info("DiT: continuing after epoch %d (step %d)", start, step)
     for group in opt.param_groups:
@@ -586,6 +637,9 @@ def calibrate(cfg: PretrainConfig, latent_size: int, num_classes: int, steps: in
 
 
 def _validate(cfg: PretrainConfig) -> None:
+    from mgd3.config import validate_pretrain
+
+    validate_pretrain(cfg)
     dit_size(cfg)
     for name, v in (("--epochs", cfg.epochs), ("--vae-epochs", cfg.vae_epochs), ("--batch-size", cfg.batch_size),
                     ("--vae-levels", cfg.vae_levels), ("--vae-width", cfg.vae_width),
@@ -780,9 +834,9 @@ def add_parser(sub) -> None:
                     "finished model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", required=True, metavar="NAME_OR_PATH",
+    g.add_argument("--data", metavar="NAME_OR_PATH",
                    help="dataset: fashion-mnist, digits, an ImageNet subset name, or an image folder")
-    g.add_argument("--out", required=True, metavar="DIR", help="output pipeline folder")
+    g.add_argument("--out", metavar="DIR", help="output pipeline folder (required)")
     g.add_argument("--classes", nargs="+", metavar="CLASS", help="train on these classes only (ids or names)")
     g.add_argument("--data-root", help="ImageNet-1K root for the named ImageNet subsets")
     g.add_argument("--resolution", type=int, help="image size (default: the data's native size)")
@@ -830,20 +884,27 @@ def add_parser(sub) -> None:
                    help="epochs of the real-data ConvNet-3 that scores class fidelity")
     g.add_argument("--quality-cas-epochs", type=int, default=d.quality_cas_epochs,
                    help="epochs of the ConvNet-3s trained on 50 generated / 50 real images per class")
+    g.add_argument("--config", help="YAML file with any of these options (flag names without --); "
+                                    "flags given on the command line win")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    from mgd3.config import suppress_defaults
+
+    suppress_defaults(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    """`mgd3 pretrain`: build the config from the parsed flags and train."""
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)
-          if hasattr(args, f.name) and f.name not in ("command", "progress")}
-    cfg = PretrainConfig(**kw, progress=not getattr(args, "quiet", False),
-                         command="mgd3 " + " ".join(sys.argv[1:]))
-    if getattr(args, "threads", None):
-        if args.threads < 1:
-            raise Mgd3Error(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    """`mgd3 pretrain`: build the config from the flags (and --config YAML) and train."""
+    from mgd3.config import Rule, convert, merged, pretrain_config
+
+    values, source = merged(args)
+    threads = values.pop("threads", None)
+    if threads is not None:
+        threads = convert("threads", threads, "int", source)
+        Rule(minimum=1, maximum=4096).check("--threads", threads)
+    cfg = pretrain_config(values, source, command="mgd3 " + " ".join(sys.argv[1:]))
+    if threads:
+        torch.set_num_threads(threads)
     t = time.perf_counter()
     out = pretrain(cfg)
     print(f"wrote model {out} in {(time.perf_counter() - t) / 60:.1f} min; card: {out}/MODEL_CARD.md; "

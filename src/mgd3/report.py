@@ -194,6 +194,7 @@ class SetInfo:
     label: str  # unique short name in the report
     manifest: dict
     evals: list[dict] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)  # manifest path -> checked file inside the set
 
     @property
     def method(self) -> str:
@@ -229,6 +230,35 @@ def _eval_key(r: dict) -> tuple:
     return (p.get("name"), r.get("arch"), p.get("epochs"), tuple(r.get("seeds") or ()))
 
 
+def _number(v, what: str, f: Path, optional: bool = True) -> None:
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise Mgd3Error(f"{f}: {what} must be a finite number, got {str(v)[:40]!r}")
+
+
+def _check_eval(r: dict, f: Path) -> None:
+    """The numbers a report reads from an eval.json are numbers."""
+    _number(r.get("mean"), "mean", f, optional=False)
+    _number(r.get("std"), "std", f)
+    _number(r.get("train_seconds"), "train_seconds", f)
+    for key in ("set", "protocol", "references"):
+        if r.get(key) is not None and not isinstance(r[key], dict):
+            raise Mgd3Error(f"{f}: {key} must be a mapping")
+    refs = r.get("references") or {}
+    for name in ("random_real", "full"):
+        ref = refs.get(name)
+        if ref is None:
+            continue
+        if not isinstance(ref, dict):
+            raise Mgd3Error(f"{f}: references.{name} must be a mapping")
+        _number(ref.get("mean"), f"references.{name}.mean", f)
+        _number(ref.get("ipc"), f"references.{name}.ipc", f)
+    _number((r.get("set") or {}).get("ipc"), "set.ipc", f)
+    if r.get("seeds") is not None and not isinstance(r["seeds"], list):
+        raise Mgd3Error(f"{f}: seeds must be a list")
+
+
 def read_evals(root: Path) -> list[dict]:
     """DIR/eval.json (the latest evaluation) and DIR/evals/*.json (one per protocol/arch/epochs),
     without duplicates; each with "file" added."""
@@ -239,7 +269,8 @@ def read_evals(root: Path) -> list[dict]:
             continue
         r = _read_json(f)
         if not str(r.get("format", "")).startswith("mgd3-eval/") or "mean" not in r:
-            raise Mgd3Error(f"{f} is not an mgd3 evaluation result (format {r.get('format')!r})")
+            raise Mgd3Error(f"{f} is not an mgd3 evaluation result (format {str(r.get('format'))[:40]!r})")
+        _check_eval(r, f)
         if _eval_key(r) in seen:
             continue
         seen.add(_eval_key(r))
@@ -248,7 +279,9 @@ def read_evals(root: Path) -> list[dict]:
 
 
 def read_sets(dirs: list[str], data: str | None = None) -> list[SetInfo]:
-    """The distilled sets (manifest + evaluations); one data set only."""
+    """The distilled sets (manifest + evaluations, read by `mgd3.store.read_set`); one data set only."""
+    from mgd3.store import read_set
+
     sets: list[SetInfo] = []
     seen: set[Path] = set()
     for d in dirs:
@@ -258,15 +291,15 @@ def read_sets(dirs: list[str], data: str | None = None) -> list[SetInfo]:
         if root.resolve() in seen:
             raise Mgd3Error(f"distilled set {d} is given twice")
         seen.add(root.resolve())
-        mf = root / "manifest.json"
-        if not mf.is_file():
-            raise Mgd3Error(f"{d} is not a complete distilled set (no manifest.json)")
-        m = _read_json(mf)
-        if not str(m.get("format", "")).startswith("mgd3-distilled-set/"):
-            raise Mgd3Error(f"{mf} is not an mgd3 distilled-set manifest (format {m.get('format')!r})")
-        if not m.get("classes") or not m.get("images"):
-            raise Mgd3Error(f"{mf} lists no classes or no images")
-        sets.append(SetInfo(root, "", m, read_evals(root)))
+        ds = read_set(root, allow_image_folder=False)
+        m = ds.manifest
+        for key in ("data", "model", "config", "timing_s"):
+            if m.get(key) is not None and not isinstance(m[key], dict):
+                raise Mgd3Error(f"{root}/manifest.json: {key} must be a mapping")
+        if (m.get("data") or {}).get("name") is not None and not isinstance(m["data"]["name"], str):
+            raise Mgd3Error(f"{root}/manifest.json: data.name must be a string")
+        files = {str(im["path"]): f for im, f in zip(m["images"], ds.files)}
+        sets.append(SetInfo(root, "", m, read_evals(root), files))
     names = {s.data_name for s in sets}
     if len(names) > 1:
         listing = ", ".join(f"{s.path} ({s.data_name})" for s in sets)
@@ -374,8 +407,10 @@ class LatentSource:
         by_path = {str(r["path"]): str(r["class_id"]) for r in recs}
         f = s.path / "latents.pt"
         if f.is_file():
-            obj = torch.load(f, map_location="cpu", weights_only=True)
-            lat = obj["latents"].float().numpy()  # (N, C, h, w)
+            from mgd3.store import read_latents
+
+            obj = read_latents(s.path)
+            lat = obj["latents"].numpy()  # (N, C, h, w)
             paths = obj.get("paths") or [r["path"] for r in recs]
             if len(paths) != len(lat):
                 raise Mgd3Error(f"{f}: {len(lat)} latents but {len(paths)} paths")
@@ -389,7 +424,7 @@ class LatentSource:
             parts, bs = [], self.cfg.encode_batch_size
             with torch.no_grad():
                 for i in range(0, len(recs), bs):
-                    x = torch.stack([to_model_space(read_image(s.path / r["path"], backend.image_channels),
+                    x = torch.stack([to_model_space(read_image(s.files[str(r["path"])], backend.image_channels),
                                                     backend.resolution, backend.image_channels)
                                      for r in recs[i:i + bs]])  # (B, C, R, R) in [-1, 1]
                     parts.append(backend.encode(x).float().cpu().numpy())  # (B, c, h, w)
@@ -627,8 +662,9 @@ def report(cfg: ReportConfig) -> dict:
     import torch
     from threadpoolctl import threadpool_limits
 
-    if cfg.threads is not None and cfg.threads < 1:
-        raise Mgd3Error(f"--threads must be at least 1, got {cfg.threads}")
+    from mgd3.config import validate_report
+
+    validate_report(cfg)
     if cfg.threads is None:
         return _report(cfg)
     before = torch.get_num_threads()
@@ -639,6 +675,30 @@ def report(cfg: ReportConfig) -> dict:
             return _report(cfg)
     finally:
         torch.set_num_threads(before)
+
+
+def _set_file(root: Path, name: str) -> Path | None:
+    """A file of the set (grid.png) if it is a real image inside the set folder; a symlink out of
+    the folder, or a file that is not a PNG of sane size, is left out with a warning."""
+    from PIL import Image
+
+    from mgd3.store import MAX_IMAGE_PIXELS, inside
+
+    f = root / name
+    if not f.is_file():
+        return None
+    try:
+        real = inside(root, name, name)
+        with Image.open(real) as im:
+            if im.format != "PNG" or im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
+                raise Mgd3Error(f"{f} is not a PNG of at most {MAX_IMAGE_PIXELS} pixels")
+    except Mgd3Error as e:
+        log.warning("left out of the report: %s", e)
+        return None
+    except Exception:  # noqa: BLE001  (not an image)
+        log.warning("left out of the report: %s is not a readable PNG", f)
+        return None
+    return real
 
 
 def _report(cfg: ReportConfig) -> dict:
@@ -670,8 +730,9 @@ def _report(cfg: ReportConfig) -> dict:
                  "seed": s.manifest.get("seed"), "data": s.manifest.get("data"), "model": s.manifest.get("model"),
                  "num_images": len(s.manifest.get("images") or []), "num_classes": len(s.manifest["classes"]),
                  "timing_s": s.manifest.get("timing_s") or {}, "accuracy": accuracy_rows(s), "figures": {}}
-        if (s.path / "grid.png").is_file():
-            shutil.copyfile(s.path / "grid.png", out / f"grid-{slug}.png")
+        grid = _set_file(s.path, "grid.png")
+        if grid is not None:
+            shutil.copyfile(grid, out / f"grid-{slug}.png")
             entry["figures"]["grid"] = f"grid-{slug}.png"
         backend, real, n_max = source.real(s)
         distilled = source.distilled(s, backend)
@@ -799,7 +860,7 @@ def add_parser(subparsers) -> None:
                     "VAE latents per set, per-class diversity vs representativeness, k-means mode coverage, "
                     "and stage timings.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("sets", nargs="+", metavar="DIR", help="distilled set folders written by `mgd3 distill`")
+    p.add_argument("sets", nargs="*", metavar="DIR", help="distilled set folders written by `mgd3 distill`")
     p.add_argument("--out", default="report", metavar="REPORT_DIR", help="report folder (created; files replaced)")
     p.add_argument("--data", default=None, help="real data name or folder (default: the manifests' data)")
     p.add_argument("--embedding", default="tsne", choices=EMBEDDINGS.names(),
@@ -817,15 +878,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for encoding, k-means and t-SNE (default: the libraries'; on a busy shared "
                         "CPU, 1 can be several times faster)")
+    p.add_argument("--config", help="YAML file with any of these options (flag names without --); "
+                                    "flags given on the command line win")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from mgd3.config import suppress_defaults
+
+    suppress_defaults(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    cfg = ReportConfig(sets=list(args.sets), out=args.out, data=args.data, embedding=args.embedding,
-                       max_real_per_class=args.max_real_per_class, plot_real_per_class=args.plot_real_per_class,
-                       neighbors=args.neighbors, device=args.device, encode_batch_size=args.encode_batch_size,
-                       cache_dir=args.cache_dir, threads=args.threads, progress=not args.quiet)
+    from mgd3.config import merged, report_config
+
+    values, source = merged(args)
+    cfg = report_config(values, source)
     r = report(cfg)
     evaluated = sum(1 for e in r["sets"] if e["accuracy"])
     cov = ", ".join(f"{e['label']} {100 * e['metrics']['coverage']:.0f} %" for e in r["sets"])

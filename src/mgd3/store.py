@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ from mgd3.errors import Mgd3Error
 from mgd3.files import save_torch_atomic, to_uint8, write_atomic, write_text_atomic
 
 FORMAT = "mgd3-distilled-set/1"
+FORMAT_PREFIX = "mgd3-distilled-set/"  # any version of the format
+MAX_IMAGE_PIXELS = 8192 * 8192  # a set image larger than this is refused before it is decoded
 RUN_FORMAT = "mgd3-run/1"
 RUN_FILE = ".mgd3-run.json"
 PARTIAL = ".partial"
@@ -82,6 +85,9 @@ def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | No
     if out.is_dir() and any(out.iterdir()):
         run = read_run(out)
         if overwrite:
+            if run is None and not _is_set(out):
+                raise Mgd3Error(f"--overwrite: {out} holds no mgd3 run or distilled set (no {RUN_FILE}, no mgd3 "
+                                "manifest.json); mgd3 deletes only what it wrote; choose another --out")
             _clear(out)
         elif run is None:
             raise Mgd3Error(f"output folder {out} is not empty and holds no unfinished mgd3 run "
@@ -108,6 +114,15 @@ def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | No
     return out, state
 
 
+def _is_set(out: Path) -> bool:
+    """Whether `out` holds a distilled set mgd3 wrote (its manifest says the format)."""
+    try:
+        m = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and str(m.get("format", "")).startswith(FORMAT_PREFIX)
+
+
 def _clear(out: Path) -> None:
     # the manifest goes first so a crash mid-clean never leaves a set that looks complete
     for name in ("manifest.json",) + OUTPUTS:
@@ -125,6 +140,8 @@ def shard_name(class_index: int, first: int, count: int) -> str:
 def save_shard(out: Path, class_index: int, first: int, shard: dict) -> None:
     """One finished batch of one class: {"indices", "latents" (n, C, h, w) or None, "records",
     "grid" {index: uint8 tensor} for the first images of the class}. Written after its images."""
+    if shard.get("latents") is not None:
+        check_finite_batch(shard["latents"], [r["class_id"] for r in shard["records"]], "latents")
     folder = out / PARTIAL
     folder.mkdir(parents=True, exist_ok=True)
     save_torch(shard, folder / shard_name(class_index, first, len(shard["indices"])))
@@ -146,7 +163,10 @@ def load_shards(out: Path, class_index: int, class_id: str) -> dict[int, dict]:
     for f in sorted((out / PARTIAL).glob(f"{class_index:05d}-*.pt")):
         try:
             shard = torch.load(f, map_location="cpu", weights_only=True)
-            ok = all(r["class_id"] == class_id and image_ok(out / r["path"]) for r in shard["records"])
+            ok = all(r["class_id"] == class_id and image_ok(inside(out, r["path"], f.name))
+                     for r in shard["records"])
+            lat = shard["latents"]
+            ok = ok and (lat is None or bool(torch.isfinite(lat).all()))
         except Exception:  # a truncated or foreign file
             ok = False
         if ok:
@@ -155,6 +175,18 @@ def load_shards(out: Path, class_index: int, class_id: str) -> dict[int, dict]:
             log.warning("%s: images missing or unreadable; generating that batch again", f.name)
             f.unlink(missing_ok=True)
     return shards
+
+
+def check_finite_batch(x: Tensor, class_ids: list[str], what: str) -> None:
+    """Stop before a generated batch with NaN or inf is written: a set of black images that looks
+    complete is worse than no set."""
+    bad = ~torch.isfinite(x.detach().float()).flatten(1).all(dim=1)  # (B,)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        cid = class_ids[first] if first < len(class_ids) else "?"
+        raise Mgd3Error(f"the generated {what} of class {cid!r} hold NaN or inf ({int(bad.sum())} of {len(bad)} "
+                        "in the batch): the model, its mgd3.json or the sampling options (--cfg, method options) "
+                        "give non-finite values; nothing of this batch was written")
 
 
 def remove_partial(out: Path) -> None:
@@ -188,6 +220,7 @@ def write_images(out: Path, folders: list[str], indices: list[int], images: Tens
     """Write images (B, C, R, R) in [-1, 1] to images/<folder>/<index>.png (`class_folder`);
     returns their paths relative to `out`. PNG encoding (zlib, which releases the GIL) runs on up
     to 8 threads; every file is written when this returns."""
+    check_finite_batch(images, folders, "images")
     arrays = to_pixels(images)
     paths = [f"images/{folder}/{k}.png" for folder, k in zip(folders, indices)]
     for rel in dict.fromkeys(str(Path(r).parent) for r in paths):
@@ -230,11 +263,172 @@ def write_manifest(out: Path, manifest: dict) -> None:
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2, default=str))
 
 
+def inside(root: Path, rel, what: str = "manifest.json") -> Path:
+    """`root / rel` resolved, refused unless it stays inside `root` (no `..`, no absolute path,
+    no symlink that leads out of the folder)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise Mgd3Error(f"{root}/{what}: an image path must be a non-empty string, got {str(rel)[:60]!r}")
+    base = root.resolve()
+    p = (root / rel)
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise Mgd3Error(f"{root}/{what}: image path {rel[:80]!r} leaves the set folder")
+    try:
+        real = p.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise Mgd3Error(f"{root}/{what}: image path {rel[:80]!r} cannot be resolved") from None
+    if real != base and base not in real.parents:
+        raise Mgd3Error(f"{root}/{what}: image path {rel[:80]!r} leads out of the set folder (symlink to {real})")
+    return real
+
+
+def read_latents(root: Path) -> dict:
+    """OUT/latents.pt checked: {"latents": (N, C, h, w) float32, finite, "paths": list, ...}; read
+    with weights_only=True, a symlink out of the set refused, anything else one line."""
+    f = inside(root, "latents.pt", "latents.pt")
+    try:
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (truncated, garbage, or a pickle that is not plain data)
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise Mgd3Error(f"{f} is not a readable mgd3 latents file ({first})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("latents"), Tensor) \
+            or obj["latents"].ndim < 2 or not obj["latents"].is_floating_point():
+        raise Mgd3Error(f"{f} does not hold {{'latents': a float tensor (N, C, h, w), ...}}")
+    if not isinstance(obj.get("paths", []), list):
+        raise Mgd3Error(f"{f}: paths must be a list")
+    obj["latents"] = obj["latents"].float()
+    if not bool(torch.isfinite(obj["latents"]).all()):
+        raise Mgd3Error(f"{f} holds NaN or inf latents")
+    return obj
+
+
 def read_manifest(out: str | os.PathLike) -> dict:
     f = Path(out) / "manifest.json"
     if not f.is_file():
         raise Mgd3Error(f"{out} is not a complete distilled set (no manifest.json)")
     try:
-        return json.loads(f.read_text())
+        if f.stat().st_size > 1 << 30:
+            raise Mgd3Error(f"{f} is larger than 1 GiB; it is not a manifest")
+        m = json.loads(f.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise Mgd3Error(f"{f} is not a text (UTF-8) file") from None
     except json.JSONDecodeError as e:
         raise Mgd3Error(f"{f} is not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise Mgd3Error(f"{f} is nested too deeply") from None
+    except OSError as e:
+        raise Mgd3Error(f"cannot read {f} ({e.strerror or e})") from None
+    if not isinstance(m, dict):
+        raise Mgd3Error(f"{f} must hold a JSON object, not a {type(m).__name__}")
+    if not str(m.get("format", "")).startswith(FORMAT_PREFIX):
+        raise Mgd3Error(f"{f} is not an mgd3 distilled-set manifest (format {str(m.get('format'))[:40]!r})")
+    return m
+
+
+@dataclass
+class DistilledSet:
+    """A distilled set read back: every path checked to lie inside `path`."""
+
+    path: Path
+    class_ids: list[str]
+    class_names: list[str]
+    files: list[Path]  # resolved, inside `path`
+    targets: np.ndarray  # (N,) class index into class_ids
+    ipc: int
+    manifest: dict | None  # None for a plain ImageFolder
+
+    @property
+    def data(self) -> dict:
+        d = (self.manifest or {}).get("data")
+        return d if isinstance(d, dict) else {}
+
+    @property
+    def labels(self) -> list:
+        """The model label of every class (manifest), None for a plain ImageFolder."""
+        return [c.get("label") for c in (self.manifest or {}).get("classes", [])] or [None] * len(self.class_ids)
+
+
+def _check_pixels(f: Path) -> None:
+    try:
+        with Image.open(f) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001  (not an image: said where it is read)
+        raise Mgd3Error(f"{f} is not a readable image") from None
+    if w * h > MAX_IMAGE_PIXELS:
+        raise Mgd3Error(f"{f} is {w}x{h} pixels, more than mgd3 reads for a set image ({MAX_IMAGE_PIXELS} pixels)")
+
+
+def _int(v, what: str, where: Path) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) and not (isinstance(v, float) and v.is_integer()):
+        raise Mgd3Error(f"{where}: {what} must be an integer, got {str(v)[:40]!r}")
+    return int(v)
+
+
+def read_set(path: str | os.PathLike, allow_image_folder: bool = True) -> DistilledSet:
+    """THE reader of the distilled-set format (evaluate, report and quality use it): a set with
+    manifest.json, or (allow_image_folder) a plain ImageFolder whose sub-folders are the classes.
+    The manifest must agree with its files: every class listed once, every image of a listed
+    class, inside the folder and present, IPC an integer with classes × IPC images."""
+    from mgd3.data import IMG_EXTENSIONS
+
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise Mgd3Error(f"distilled set {root} does not exist or is not a folder")
+    mf = root / "manifest.json"
+    if not mf.is_file():
+        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not allow_image_folder or (root / "images").is_dir() or not subdirs:
+            raise Mgd3Error(f"{root} is not a complete distilled set (no manifest.json)")
+        files, targets = [], []
+        for c, d in enumerate(subdirs):  # plain ImageFolder: classes = sorted sub-folders
+            fs = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS and f.is_file())
+            fs = [inside(root, f.relative_to(root).as_posix(), "images") for f in fs]
+            files += fs
+            targets += [c] * len(fs)
+        if not files:
+            raise Mgd3Error(f"{root} has no images in its class folders")
+        for f in files:
+            _check_pixels(f)
+        counts = np.bincount(targets, minlength=len(subdirs))
+        ids = [d.name for d in subdirs]
+        return DistilledSet(root, ids, ids, files, np.asarray(targets, dtype=np.int64), int(counts.max()), None)
+    m = read_manifest(root)
+    classes, images = m.get("classes"), m.get("images")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, dict) for c in classes):
+        raise Mgd3Error(f"{mf}: \"classes\" must be a non-empty list of class entries")
+    if not isinstance(images, list) or not images or not all(isinstance(im, dict) for im in images):
+        raise Mgd3Error(f"{mf}: \"images\" must be a non-empty list of image entries")
+    try:
+        order = sorted(range(len(classes)), key=lambda i: _int(classes[i].get("class_index", i), "class_index", mf))
+        classes = [classes[i] for i in order]
+        ids = [str(c["class_id"]) for c in classes]
+        names = [str(c.get("name", c["class_id"])) for c in classes]
+        rels = [im["path"] for im in images]
+        img_ids = [str(im["class_id"]) for im in images]
+    except KeyError as e:
+        raise Mgd3Error(f"{mf} lacks a required entry ({e})") from None
+    if len(set(ids)) != len(ids):
+        raise Mgd3Error(f"{mf}: a class is listed twice")
+    pos = {cid: i for i, cid in enumerate(ids)}
+    stray = [cid for cid in img_ids if cid not in pos]
+    if stray:
+        raise Mgd3Error(f"{mf}: an image of class {stray[0][:40]!r}, which the manifest does not list")
+    targets = np.asarray([pos[cid] for cid in img_ids], dtype=np.int64)
+    files = [inside(root, r) for r in rels]
+    if len(set(files)) != len(files):
+        raise Mgd3Error(f"{mf}: an image is listed twice")
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise Mgd3Error(f"{root}: {len(missing)} image(s) listed in manifest.json are missing, e.g. {missing[0]}")
+    counts = np.bincount(targets, minlength=len(ids))
+    if "ipc" in m:
+        ipc = _int(m["ipc"], "ipc", mf)
+        if ipc < 1:
+            raise Mgd3Error(f"{mf}: ipc must be at least 1, got {ipc}")
+        if len(files) != len(ids) * ipc or (counts != ipc).any():
+            raise Mgd3Error(f"{mf} contradicts its files: ipc {ipc} × {len(ids)} classes = {len(ids) * ipc} images, "
+                            f"but it lists {len(files)} (per class {int(counts.min())}..{int(counts.max())})")
+    else:
+        ipc = int(counts.max())
+    for f in files:
+        _check_pixels(f)
+    return DistilledSet(root, ids, names, files, targets, ipc, m)

@@ -117,14 +117,78 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
         ) from None
 
 
+def read_json_object(f: Path, what: str | None = None) -> dict:
+    """A JSON file that must hold an object: one-line errors for unreadable, invalid or other JSON."""
+    try:
+        if f.stat().st_size > 64 << 20:
+            raise Mgd3Error(f"{f} is larger than 64 MiB; it is not a {what or 'config'} file")
+        d = json.loads(f.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise Mgd3Error(f"cannot read {f} ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise Mgd3Error(f"{f} is not a text (UTF-8) file") from None
+    except json.JSONDecodeError as e:
+        raise Mgd3Error(f"{f} is not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise Mgd3Error(f"{f} is nested too deeply") from None
+    if not isinstance(d, dict):
+        raise Mgd3Error(f"{f} must hold a JSON object, not a {type(d).__name__}")
+    return d
+
+
 def read_model_index(path: Path) -> dict:
     f = path / "model_index.json"
     if not f.is_file():
         raise Mgd3Error(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    return read_json_object(f, "model_index")
+
+
+def read_id2label(index: dict, where: Path) -> dict[int, str]:
+    """model_index.json's id2label: {int label: name}; a key that is not an integer is an error."""
+    raw = index.get("id2label") or {}
+    if not isinstance(raw, dict):
+        raise Mgd3Error(f"{where}/model_index.json: id2label must be a mapping of label: name")
+    out = {}
+    for k, v in raw.items():
+        try:
+            label = int(str(k).strip())
+        except ValueError:
+            raise Mgd3Error(f"{where}/model_index.json: id2label key {str(k)[:40]!r} is not an integer label") from None
+        if label < 0 or not isinstance(v, str):
+            raise Mgd3Error(f"{where}/model_index.json: id2label must map labels >= 0 to names, got {str(k)[:40]!r}: "
+                            f"{str(v)[:40]!r}")
+        out[label] = v
+    return out
+
+
+def read_recommendations(path: Path) -> dict:
+    """The "defaults" of the folder's optional mgd3.json, checked as the CLI checks flags."""
+    from mgd3.config import check_recommended
+
+    f = path / "mgd3.json"
+    if not f.is_file():
+        return {}
+    return check_recommended(read_json_object(f, "mgd3.json").get("defaults"), str(f))
+
+
+def check_model_size(config_file: Path, estimate, what: str) -> None:
+    """Estimate a model's parameters from its config (`estimate(config) -> int`) and refuse one
+    whose float32 weights (and a copy while loading) do not fit in the available memory, before
+    anything is allocated."""
+    from mgd3.config import check_memory
+
+    if not config_file.is_file():
+        return  # from_pretrained says what is missing
+    cfg = read_json_object(config_file)
     try:
-        return json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Mgd3Error(f"{f} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+        n = int(estimate(cfg))
+    except (TypeError, ValueError, KeyError, OverflowError):
+        return  # a config from_pretrained will reject with its own message
+    if n > 50_000_000_000:
+        raise Mgd3Error(f"{config_file}: the config describes a {what} of about {n / 1e9:.0f} B parameters; "
+                        "that is not a model mgd3 can load")
+    check_memory(n * 4 * 2, f"{config_file.parent} ({what}, about {n / 1e6:.0f} M parameters by its config)",
+                 "it does not fit; use a machine with more memory")
 
 
 def load_backend(model: str | os.PathLike, device: str | torch.device = "cpu",
@@ -133,12 +197,15 @@ def load_backend(model: str | os.PathLike, device: str | torch.device = "cpu",
     import mgd3.backends.dit  # noqa: F401  (registers)
     import mgd3.backends.sd  # noqa: F401  (registers)
 
+    from mgd3.config import check_device
+
+    check_device(str(device))
     if precision not in ("fp32", "bf16", "fp16"):
         raise Mgd3Error(f"unknown precision {precision!r}; known: bf16, fp16, fp32")
     path = resolve_model_path(model)
     index = read_model_index(path)
     cls = index.get("_class_name")
-    name = PIPELINE_CLASSES.get(cls)
+    name = PIPELINE_CLASSES.get(cls) if isinstance(cls, str) else None
     if name is None:
         known = ", ".join(sorted(PIPELINE_CLASSES))
         raise Mgd3Error(f"{path}: pipeline class {cls!r} is not supported; supported: {known}")

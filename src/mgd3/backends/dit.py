@@ -9,7 +9,6 @@ An optional `mgd3.json` in the folder holds recommended settings: {"defaults": {
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -18,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mgd3.backends import BACKENDS, PIPELINE_CLASSES, Backend
+from mgd3.backends import (BACKENDS, PIPELINE_CLASSES, Backend, check_model_size, read_id2label, read_json_object,
+                           read_recommendations)
 from mgd3.errors import Mgd3Error
 from mgd3.files import folder_fingerprint
 from mgd3.sampling import ModelOutput
@@ -33,19 +33,60 @@ def train_betas(scheduler_dir: Path) -> np.ndarray:
     cfg_file = scheduler_dir / "scheduler_config.json"
     if not cfg_file.is_file():
         raise Mgd3Error(f"{scheduler_dir.parent} has no scheduler/scheduler_config.json")
-    cfg = json.loads(cfg_file.read_text())
-    n = int(cfg.get("num_train_timesteps", 1000))
-    start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+    cfg = read_json_object(cfg_file)
+    try:
+        n = int(cfg.get("num_train_timesteps", 1000))
+        start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+    except (TypeError, ValueError):
+        raise Mgd3Error(f"{cfg_file}: num_train_timesteps, beta_start and beta_end must be numbers") from None
+    if not (1 <= n <= 100_000 and 0 < start <= end < 1):
+        raise Mgd3Error(f"{cfg_file}: needs 1 <= num_train_timesteps <= 100000 and 0 < beta_start <= beta_end < 1")
     schedule = cfg.get("beta_schedule", "linear")
     if cfg.get("trained_betas") is None and schedule == "linear":  # float64, as the DiT code
         return np.linspace(start, end, n, dtype=np.float64)
     if cfg.get("trained_betas") is None and schedule == "scaled_linear":
         return np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
-        sched = DDPMScheduler(**{k: cfg[k] for k in keys if k in cfg})
-    return sched.betas.double().numpy()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+            sched = DDPMScheduler(**{k: cfg[k] for k in keys if k in cfg})
+    except (NotImplementedError, ValueError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Mgd3Error(f"{cfg_file}: unusable noise schedule ({first[:200]})") from None
+    betas = sched.betas.double().numpy()
+    if not (np.isfinite(betas).all() and ((betas > 0) & (betas < 1)).all()):
+        raise Mgd3Error(f"{cfg_file}: the betas must be finite and in (0, 1)")
+    return betas
+
+
+def estimate_dit_params(c: dict) -> int:
+    """Parameters of a diffusers DiT from its config: per block attention (4h²), MLP (8h²),
+    adaLN-Zero modulation (6h²), its own label table ((classes + 1)·h) and timestep MLP."""
+    h = int(c.get("num_attention_heads", 16)) * int(c.get("attention_head_dim", 72))
+    layers = int(c.get("num_layers", 28))
+    classes = int(c.get("num_embeds_ada_norm") or 1000)
+    p = int(c.get("patch_size", 2))
+    cin = int(c.get("in_channels", 4))
+    return layers * (18 * h * h + (classes + 1) * h + 256 * h + h * h) + 2 * cin * p * p * h
+
+
+def estimate_vae_params(c: dict) -> int:
+    """Parameters of a diffusers AutoencoderKL from its config: two 3x3 convs per resnet, encoder
+    and decoder (layers_per_block + 1 resnets per level on the decoder side)."""
+    widths = [int(w) for w in c.get("block_out_channels", (64,))]
+    per = int(c.get("layers_per_block", 1))
+    return sum(18 * w * w * (2 * per + 1) for w in widths) + 18 * widths[-1] ** 2 * 4
+
+
+def check_sizes(path: Path, parts: dict) -> None:
+    """Every sub-model's size estimated from its config before anything is built."""
+    for sub, (estimate, what) in parts.items():
+        check_model_size(path / sub / "config.json", estimate, what)
+
+
+def read_config(f: Path) -> dict:
+    return read_json_object(f) if f.is_file() else {}
 
 
 class KLVaeMixin:
@@ -76,11 +117,10 @@ class DiTBackend(KLVaeMixin, Backend):
         for sub in ("transformer", "vae", "scheduler"):
             if not (path / sub).is_dir():
                 raise Mgd3Error(f"{path} is not a DiT pipeline folder (no {sub}/ sub-folder)")
-        try:  # a latent-channel mismatch in the configs, said before the weights fail to load
-            vae_c = json.loads((path / "vae" / "config.json").read_text()).get("latent_channels")
-            tr_c = json.loads((path / "transformer" / "config.json").read_text()).get("in_channels")
-        except (OSError, ValueError, AttributeError):
-            vae_c = tr_c = None  # from_pretrained says what is wrong
+        # a latent-channel mismatch in the configs, said before the weights fail to load
+        vae_c = read_config(path / "vae" / "config.json").get("latent_channels")
+        tr_c = read_config(path / "transformer" / "config.json").get("in_channels")
+        check_sizes(path, {"transformer": (estimate_dit_params, "DiT"), "vae": (estimate_vae_params, "VAE")})
         if vae_c is not None and tr_c is not None and vae_c != tr_c:
             raise Mgd3Error(f"{path}: VAE latent channels ({vae_c}) != transformer in_channels ({tr_c})")
         try:
@@ -89,9 +129,10 @@ class DiTBackend(KLVaeMixin, Backend):
                 warnings.simplefilter("ignore")
                 transformer = DiTTransformer2DModel.from_pretrained(path / "transformer", low_cpu_mem_usage=False)
                 vae = AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False)
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError,
+                ZeroDivisionError, NotImplementedError, EnvironmentError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise Mgd3Error(f"could not load the DiT pipeline in {path}: {first}") from None
+            raise Mgd3Error(f"could not load the DiT pipeline in {path}: {first[:300]}") from None
         tc, vc = transformer.config, vae.config
         if tc.norm_type != "ada_norm_zero" or tc.num_embeds_ada_norm is None:
             raise Mgd3Error(f"{path}/transformer is not a class-conditional DiT (ada_norm_zero)")
@@ -105,9 +146,8 @@ class DiTBackend(KLVaeMixin, Backend):
             )
         down = 2 ** (len(vc.block_out_channels) - 1)
         size = tc.sample_size
-        id2label = {int(k): v for k, v in (index.get("id2label") or {}).items()}
-        extra = path / "mgd3.json"
-        defaults = json.loads(extra.read_text()).get("defaults", {}) if extra.is_file() else {}
+        id2label = read_id2label(index, path)
+        defaults = read_recommendations(path)
         super().__init__(
             name="dit", path=path, latent_shape=(c_in, size, size), image_channels=vc.in_channels,
             resolution=size * down, num_classes=int(tc.num_embeds_ada_norm), learned_sigma=c_out == 2 * c_in,

@@ -20,7 +20,6 @@ An optional `mgd3.json` in the folder overrides the recommended sampling setting
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -29,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mgd3.backends import BACKENDS, PIPELINE_CLASSES, Backend
-from mgd3.backends.dit import KLVaeMixin, train_betas
+from mgd3.backends import BACKENDS, PIPELINE_CLASSES, Backend, read_recommendations
+from mgd3.backends.dit import KLVaeMixin, check_sizes, estimate_vae_params, read_config, train_betas
 from mgd3.errors import Mgd3Error
 from mgd3.sampling import ModelOutput
 
@@ -40,6 +39,20 @@ DEFAULT_PROMPT = "{name}"  # SPEC §1.3: the class name line itself
 DEFAULT_NEGATIVE_PROMPT = ""  # the empty prompt, as the pipeline's unconditional branch
 DEFAULT_CFG = 8.0  # SPEC §1.3 (SD v1.5)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def estimate_unet_params(c: dict) -> int:
+    """Parameters of a UNet2DConditionModel from its config: resnets (two 3x3 convs) and a
+    transformer (attention + cross-attention + MLP) per layer, down and up."""
+    widths = [int(w) for w in c.get("block_out_channels", (320, 640, 1280, 1280))]
+    per = int(c.get("layers_per_block", 2))
+    cross = int(c.get("cross_attention_dim", 768) if not isinstance(c.get("cross_attention_dim"), list) else 768)
+    return sum((18 * w * w + 12 * w * w + 2 * w * cross) * (2 * per + 1) for w in widths)
+
+
+def estimate_text_params(c: dict) -> int:
+    h = int(c.get("hidden_size", 768))
+    return int(c.get("num_hidden_layers", 12)) * 12 * h * h + int(c.get("vocab_size", 49408)) * h
 
 
 class PromptEmbedding(torch.nn.Module):
@@ -80,8 +93,9 @@ class StableDiffusionBackend(KLVaeMixin, Backend):
         for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if not (path / sub).is_dir():
                 raise Mgd3Error(f"{path} is not a Stable Diffusion pipeline folder (no {sub}/ sub-folder)")
-        sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text()) \
-            if (path / "scheduler" / "scheduler_config.json").is_file() else {}
+        sched_cfg = read_config(path / "scheduler" / "scheduler_config.json")
+        check_sizes(path, {"unet": (estimate_unet_params, "UNet"), "vae": (estimate_vae_params, "VAE"),
+                           "text_encoder": (estimate_text_params, "text encoder")})
         prediction = sched_cfg.get("prediction_type", "epsilon")
         if prediction not in PREDICTION_TYPES:
             raise Mgd3Error(f"{path}/scheduler: prediction_type {prediction!r} is not supported; "
@@ -93,7 +107,8 @@ class StableDiffusionBackend(KLVaeMixin, Backend):
                 vae = AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False)
                 text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
                 tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+                tokenizer(["probe"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+        except Exception as e:  # noqa: BLE001  (tokenizers fail in many ways: all are a broken folder)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise Mgd3Error(f"could not load the Stable Diffusion pipeline in {path}: {first}") from None
         uc, vc = unet.config, vae.config
@@ -112,10 +127,7 @@ class StableDiffusionBackend(KLVaeMixin, Backend):
                             f"hidden size {hidden}")
         self.down = 2 ** (len(vc.block_out_channels) - 1)  # VAE downsampling (8 for SD)
         size = uc.sample_size if isinstance(uc.sample_size, int) else int(uc.sample_size[0])
-        extra = path / "mgd3.json"
-        defaults = {"cfg": DEFAULT_CFG}
-        if extra.is_file():
-            defaults.update(json.loads(extra.read_text()).get("defaults", {}))
+        defaults = {"cfg": DEFAULT_CFG, **read_recommendations(path)}
         super().__init__(
             name="stable-diffusion", path=path, latent_shape=(c, size, size), image_channels=vc.in_channels,
             resolution=size * self.down, num_classes=0, learned_sigma=False,

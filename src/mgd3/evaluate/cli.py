@@ -75,42 +75,42 @@ def add_parser(subparsers) -> None:
 def _parse_options(items) -> dict:
     import yaml
 
+    if items is None:
+        return {}
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list):
+        raise Mgd3Error(f"option must be a list of KEY=VALUE, got {items!r}"[:200])
     out = {}
-    for it in items or []:
+    for it in items:
         k, sep, v = str(it).partition("=")
         if not sep or not k.strip():
             raise Mgd3Error(f"--option expects KEY=VALUE, got {it!r}")
         try:
-            out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+            value = yaml.safe_load(v)
         except yaml.YAMLError:
-            out[k.strip().replace("-", "_")] = v
+            value = v
+        if isinstance(value, str):  # YAML 1.1 reads 1e5, nan and inf as strings
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[k.strip().replace("-", "_")] = value
     return out
 
 
 def config_from_args(args) -> "EvalConfig":
-    from mgd3.evaluate.core import EvalConfig
+    from mgd3.config import convert, eval_config, merged
 
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose")}
-    values: dict = {}
-    if "config" in given:
-        from mgd3.cli import load_yaml_config
-
-        values = load_yaml_config(given.pop("config"))
-    values.update(given)
+    values, source = merged(args)
     options = _parse_options(values.pop("option", None))
-    if values.pop("dsa_same_params", False):
+    if convert("dsa_same_params", values.pop("dsa_same_params", False), "bool", source):
         options["dsa_same_params"] = True
-    quiet = bool(values.pop("quiet", False))
-    no_cache = bool(values.pop("no_cache", False))
-    known = set(EvalConfig.__dataclass_fields__) - {"options", "progress", "use_cache"}
-    bad = sorted(set(values) - known)
-    if bad:
-        raise Mgd3Error(f"unknown option(s) {', '.join(bad)} in --config")
-    if isinstance(values.get("seeds"), int):
+    quiet = convert("quiet", values.pop("quiet", False), "bool", source)
+    no_cache = convert("no_cache", values.pop("no_cache", False), "bool", source)
+    if isinstance(values.get("seeds"), int) and not isinstance(values.get("seeds"), bool):
         values["seeds"] = [values["seeds"]]
-    if isinstance(values.get("classes"), str):
-        values["classes"] = [values["classes"]]
-    return EvalConfig(**values, options=options, progress=not quiet, use_cache=not no_cache)
+    return eval_config(values, options, source, progress=not quiet, use_cache=not no_cache)
 
 
 def summary_line(r: dict) -> str:

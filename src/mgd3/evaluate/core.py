@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import logging
 import math
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from mgd3.evaluate.protocols import PROTOCOLS, Protocol, override, resolve, to_d
 from mgd3.evaluate.train import (Normalization, RunOptions, TensorSet, center_crop, imagenet_normalization,
                                  resolve_device, tensor_set, to_uint8)
 from mgd3.machine import cpu_name
+from mgd3.store import DistilledSet, read_set  # noqa: F401  (the one reader of the set format)
 
 log = logging.getLogger(__name__)
 
@@ -63,68 +62,6 @@ class EvalConfig:
     workers: int = 0  # image-loading processes for file data sets
     threads: int | None = None  # torch CPU threads while evaluating (None: torch's default)
     progress: bool = True
-
-
-@dataclass
-class DistilledSet:
-    path: Path
-    class_ids: list[str]
-    class_names: list[str]
-    files: list[Path]
-    targets: np.ndarray  # (N,) class index into class_ids
-    ipc: int
-    manifest: dict | None  # None for a plain ImageFolder
-
-    @property
-    def data(self) -> dict:
-        return (self.manifest or {}).get("data") or {}
-
-
-def read_set(path: str | os.PathLike) -> DistilledSet:
-    """A distilled set (manifest.json) or, without a manifest, a plain ImageFolder whose
-    sub-folders are the classes (a folder with images/ and no manifest is an incomplete set)."""
-    from mgd3.data import IMG_EXTENSIONS
-
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise Mgd3Error(f"distilled set {root} does not exist or is not a folder")
-    mf = root / "manifest.json"
-    if not mf.is_file():
-        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if (root / "images").is_dir() or not subdirs:
-            raise Mgd3Error(f"{root} is not a complete distilled set (no manifest.json)")
-        files, targets = [], []
-        for c, d in enumerate(subdirs):  # plain ImageFolder: classes = sorted sub-folders
-            fs = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS and f.is_file())
-            files += fs
-            targets += [c] * len(fs)
-        if not files:
-            raise Mgd3Error(f"{root} has no images in its class folders")
-        counts = np.bincount(targets, minlength=len(subdirs))
-        ids = [d.name for d in subdirs]
-        return DistilledSet(root, ids, ids, files, np.asarray(targets, dtype=np.int64), int(counts.max()), None)
-    try:
-        m = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise Mgd3Error(f"{mf} is not valid JSON ({e.msg})") from None
-    if not isinstance(m, dict) or not str(m.get("format", "")).startswith("mgd3-distilled-set/"):
-        raise Mgd3Error(f"{mf} is not an mgd3 distilled-set manifest (format {m.get('format')!r})")
-    try:
-        classes = sorted(m["classes"], key=lambda c: c["class_index"])
-        ids = [str(c["class_id"]) for c in classes]
-        names = [str(c.get("name", c["class_id"])) for c in classes]
-        pos = {cid: i for i, cid in enumerate(ids)}
-        files = [root / im["path"] for im in m["images"]]
-        targets = np.asarray([pos[str(im["class_id"])] for im in m["images"]], dtype=np.int64)
-    except (KeyError, TypeError) as e:
-        raise Mgd3Error(f"{mf} lacks a required entry ({e})") from None
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        raise Mgd3Error(f"{root}: {len(missing)} image(s) listed in manifest.json are missing, e.g. {missing[0]}")
-    if not files:
-        raise Mgd3Error(f"{root}: manifest.json lists no images")
-    ipc = int(m.get("ipc") or np.bincount(targets).max())
-    return DistilledSet(root, ids, names, files, targets, ipc, m)
 
 
 def load_set_images(s: DistilledSet, resolution: int, channels: int) -> TensorSet:
@@ -237,12 +174,16 @@ def evaluate_set(cfg: EvalConfig) -> dict:
     s = read_set(cfg.set_dir)
     p0 = _protocol(cfg)
     name = cfg.data or s.data.get("name")
+    if name is not None and not isinstance(name, str):
+        raise Mgd3Error(f"{s.path}/manifest.json: data.name must be a string, got {str(name)[:40]!r}")
     if not name:
         raise Mgd3Error(f"{s.path} does not name its data set (plain ImageFolder): pass --data")
     if cfg.data_root is None and s.data.get("data_root"):
         cfg = dataclasses.replace(cfg, data_root=s.data["data_root"])
-    channels = int(s.data.get("channels") or 0) or _channels_of(s)
-    set_res = int(s.data.get("resolution") or 0) or _resolution_of(s)
+    channels = _manifest_int(s, "channels", (1, 3)) or _channels_of(s)
+    set_res = _manifest_int(s, "resolution", range(1, 16385)) or _resolution_of(s)
+    if cfg.data_root is not None and not isinstance(cfg.data_root, str):
+        raise Mgd3Error(f"{s.path}/manifest.json: data.data_root must be a string")
     p = resolve(p0, ipc=s.ipc, num_classes=len(s.class_ids), n_images=len(s.targets), set_resolution=set_res,
                 data_name=str(name), arch=cfg.arch, epochs=cfg.epochs, batch_size=cfg.batch_size,
                 resolution=cfg.resolution)
@@ -352,6 +293,9 @@ def evaluate_reference(cfg: EvalConfig) -> dict:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """A distilled set (`cfg.set_dir`) or a reference (`cfg.reference`), per `cfg`."""
+    from mgd3.config import validate_eval
+
+    validate_eval(cfg)
     if cfg.reference and cfg.set_dir:
         raise Mgd3Error("give either a distilled set or --reference, not both")
     if not cfg.reference and not cfg.set_dir:
@@ -401,6 +345,15 @@ def _config_dict(cfg: EvalConfig) -> dict:
     d = dataclasses.asdict(cfg)
     d.pop("progress", None)
     return d
+
+
+def _manifest_int(s: DistilledSet, key: str, allowed) -> int | None:
+    v = s.data.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v not in allowed:
+        raise Mgd3Error(f"{s.path}/manifest.json: data.{key} {str(v)[:40]!r} is not a valid {key}")
+    return v
 
 
 def _channels_of(s: DistilledSet) -> int:

@@ -152,6 +152,22 @@ def teacher_protocol(p: Protocol) -> Protocol:
                    loss="ce", temperature=1.0, teacher_epochs=0, many_classes={})
 
 
+def _load_teacher(f: Path, arch: str, num_classes: int, build_network):
+    """(model, record) from a cached teacher file, or None (with a warning; it is trained again)
+    when the file is truncated, foreign or not plain tensors + JSON."""
+    try:
+        blob = torch.load(f, map_location="cpu", weights_only=True)
+        rec = json.loads(blob["record_json"])
+        model = build_network(arch, int(rec["channels"]), num_classes, int(rec["resolution"]))
+        model.load_state_dict(blob["state_dict"])
+        float(rec["test_acc"])
+        return model, rec
+    except Exception as e:  # noqa: BLE001  (any unreadable cache entry is rebuilt, never fatal)
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        log.warning("cached teacher %s is unreadable (%s); training it again", f, first)
+        return None
+
+
 def get_teacher(p: Protocol, *, train_fp: str, test_fp: str, make_train, test: TensorSet, num_classes: int,
                 norm: Normalization, opts: RunOptions, cache_dir=None, use_cache: bool = True,
                 seed: int = 0) -> tuple[torch.nn.Module, dict]:
@@ -164,12 +180,11 @@ def get_teacher(p: Protocol, *, train_fp: str, test_fp: str, make_train, test: T
     f = cache_root(cache_dir) / "teachers" / f"{key}.pt"
     train_shape = None
     if use_cache and f.is_file():
-        blob = torch.load(f, map_location="cpu", weights_only=False)
-        rec = blob["record"]
-        model = build_network(tp.arch, rec["channels"], num_classes, rec["resolution"])
-        model.load_state_dict(blob["state_dict"])
-        log.info("teacher %s from cache %s (test accuracy %.2f %%)", tp.arch, f, rec["test_acc"])
-        return model.eval(), {**rec, "cache_file": str(f)}
+        cached = _load_teacher(f, tp.arch, num_classes, build_network)
+        if cached is not None:
+            model, rec = cached
+            log.info("teacher %s from cache %s (test accuracy %.2f %%)", tp.arch, f, rec["test_acc"])
+            return model.eval(), {**rec, "cache_file": str(f)}
     train = make_train()
     train_shape = tuple(train.images.shape)
     log.info("training the soft-label teacher (%s, %d epochs on %d real images)", tp.arch, tp.epochs, len(train))
@@ -179,5 +194,6 @@ def get_teacher(p: Protocol, *, train_fp: str, test_fp: str, make_train, test: T
            "resolution": train_shape[-1], "test_acc": r["last_acc"], "train_seconds": r["train_seconds"],
            "seed": seed, "protocol": to_dict(tp)}
     state = {k: v.detach().cpu() for k, v in getattr(model, "_orig_mod", model).state_dict().items()}
-    files.save_torch_atomic({"state_dict": state, "record": rec}, f)
+    # plain tensors and a JSON string: read back with weights_only=True, nothing in it can run code
+    files.save_torch_atomic({"state_dict": state, "record_json": json.dumps(rec, default=str)}, f)
     return model.eval(), {**rec, "cache_file": str(f)}
