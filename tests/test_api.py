@@ -97,7 +97,7 @@ def test_load_set_matches_the_manifest_and_refuses_paths_outside(digits_model, t
     assert s.latents.shape == (4, 4, 4, 4)
     m["images"][0]["path"] = "../../outside.png"
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(Mgd3Error, match="outside the set"):
+    with pytest.raises(Mgd3Error, match="leaves the set folder"):
         mgd3.load_set(tmp_path / "s")
 
 
