@@ -482,3 +482,22 @@ def test_eval_json_with_a_string_mean(a_set, tmp_path, capsys):
 def test_report_option_values(a_set, tmp_path, capsys):
     refused(capsys, ["report", a_set, "--out", tmp_path / "r", "--neighbors", "0"], "--neighbors must be at least 1")
     refused(capsys, ["report", a_set, "--out", tmp_path / "r", "--embedding", "umap"], "invalid choice")
+
+
+def test_a_malformed_run_file_or_shard_is_not_trusted(digits_model, tmp_path, capsys, caplog):
+    out = tmp_path / "o"
+    ok(capsys, distill_args(digits_model, out))
+    (out / "manifest.json").unlink()
+    (out / ".partial").mkdir()
+    torch.save({"indices": 5, "latents": "x", "records": {}, "grid": []}, out / ".partial" / "00000-000000-000001.pt")
+    with caplog.at_level(logging.WARNING, logger="mgd3"):
+        ok(capsys, distill_args(digits_model, out))  # the bad shard is dropped, its batch made again
+    assert (out / "manifest.json").is_file()
+    (out / "manifest.json").unlink()
+    run = json.loads((out / ".mgd3-run.json").read_text())
+    (out / ".mgd3-run.json").write_text(json.dumps({**run, "key": [1, 2]}))
+    refused(capsys, distill_args(digits_model, out), "holds no unfinished mgd3 run", out)
+
+
+def test_evaluate_out_that_is_not_a_regular_file(a_set, capsys):
+    refused(capsys, ["evaluate", a_set, "--out", a_set / "images", "--device", "cpu"], "is a folder")

@@ -111,14 +111,15 @@ def add_distill_parser(sub) -> None:
         kw = {"help": f"{f.metadata['help']} (default {f.default}; methods: {', '.join(methods)})",
               "dest": "opt_" + f.name}
         choices = option_choices(f)
-        if choices:
+        if f.metadata.get("choices"):
             kw["choices"] = choices
+        elif choices:  # a registry's names (--modes): shown here, checked by mgd3.config with the registry's message
+            kw["metavar"] = "{" + ",".join(choices) + "}"
         if str(f.type) == "bool":
             kw["action"] = "store_true"
         else:
             kw["type"] = _TYPES.get(str(f.type), str)
-            if not choices:  # argparse shows {a,b,...} for an enumerated option
-                kw["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+            kw.setdefault("metavar", None if choices else flag.lstrip("-").replace("-", "_").upper())
         g.add_argument(flag, **kw)
     p.set_defaults(func=run_distill)
 

@@ -67,7 +67,10 @@ def read_run(out: Path) -> dict | None:
         run = json.loads((out / RUN_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return run if isinstance(run, dict) and run.get("format") == RUN_FORMAT else None
+    if not (isinstance(run, dict) and run.get("format") == RUN_FORMAT and isinstance(run.get("key", {}), dict)
+            and isinstance(run.get("info", {}), dict)):
+        return None
+    return run
 
 
 def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | None = None) -> tuple[Path, str]:
@@ -163,10 +166,14 @@ def load_shards(out: Path, class_index: int, class_id: str) -> dict[int, dict]:
     for f in sorted((out / PARTIAL).glob(f"{class_index:05d}-*.pt")):
         try:
             shard = torch.load(f, map_location="cpu", weights_only=True)
-            ok = all(r["class_id"] == class_id and image_ok(inside(out, r["path"], f.name))
-                     for r in shard["records"])
+            idx, recs = shard["indices"], shard["records"]
+            ok = (isinstance(idx, list) and idx and all(isinstance(i, int) and not isinstance(i, bool) for i in idx)
+                  and idx == list(range(idx[0], idx[0] + len(idx))) and idx[0] >= 0
+                  and isinstance(recs, list) and len(recs) == len(idx) and isinstance(shard["grid"], dict))
+            ok = ok and all(r["class_id"] == class_id and image_ok(inside(out, r["path"], f.name)) for r in recs)
             lat = shard["latents"]
-            ok = ok and (lat is None or bool(torch.isfinite(lat).all()))
+            ok = ok and (lat is None or (isinstance(lat, Tensor) and len(lat) == len(idx)
+                                         and bool(torch.isfinite(lat).all())))
         except Exception:  # a truncated or foreign file
             ok = False
         if ok:

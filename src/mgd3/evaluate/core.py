@@ -187,6 +187,11 @@ def evaluate_set(cfg: EvalConfig) -> dict:
     p = resolve(p0, ipc=s.ipc, num_classes=len(s.class_ids), n_images=len(s.targets), set_resolution=set_res,
                 data_name=str(name), arch=cfg.arch, epochs=cfg.epochs, batch_size=cfg.batch_size,
                 resolution=cfg.resolution)
+    from mgd3.config import check_memory
+
+    # the set as uint8 at the protocol resolution, plus a float copy of a batch per image
+    check_memory(len(s.files) * channels * p.resolution**2 * 5, f"{len(s.files)} images at {p.resolution} px",
+                 "use a smaller --resolution")
     device = resolve_device(cfg.device)
     opts = _opts(cfg)
     test_data, test = _test_set(name, s.class_ids, p, channels, cfg)
