@@ -15,17 +15,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from mgd3.testing import build_dit_folder
 
 BETA_END = 0.001
 
 
 def build_reference_dit(path: str | Path, *, num_classes: int = 10, learned_sigma: bool = True,
-                        resolution: int = 16, seed: int = 0) -> Path:
-    """A tiny DiT pipeline folder (3-channel images, 4×(resolution/2)² latents, 2 layers, hidden 16)
-    with linear betas 1e-4 … BETA_END."""
-    path = build_dit_folder(path, num_classes=num_classes, resolution=resolution, learned_sigma=learned_sigma,
-                            layers=2, heads=2, head_dim=8, patch_size=2, seed=seed)
+                        resolution: int = 16, image_channels: int = 3, class_names: list[str] | None = None,
+                        seed: int = 0) -> Path:
+    """A tiny DiT pipeline folder (4×(resolution/2)² latents, 2 layers, hidden 16) with linear
+    betas 1e-4 … BETA_END. The global torch RNG is left as it was (the build seeds its own)."""
+    with torch.random.fork_rng():
+        path = build_dit_folder(path, num_classes=num_classes, resolution=resolution, learned_sigma=learned_sigma,
+                                image_channels=image_channels, class_names=class_names, layers=2, heads=2,
+                                head_dim=8, patch_size=2, seed=seed)
     sched = path / "scheduler" / "scheduler_config.json"
     cfg = json.loads(sched.read_text())
     cfg["beta_end"] = BETA_END
@@ -38,7 +43,8 @@ def build_reference_sd(path: str | Path, *, seed: int = 0) -> Path:
     (the same reason as above: SD's 0.012 lets a random UNet's latents reach ~70 at CFG 8)."""
     from mgd3.testing import build_sd_folder
 
-    path = build_sd_folder(path, seed=seed)
+    with torch.random.fork_rng():
+        path = build_sd_folder(path, seed=seed)
     sched = path / "scheduler" / "scheduler_config.json"
     cfg = json.loads(sched.read_text())
     cfg["beta_end"] = BETA_END
