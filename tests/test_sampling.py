@@ -86,18 +86,18 @@ def test_ddpm_step_matches_closed_form_posterior():
     beta = 1 - a / ap
     x_t, x0 = torch.randn(2, *SHAPE, dtype=torch.float64), torch.randn(2, *SHAPE, dtype=torch.float64)
     eps = (x_t - math.sqrt(a) * x0) / math.sqrt(1 - a)
-    mean, sigma, _ = ddpm_update(plan, i, x_t, ModelOutput(eps), 0.0)
+    mean, sigma, _ = ddpm_update(plan, i, x_t, ModelOutput(eps))
     mu = math.sqrt(ap) * beta / (1 - a) * x0 + math.sqrt(1 - beta) * (1 - ap) / (1 - a) * x_t
     torch.testing.assert_close(mean, mu, atol=1e-10, rtol=0)
     assert sigma == pytest.approx(math.sqrt(beta * (1 - ap) / (1 - a)), rel=1e-12)
     # learned range: v = +1 -> beta, v = -1 -> posterior variance
     ones = torch.ones_like(x_t)
-    _, s_hi, _ = ddpm_update(plan, i, x_t, ModelOutput(eps, ones), 0.0)
-    _, s_lo, _ = ddpm_update(plan, i, x_t, ModelOutput(eps, -ones), 0.0)
+    _, s_hi, _ = ddpm_update(plan, i, x_t, ModelOutput(eps, ones))
+    _, s_lo, _ = ddpm_update(plan, i, x_t, ModelOutput(eps, -ones))
     torch.testing.assert_close(s_hi**2, torch.full_like(s_hi, beta).float(), rtol=1e-5, atol=0)
     torch.testing.assert_close(s_lo**2, torch.full_like(s_lo, beta * (1 - ap) / (1 - a)).float(), rtol=1e-5, atol=0)
     # the last step adds no noise
-    assert ddpm_update(plan, 0, x_t, ModelOutput(eps, ones), 0.0)[1] == 0.0
+    assert ddpm_update(plan, 0, x_t, ModelOutput(eps, ones))[1] == 0.0
 
 
 def _step(update, i, dtype=torch.float32):
@@ -108,7 +108,7 @@ def _step(update, i, dtype=torch.float32):
     x_t, c, m = (torch.randn(2, *SHAPE, dtype=dtype), torch.randn(1, *SHAPE, dtype=dtype),
                  torch.randn(2, *SHAPE, dtype=dtype))
     out = PointMass(c)(x_t, torch.full((2,), int(plan.timesteps[i])), None)
-    mean, sigma, mfe = update(plan, i, x_t, out, 0.0)
+    mean, sigma, mfe = update(plan, i, x_t, out)
     a = float(plan.alpha_bar[i])
     step = Step(i, int(plan.timesteps[i]), x_t, out.eps, predict_x0(x_t, out.eps, a), a,
                 float(plan.alpha_bar_prev[i]), sigma, mean, "ddpm" if update is ddpm_update else "ddim", mfe)
@@ -178,3 +178,22 @@ def test_batch_equals_one_by_one(sampler):
         g1 = [torch.Generator().manual_seed(s)]
         one = sample(model, randn_per_item(g1, SHAPE, "cpu"), plan, y[j:j + 1], g1, sampler=sampler, eta=0.5)
         assert torch.equal(one[0], batch[j])
+
+
+def test_auto_guidance_form_is_the_update_rules_property():
+    """"auto" follows what the rule declares (not the sampler's name): a rule registered under
+    any name that declares "ddim" gets the Eq. 6 form; DDPM's own rule declares "ddpm"."""
+    from mgd3.sampling import UPDATE_RULES, UpdateRule, ddim_update
+
+    assert UPDATE_RULES.get("ddpm").guidance_form == "ddpm" and UPDATE_RULES.get("ddim").guidance_form == "ddim"
+    assert not UPDATE_RULES.get("ddpm").takes_eta and UPDATE_RULES.get("ddim").takes_eta
+    c = torch.full((1, *SHAPE), 0.3)
+    modes = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(2))
+    guide = StopWindow(ModeGuidance(modes, 0.5, "auto"), t_stop=10)
+    UPDATE_RULES.add("ddim-under-another-name", UpdateRule(ddim_update, guidance_form="ddim", takes_eta=True))
+    try:
+        renamed = run(PointMass(c), "ddim-under-another-name", [guide])
+    finally:
+        del UPDATE_RULES._items["ddim-under-another-name"]
+    eq6 = run(PointMass(c), "ddim", [StopWindow(ModeGuidance(modes, 0.5, "ddim"), t_stop=10)])
+    assert torch.equal(renamed, eq6)

@@ -7,7 +7,8 @@ g = m - x̂0 points from the prediction to the image's mode. Three forms of the 
 - "ddim" (paper Eq. 6 / Algorithm 1): ε̂ = ε̃ - sqrt(1 - ᾱ_t)·λ·g, then the sampler's update.
 - "x0": x̂0' = x̂0 + λ·g (λ = 1 puts x̂0 on the mode), the update re-derived from x̂0'.
   Bounded: it never magnifies the ε error at high noise as the ε forms can.
-"auto" picks "ddpm" for the DDPM sampler and "ddim" for DDIM.
+"auto" takes the update rule's own form (`UpdateRule.guidance_form`: "ddpm" for the DDPM
+sampler, "ddim" for DDIM), never the sampler's name.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class ModeGuidance:
     def __call__(self, step: Step) -> Tensor:
         form = self.form
         if form == "auto":
-            form = "ddpm" if step.sampler == "ddpm" else "ddim"
+            form = step.guidance_form
         g = self.modes - step.x0  # (B, C, h, w)
         if form == "ddpm":
             return step.mean + self.scale * step.sigma * g

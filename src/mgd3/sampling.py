@@ -81,9 +81,20 @@ class Plan:
 
     @classmethod
     def from_betas(cls, train_betas: np.ndarray | Tensor, steps: int) -> "Plan":
+        """The plan of `steps` steps respaced as DiT's `space_timesteps` (see `respaced_timesteps`)."""
+        return cls.from_timesteps(train_betas, respaced_timesteps(len(train_betas), steps))
+
+    @classmethod
+    def from_timesteps(cls, train_betas: np.ndarray | Tensor, timesteps: Sequence[int]) -> "Plan":
+        """The plan that visits these training timesteps (any order given; run noisiest first) and
+        steps from each to the next lower one, ᾱ_prev = 1 after the lowest (a diffusers scheduler's
+        `timesteps` with its spacing, for example)."""
         train_betas = np.asarray(train_betas, dtype=np.float64)
         abar_train = np.cumprod(1.0 - train_betas)
-        ts = np.asarray(respaced_timesteps(len(train_betas), steps), dtype=np.int64)
+        ts = np.unique(np.asarray([int(t) for t in timesteps], dtype=np.int64))  # ascending
+        if len(ts) != len(timesteps) or len(ts) == 0 or ts[0] < 0 or ts[-1] >= len(train_betas):
+            raise Mgd3Error(f"timesteps must be distinct and in 0..{len(train_betas) - 1}")
+        steps = len(ts)
         abar = abar_train[ts]
         abar_prev = np.append(1.0, abar[:-1])
         betas = 1.0 - abar / abar_prev
@@ -116,7 +127,7 @@ class Step:
     alpha_bar_prev: float
     sigma: Tensor | float  # std of the noise this step adds
     mean: Tensor  # (B, C, H, W) the update before noise (guidance corrects it)
-    sampler: str
+    guidance_form: str  # the update rule's own guidance form ("ddpm" or "ddim"; see UpdateRule)
     mean_from_eps: Callable[[Tensor], Tensor] = field(repr=False)  # the update for another ε
 
     def eps_from_x0(self, x0: Tensor) -> Tensor:
@@ -134,12 +145,32 @@ def predict_x0(x_t: Tensor, eps: Tensor, alpha_bar: float) -> Tensor:
 
 # --------------------------------------------------------------------------- update rules
 
-UpdateRule = Callable[..., tuple[Tensor, "Tensor | float", Callable[[Tensor], Tensor]]]
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """An update rule (plan, i, x_t, model output[, eta]) -> (mean, sigma, mean_from_eps) and
+    what guidance needs to know about it.
+
+    guidance_form: the form mode guidance takes with this rule when the user asks for "auto":
+    "ddpm" for a rule that adds noise σ_t > 0 at every step but the last (guidance λ·σ_t·g is
+    added to the mean, as the official code), "ddim" for a rule whose guidance goes through ε
+    (paper Eq. 6; with η = 0 it adds no noise, so a σ_t-scaled guidance would do nothing).
+    """
+
+    update: Callable[..., tuple[Tensor, "Tensor | float", Callable[[Tensor], Tensor]]]
+    guidance_form: str
+    takes_eta: bool = False
+
+    def __call__(self, plan: "Plan", i: int, x_t: Tensor, out: ModelOutput, eta: float = 0.0):
+        if self.takes_eta:
+            return self.update(plan, i, x_t, out, eta)
+        return self.update(plan, i, x_t, out)
+
+
 UPDATE_RULES: Registry[UpdateRule] = Registry("sampler")
 
 
-@UPDATE_RULES.register("ddpm")
-def ddpm_update(plan: Plan, i: int, x_t: Tensor, out: ModelOutput, eta: float):
+def ddpm_update(plan: Plan, i: int, x_t: Tensor, out: ModelOutput):
     """Posterior mean μ = c0·x̂0 + ct·x_t and std σ (fixed posterior, or learned range)."""
     a = float(plan.alpha_bar[i])
     c0, ct = float(plan.coef_x0[i]), float(plan.coef_xt[i])
@@ -160,8 +191,7 @@ def ddpm_update(plan: Plan, i: int, x_t: Tensor, out: ModelOutput, eta: float):
     return mean_from_eps(out.eps), sigma, mean_from_eps
 
 
-@UPDATE_RULES.register("ddim")
-def ddim_update(plan: Plan, i: int, x_t: Tensor, out: ModelOutput, eta: float):
+def ddim_update(plan: Plan, i: int, x_t: Tensor, out: ModelOutput, eta: float = 0.0):
     """x_{t-1} = sqrt(ᾱ_prev)·x̂0 + sqrt(1 - ᾱ_prev - σ²)·ε (+ σ·z), σ = 0 when eta = 0."""
     a, a_prev = float(plan.alpha_bar[i]), float(plan.alpha_bar_prev[i])
     sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a)) * math.sqrt(1.0 - a / a_prev)
@@ -171,6 +201,10 @@ def ddim_update(plan: Plan, i: int, x_t: Tensor, out: ModelOutput, eta: float):
         return math.sqrt(a_prev) * predict_x0(x_t, eps, a) + c_eps * eps
 
     return mean_from_eps(out.eps), sigma, mean_from_eps
+
+
+UPDATE_RULES.add("ddpm", UpdateRule(ddpm_update, guidance_form="ddpm"))
+UPDATE_RULES.add("ddim", UpdateRule(ddim_update, guidance_form="ddim", takes_eta=True))
 
 
 # --------------------------------------------------------------------------- CFG wrapper
@@ -240,7 +274,7 @@ def sample(
         a = float(plan.alpha_bar[i])
         mean, sigma, mean_from_eps = rule(plan, i, x, out, eta)
         step = Step(i, t, x, out.eps, predict_x0(x, out.eps, a), a, float(plan.alpha_bar_prev[i]),
-                    sigma, mean, sampler, mean_from_eps)
+                    sigma, mean, rule.guidance_form, mean_from_eps)
         for g in guidance:
             step.mean = g(step)
         for obs in observers:
