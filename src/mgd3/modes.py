@@ -72,8 +72,8 @@ def kmeans_minibatch_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
 def kmeans_closest_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
     _check(latents, k)
     centers, labels = _kmeans(latents, k, seed)
-    idx = nearest(latents, centers)
-    return Modes(latents[idx].astype(np.float32), labels, idx,
+    closest = nearest(latents, centers)
+    return Modes(latents[closest].astype(np.float32), labels, closest,
                  {"finder": "kmeans-closest", "random_state": seed})
 
 
