@@ -341,6 +341,8 @@ def check_method_options(options: dict, source: str = "") -> dict:
             Rule(choices=tuple(choices), what="mode finder" if k == "modes" else None).check(name, v)
         elif k.endswith("seed"):
             Rule(minimum=0, maximum=RANDOM_STATE_MAX).check(name, v)
+        elif isinstance(v, int) and not isinstance(v, bool):  # step indices, counts: what a run can use
+            Rule(minimum=-1, maximum=1_000_000).check(name, v)
         elif isinstance(v, float):
             Rule(minimum=0.0).check(name, v)
         out[k] = v
@@ -617,7 +619,7 @@ PRETRAIN_RULES: dict[str, Rule] = {
     "vae_batch_size": Rule(minimum=1, maximum=1_000_000), "vae_lr": Rule(above=0.0, maximum=10.0),
     "vae_loss": Rule(choices=("mse", "l1")), "kl_weight": Rule(minimum=0.0),
     "size": Rule(choices=_size_names), "patch_size": Rule(minimum=1, maximum=64),
-    "epochs": Rule(minimum=1, maximum=1_000_000), "train_steps": Rule(minimum=1),
+    "epochs": Rule(minimum=1, maximum=1_000_000), "train_steps": Rule(minimum=1, maximum=10**9),
     "batch_size": Rule(minimum=1, maximum=1_000_000), "lr": Rule(above=0.0, maximum=10.0),
     "ema_decay": Rule(minimum=0.0, below=1.0), "label_dropout": Rule(minimum=0.0, below=1.0),
     "cfg": FINITE_NON_NEGATIVE, "seed": Rule(minimum=0, maximum=RANDOM_STATE_MAX), "limit": POSITIVE,
