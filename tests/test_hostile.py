@@ -21,7 +21,6 @@ from PIL import Image
 
 from clitools import ok, refused
 from mgd3.cli import main
-from mgd3.testing import build_dit_folder
 
 TINY_DISTILL = ["--steps", "2", "--quiet", "--device", "cpu", "--method", "plain"]
 TINY_PRETRAIN = ["--data", "digits", "--limit", "64", "--vae-epochs", "1", "--epochs", "1", "--size", "tiny",

@@ -10,7 +10,6 @@ import dataclasses
 import importlib
 import logging
 import sys
-from pathlib import Path
 
 from mgd3 import __version__
 from mgd3.errors import Mgd3Error
