@@ -152,6 +152,14 @@ def fill(cls, values: dict, source: str = "--config", skip: Iterable[str] = ()) 
     return {k: convert(k, v, fields[k].type, source) for k, v in values.items()}
 
 
+def check_types(obj, skip: Iterable[str] = ()) -> None:
+    """The fields of a config dataclass built in Python (the API) have their annotated types."""
+    skip = set(skip)
+    for f in dataclasses.fields(obj):
+        if f.name not in skip:
+            convert(f.name, getattr(obj, f.name), f.type, type(obj).__name__)
+
+
 # --------------------------------------------------------------------------- rules
 
 
@@ -390,13 +398,16 @@ def distill_config(values: dict, source: str = "--config"):
 def validate_distill(cfg) -> None:
     """Every check of a DistillConfig that needs no data and no model (the distill driver calls
     this first, so the Python API gets the same checks as the CLI)."""
+    check_types(cfg, skip=("sampler", "options"))
+    check_types(cfg.sampler)
+    if not isinstance(cfg.options, dict):
+        raise Mgd3Error(f"DistillConfig: options must be a mapping, got {_short(cfg.options)}")
     for k in ("data", "out"):
         if not isinstance(getattr(cfg, k), str) or not getattr(cfg, k).strip():
             raise Mgd3Error(f"--{k} must be a non-empty string")
     check_rules(cfg, DISTILL_RULES)
     check_rules(cfg.sampler, SAMPLER_RULES)
-    if isinstance(cfg.options, dict):
-        check_method_options(cfg.options)
+    check_method_options(cfg.options)
     check_device(cfg.device)
     check_cache_dir(cfg.cache_dir)
     for k in ("model", "class_map", "data_root"):
@@ -503,6 +514,7 @@ def validate_eval(cfg) -> None:
     from mgd3.evaluate.networks import NETWORKS
     from mgd3.evaluate.protocols import PROTOCOLS
 
+    check_types(cfg, skip=("options",))
     check_rules(cfg, EVAL_RULES)
     PROTOCOLS.get(cfg.protocol)  # unknown names: one line listing the known ones
     if cfg.arch is not None:
@@ -598,6 +610,7 @@ def report_config(values: dict, source: str = "--config"):
 
 
 def validate_report(cfg) -> None:
+    check_types(cfg)
     check_rules(cfg, REPORT_RULES)
     check_device(cfg.device)
     check_cache_dir(cfg.cache_dir)
@@ -642,6 +655,7 @@ def pretrain_config(values: dict, source: str = "--config", command: str = ""):
 
 
 def validate_pretrain(cfg) -> None:
+    check_types(cfg)
     check_rules(cfg, PRETRAIN_RULES)
     check_device(cfg.device)
 
