@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -28,6 +29,15 @@ from mgd3.cli import main
 SEED = int(os.environ.get("MGD3_FUZZ_SEED", "0"))
 SECONDS = float(os.environ.get("MGD3_FUZZ_SECONDS", "50"))
 MAX_CASES = int(os.environ.get("MGD3_FUZZ_CASES", "100000"))
+CASE_SECONDS = float(os.environ.get("MGD3_FUZZ_CASE_SECONDS", "120"))
+
+
+class CaseTooLong(Exception):
+    pass
+
+
+def _too_long(signum, frame):
+    raise CaseTooLong(f"a single case ran over {CASE_SECONDS:.0f} s")
 
 WRONG = ["ten", "", "nan", "inf", "-inf", "-1", "0", "1.7", "1e23", str(10**23), "-99999999999", "../x",
          "null", "[1, 2]", "true", " ", "\u00e9\u00e8", "--", "%s%n"]
@@ -135,8 +145,6 @@ def _pretrain_opts(ws: dict) -> list[Opt]:
 
 @pytest.fixture(scope="module")
 def workspace(digits_model, tmp_path_factory):
-    from mgd3.testing import build_dit_folder  # noqa: F401  (the model comes from conftest)
-
     ws = tmp_path_factory.mktemp("fuzz")
     (ws / "dir").mkdir()
     (ws / "file").write_text("not a folder\n")
@@ -217,18 +225,21 @@ def test_fuzz_every_option_of_every_subcommand(workspace, tmp_path, capsys, reco
     subs = ["distill", "distill", "evaluate", "report", "pretrain"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    previous = signal.signal(signal.SIGALRM, _too_long)
     start, n, outcomes = time.perf_counter(), 0, {0: 0, 2: 0}
     try:
         while time.perf_counter() - start < SECONDS and n < MAX_CASES:
             case_dir = tmp_path / f"case-{n}"
             case_dir.mkdir()
             argv, done_file, sub = _case(rng, rng.choice(subs), workspace, case_dir)
+            signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)  # a case that passes validation stays small
             try:
                 code = main(argv)
-            except BaseException as e:  # a traceback: the case, and what escaped
+            except BaseException as e:  # a traceback (or a case that ran too long): the case, and what escaped
                 raise AssertionError(f"case {n} (seed {SEED}) raised {type(e).__name__}: {e}\n"
                                      f"mgd3 {' '.join(argv)}") from e
             finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
                 torch.set_num_threads(1)  # --threads may have changed it
             err = capsys.readouterr().err
             assert code in (0, 2), f"case {n}: exit {code}\nmgd3 {' '.join(argv)}\n{err}"
@@ -241,6 +252,7 @@ def test_fuzz_every_option_of_every_subcommand(workspace, tmp_path, capsys, reco
             outcomes[code] += 1
             n += 1
     finally:
+        signal.signal(signal.SIGALRM, previous)
         torch.set_num_threads(threads)
     record_property("fuzz_cases", n)
     print(f"\nfuzz: {n} cases in {time.perf_counter() - start:.0f} s (seed {SEED}): {outcomes[0]} ran, "

@@ -501,3 +501,15 @@ def test_a_malformed_run_file_or_shard_is_not_trusted(digits_model, tmp_path, ca
 
 def test_evaluate_out_that_is_not_a_regular_file(a_set, capsys):
     refused(capsys, ["evaluate", a_set, "--out", a_set / "images", "--device", "cpu"], "is a folder")
+
+
+def test_python_api_configs_get_the_same_type_checks(tmp_path):
+    from mgd3.distill import DistillConfig, distill
+    from mgd3.errors import Mgd3Error
+    from mgd3.evaluate.core import EvalConfig, evaluate
+
+    with pytest.raises(Mgd3Error, match="DistillConfig: ipc must be an integer, got 'ten'"):
+        distill(DistillConfig(data="digits", out=str(tmp_path / "o"), ipc="ten"))
+    with pytest.raises(Mgd3Error, match="EvalConfig: seeds must be a list of integers"):
+        evaluate(EvalConfig(set_dir=str(tmp_path), seeds=[0.5]))
+    assert not (tmp_path / "o").exists()

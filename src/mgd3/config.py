@@ -152,6 +152,14 @@ def fill(cls, values: dict, source: str = "--config", skip: Iterable[str] = ()) 
     return {k: convert(k, v, fields[k].type, source) for k, v in values.items()}
 
 
+def check_types(obj, skip: Iterable[str] = ()) -> None:
+    """The fields of a config dataclass built in Python (the API) have their annotated types."""
+    skip = set(skip)
+    for f in dataclasses.fields(obj):
+        if f.name not in skip:
+            convert(f.name, getattr(obj, f.name), f.type, type(obj).__name__)
+
+
 # --------------------------------------------------------------------------- rules
 
 
@@ -341,6 +349,8 @@ def check_method_options(options: dict, source: str = "") -> dict:
             Rule(choices=tuple(choices), what="mode finder" if k == "modes" else None).check(name, v)
         elif k.endswith("seed"):
             Rule(minimum=0, maximum=RANDOM_STATE_MAX).check(name, v)
+        elif isinstance(v, int) and not isinstance(v, bool):  # step indices, counts: what a run can use
+            Rule(minimum=-1, maximum=1_000_000).check(name, v)
         elif isinstance(v, float):
             Rule(minimum=0.0).check(name, v)
         out[k] = v
@@ -388,13 +398,16 @@ def distill_config(values: dict, source: str = "--config"):
 def validate_distill(cfg) -> None:
     """Every check of a DistillConfig that needs no data and no model (the distill driver calls
     this first, so the Python API gets the same checks as the CLI)."""
+    check_types(cfg, skip=("sampler", "options"))
+    check_types(cfg.sampler)
+    if not isinstance(cfg.options, dict):
+        raise Mgd3Error(f"DistillConfig: options must be a mapping, got {_short(cfg.options)}")
     for k in ("data", "out"):
         if not isinstance(getattr(cfg, k), str) or not getattr(cfg, k).strip():
             raise Mgd3Error(f"--{k} must be a non-empty string")
     check_rules(cfg, DISTILL_RULES)
     check_rules(cfg.sampler, SAMPLER_RULES)
-    if isinstance(cfg.options, dict):
-        check_method_options(cfg.options)
+    check_method_options(cfg.options)
     check_device(cfg.device)
     check_cache_dir(cfg.cache_dir)
     for k in ("model", "class_map", "data_root"):
@@ -501,6 +514,7 @@ def validate_eval(cfg) -> None:
     from mgd3.evaluate.networks import NETWORKS
     from mgd3.evaluate.protocols import PROTOCOLS
 
+    check_types(cfg, skip=("options",))
     check_rules(cfg, EVAL_RULES)
     PROTOCOLS.get(cfg.protocol)  # unknown names: one line listing the known ones
     if cfg.arch is not None:
@@ -596,6 +610,7 @@ def report_config(values: dict, source: str = "--config"):
 
 
 def validate_report(cfg) -> None:
+    check_types(cfg)
     check_rules(cfg, REPORT_RULES)
     check_device(cfg.device)
     check_cache_dir(cfg.cache_dir)
@@ -617,7 +632,7 @@ PRETRAIN_RULES: dict[str, Rule] = {
     "vae_batch_size": Rule(minimum=1, maximum=1_000_000), "vae_lr": Rule(above=0.0, maximum=10.0),
     "vae_loss": Rule(choices=("mse", "l1")), "kl_weight": Rule(minimum=0.0),
     "size": Rule(choices=_size_names), "patch_size": Rule(minimum=1, maximum=64),
-    "epochs": Rule(minimum=1, maximum=1_000_000), "train_steps": Rule(minimum=1),
+    "epochs": Rule(minimum=1, maximum=1_000_000), "train_steps": Rule(minimum=1, maximum=10**9),
     "batch_size": Rule(minimum=1, maximum=1_000_000), "lr": Rule(above=0.0, maximum=10.0),
     "ema_decay": Rule(minimum=0.0, below=1.0), "label_dropout": Rule(minimum=0.0, below=1.0),
     "cfg": FINITE_NON_NEGATIVE, "seed": Rule(minimum=0, maximum=RANDOM_STATE_MAX), "limit": POSITIVE,
@@ -640,6 +655,7 @@ def pretrain_config(values: dict, source: str = "--config", command: str = ""):
 
 
 def validate_pretrain(cfg) -> None:
+    check_types(cfg)
     check_rules(cfg, PRETRAIN_RULES)
     check_device(cfg.device)
 
