@@ -449,6 +449,7 @@ def _distill(cfg: DistillConfig, ranks: "Ranks") -> dict:
             _warn_resume_differences(out, info)
     state = ranks.share("open", state)
     out = Path(cfg.out).expanduser()
+    ctx.run_dir = out / store.PARTIAL  # a method's own resume state (dm), removed with the shards
     if state == "complete":
         n = len(store.read_manifest(out).get("images", []))
         log.info("%s already holds the complete set for these settings; nothing to do", out)
