@@ -147,15 +147,18 @@ def test_dm_init_from_a_distilled_set_and_its_checks(digits_model, tmp_path, cap
                  "--classes", "0", "1", "2", "--ipc", "2", "--iterations", "1", "--init", str(init),
                  "--quiet"]) == 2
     assert "lacks class '2'" in _one_error_line(capsys) and not bad.exists()
-    # a set of another data set
+    # a set of another data set with the same class ids, size and channels (an image folder)
+    folder = tmp_path / "folder"
+    for cid in ("0", "1"):
+        (folder / cid).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(np.full((8, 8), 40 * k + 100 * int(cid), dtype=np.uint8)).save(folder / cid / f"{k}.png")
     other = tmp_path / "other"
-    import shutil
-    shutil.copytree(init, other)
-    m = json.loads((other / "manifest.json").read_text())
-    m["data"]["name"] = "fashion-mnist"
-    (other / "manifest.json").write_text(json.dumps(m))
+    assert main(["distill", "--model", str(digits_model), "--out", str(other), "--data", str(folder), "--method",
+                 "random-real", "--ipc", "2", "--quiet"]) == 0
+    capsys.readouterr()
     assert _distill(digits_model, bad, "--iterations", 1, "--init", other) == 2
-    assert "data 'fashion-mnist', not 'digits'" in _one_error_line(capsys) and not bad.exists()
+    assert f"is a set of data {str(folder)!r}, not 'digits'" in _one_error_line(capsys) and not bad.exists()
     # not a set at all
     assert _distill(digits_model, bad, "--iterations", 1, "--init", tmp_path / "nope") == 2
     _one_error_line(capsys)

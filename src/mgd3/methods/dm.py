@@ -191,7 +191,8 @@ class DM(Method):
         d = ctx.data
         where = f"--init {path}"
         name = s.data.get("name")
-        if name is not None and str(name) != str(d.name):
+        same_data = s.data.get("fingerprint") == d.fingerprint()  # e.g. one image folder under two paths
+        if name is not None and not same_data and str(name).split(":")[0] != str(d.name):
             raise Mgd3Error(f"{where} is a set of data {name!r}, not {d.name!r}")
         res = int(s.data.get("resolution") or 0) or _resolution_of(s)
         ch = int(s.data.get("channels") or 0) or _channels_of(s)
