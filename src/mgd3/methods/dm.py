@@ -290,8 +290,9 @@ class DM(Method):
         c = items[0].cls
         if c.index not in self.result:
             self._optimise(ctx, c)
-        images = self.result[c.index][[it.index for it in items]]
-        return Batch(None, images=images, mode_ids=[None] * len(items))
+        images = self.result[c.index][[it.index for it in items]]  # (B, C, R, R) in [-1, 1]
+        # latents.pt as for the real-image baselines: the written images through the model's VAE
+        return Batch(ctx.backend.encode(images).cpu(), images=images, mode_ids=[None] * len(items))
 
     def manifest_info(self):
         o = self.options
