@@ -5,8 +5,10 @@ goes down, siamese DSA draws the same parameters for batches of any size, and `-
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import mgd3.methods.dm as dm
 from mgd3.cli import main
@@ -125,8 +127,6 @@ def test_dm_init_from_a_distilled_set_and_its_checks(digits_model, tmp_path, cap
     # 0 iterations: the set comes back as it went in (up to one 8-bit level of float round trip)
     same = tmp_path / "same"
     assert _distill(digits_model, same, "--iterations", 0, "--init", init) == 0
-    from PIL import Image
-    import numpy as np
     for rel in _images(init):
         a = np.asarray(Image.open(init / rel), dtype=int)
         b = np.asarray(Image.open(same / rel), dtype=int)
@@ -170,8 +170,6 @@ def test_class_by_class_equals_the_joint_loop():
     """The official loop sums every class's term under one network per iteration and takes one SGD
     step on all images; the gradient of a class's images comes from its own term and SGD acts
     element-wise, so optimising class by class (same network seeds) gives the same images."""
-    import numpy as np
-
     g = torch.Generator().manual_seed(1)
     reals = {"a": torch.randn(40, 1, 8, 8, generator=g) + 1, "b": torch.randn(40, 1, 8, 8, generator=g) - 1}
     syns = {"a": torch.randn(2, 1, 8, 8, generator=g), "b": torch.randn(2, 1, 8, 8, generator=g)}

@@ -3,7 +3,7 @@ Matching", WACV 2023; official code VICO-UoE/DatasetCondensation `main_DM.py`).
 
 Not training-free and not generative: the synthetic images themselves are optimised, in pixel
 space at the data's own resolution (the diffusion model is not used). Per class c, with S_c the
-IPC synthetic images and T_c the real ones (paper Eq. 4, the code's ConvNet branch):
+IPC synthetic images and T_c the real ones (the paper's objective with DSA; the code's ConvNet branch):
 
     min_S  Σ_c || 1/|B_c| Σ_{x∈B_c} ψ_θ(A_ω(x)) − 1/|S_c| Σ_{s∈S_c} ψ_θ(A_ω(s)) ||²
 
