@@ -265,6 +265,7 @@ def _open_output(run: _Run) -> str:
         out, state = store.open_run(cfg.out, cfg.overwrite, key, info)
         if state == "resume":
             runs.warn_resume_differences(out, info)
+    run.ctx.run_dir = run.out / store.PARTIAL  # a method's own resume state (dm), removed with the shards
     return ranks.share("open", state)
 
 
