@@ -130,6 +130,7 @@ def load_backend(model: str | os.PathLike, device: str | torch.device = "cpu",
     """Load the backend that fits the pipeline folder `model` (local path or cached repo id)."""
     import mgd3.backends.dit  # noqa: F401  (registers)
     import mgd3.backends.sd  # noqa: F401  (registers)
+    import mgd3.backends.unet  # noqa: F401  (registers)
 
     if precision not in ("fp32", "bf16", "fp16"):
         raise Mgd3Error(f"unknown precision {precision!r}; known: bf16, fp16, fp32")
