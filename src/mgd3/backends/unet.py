@@ -292,3 +292,68 @@ class LDMBackend(KLVaeMixin, Backend):
 
 BACKENDS.add("ldm", LDMBackend)
 PIPELINE_CLASSES[PIPELINE_CLASS] = "ldm"
+
+
+# --------------------------------------------------------------------------- `mgd3 pretrain` helpers
+
+
+def _reused_vae_dir(model: str | Path) -> Path:
+    p = Path(model).expanduser()
+    d = p / "vae" if (p / "vae").is_dir() else p
+    if not (d / "config.json").is_file():
+        raise Mgd3Error(f"--vae {model}: no vae/config.json there (expected a pipeline folder or its vae/)")
+    if _read_json(d / "config.json").get("_class_name") != "AutoencoderKL":
+        raise Mgd3Error(f"--vae {model}: {d} is not an AutoencoderKL")
+    return d
+
+
+def reused_vae_settings(model: str | Path) -> tuple[int, int, int]:
+    """(latent channels, levels, width) of the AutoencoderKL in `model`/vae (for `pretrain --vae`)."""
+    cfg = _read_json(_reused_vae_dir(model) / "config.json")
+    widths = cfg.get("block_out_channels") or [0]
+    return int(cfg.get("latent_channels", 4)), len(widths), int(widths[0])
+
+
+def load_reused_vae(model: str | Path, channels: int, resolution: int):
+    """The AutoencoderKL of `model`/vae, frozen; it must take the data's channels and resolution."""
+    from diffusers import AutoencoderKL
+
+    d = _reused_vae_dir(model)
+    try:
+        vae = AutoencoderKL.from_pretrained(d, low_cpu_mem_usage=False)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise Mgd3Error(f"--vae {model}: could not load {d}: {_first_line(e)}") from None
+    if vae.config.in_channels != channels:
+        raise Mgd3Error(f"--vae {model}: the VAE takes {vae.config.in_channels} channels, the data has {channels}")
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % down:
+        raise Mgd3Error(f"--vae {model}: resolution {resolution} is not divisible by the VAE's downsampling {down}")
+    return vae.eval().requires_grad_(False)
+
+
+def card_lines(lines: list[str], cfg, n_params: int) -> list[str]:
+    """MODEL_CARD.md lines of `mgd3 pretrain` rewritten for --arch unet and --vae."""
+    out = []
+    for line in lines:
+        if cfg.arch == "unet" and line.startswith("# mgd3 latent DiT"):
+            line = line.replace("latent DiT", "class-conditional latent UNet (LDM)")
+        elif cfg.arch == "unet" and line.startswith("diffusers DiT pipeline layout"):
+            line = ("class-conditional LDM layout of mgd3 (`model_index.json` = LDMClassConditionalPipeline, "
+                    "`unet/`, `class_embedder/`, `vae/`, `scheduler/`; `mgd3.backends.unet`), so")
+        elif cfg.arch == "unet" and line.startswith("`mgd3 distill --model"):
+            line = line.replace("like `facebook/DiT-XL-2-256`", "with the LDM backend")
+        elif cfg.arch == "unet" and line.startswith("- DiT: size"):
+            p = UNET_SIZES[cfg.size]
+            line = (f"- UNet: size `{cfg.size}` ({n_params / 1e6:.2f} M params with the class embedder; "
+                    f"UNet2DConditionModel, level widths {'/'.join(map(str, p['widths']))}, "
+                    f"{p['layers_per_block']} resnet(s) per level, cross-attention ({p['heads']} heads) to a "
+                    f"1-token class embedding of size {p['widths'][-1]} below the first level), eps-prediction, "
+                    "fixed variance, linear betas 0.0001..0.02 x 1000")
+        elif cfg.arch == "unet" and line.startswith("- DiT training:"):
+            line = line.replace("- DiT training:", "- UNet training:")
+        elif cfg.arch == "unet" and line.startswith("- Final DiT loss"):
+            line = line.replace("DiT", "UNet")
+        elif cfg.vae and line.startswith("- VAE:"):
+            line = f"- VAE: reused, frozen, from `{cfg.vae}` (not trained here); {line[len('- VAE: '):].split(', ')[0]}"
+        out.append(line)
+    return out
