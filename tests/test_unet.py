@@ -169,3 +169,40 @@ def test_bad_folders_are_one_line(ldm_model, tmp_path, capsys):
     assert "unet in_channels (4) != VAE latent channels (3)" in broken("d", set_cfg("vae", latent_channels=3))
     assert "own class/added embedding" in broken("e", set_cfg("unet", class_embed_type="timestep"))
     assert not (tmp_path / "o").exists()
+
+
+def test_presets_match_the_dit_sizes():
+    from mgd3.backends.unet import build_unet
+
+    counts = {s: sum(p.numel() for p in build_unet(4, 7, 10, s).parameters()) / 1e6 for s in ("small", "medium")}
+    assert 1.3 < counts["small"] < 1.6 and 4.4 < counts["medium"] < 5.0  # DiT small 1.4 M, medium 4.6 M
+    m = build_unet(4, 7, 10, "tiny")
+    out = m(torch.randn(2, 4, 7, 7), timestep=torch.tensor([1, 999]), class_labels=torch.tensor([0, 10])).sample
+    assert out.shape == (2, 4, 7, 7) and out.abs().max() == 0  # zero-initialised output conv
+    with pytest.raises(Mgd3Error, match="unknown --size 'huge'"):
+        build_unet(4, 7, 10, "huge")
+
+
+def test_pretrain_arch_unet_and_a_reused_vae(tmp_path, capsys):
+    first, second = tmp_path / "unet", tmp_path / "unet2"
+    common = ["--data", "digits", "--arch", "unet", "--size", "tiny", "--epochs", "1", "--max-steps", "2",
+              "--batch-size", "32", "--quiet"]
+    assert main(["pretrain", "--out", str(first), "--vae-levels", "2", "--vae-width", "8", "--vae-epochs", "1",
+                 *common]) == 0
+    assert json.loads((first / "model_index.json").read_text())["_class_name"] == "LDMClassConditionalPipeline"
+    assert "class-conditional latent UNet (LDM)" in (first / "MODEL_CARD.md").read_text()
+    b = load_backend(first)
+    assert b.name == "ldm" and b.latent_shape == (4, 4, 4) and b.num_classes == 10 and b.null_label == 10
+    assert main(["pretrain", "--out", str(second), "--vae", str(first), *common]) == 0
+    card = (second / "MODEL_CARD.md").read_text()
+    assert f"VAE: reused, frozen, from `{first}`" in card
+    b2 = load_backend(second)
+    for p, q in zip(b.vae.parameters(), b2.vae.parameters()):
+        assert torch.equal(p, q)  # only the denoiser trained
+    assert b2.scaling_factor == pytest.approx(b.scaling_factor, rel=1e-5)
+    assert not (second / ".checkpoints" / "vae.pt").exists()
+    assert main(["distill", "--model", str(second), "--data", "digits", "--classes", "1", "2", "--ipc", "1",
+                 "--steps", "3", "--method", "plain", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(tmp_path / "u3"), "--vae", str(tmp_path / "nowhere"), *common]) == 2
+    assert "no vae/config.json there" in _one_line(capsys)
