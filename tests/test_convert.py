@@ -282,12 +282,16 @@ def test_key_list_is_the_original_module_layout(original):
 def test_converted_eps_equals_the_original_module(original, tmp_path):
     d, unet, table = original
     out = tmp_path / "ldm"
-    assert main(["convert-ldm", str(d / "model.ckpt"), "--config", str(d / "config.yaml"), "--out", str(out)]) == 0
+    names = tmp_path / "names"  # a pipeline folder whose id2label names the classes
+    names.mkdir()
+    (names / "model_index.json").write_text(json.dumps({"id2label": {str(i): f"n{i}" for i in range(4)}}))
+    assert main(["convert-ldm", str(d / "model.ckpt"), "--config", str(d / "config.yaml"), "--out", str(out),
+                 "--labels-from", str(names)]) == 0
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "LDMClassConditionalPipeline" and index["vae"] == ["diffusers", "VQModel"]
     b = load_backend(out)
     assert b.num_classes == 4 and b.null_label == 4 and b.latent_shape == (3, 8, 8) and b.resolution == 16
-    assert b.vq and b.scaling_factor == 1.0 and not b.learned_sigma
+    assert b.vq and b.scaling_factor == 1.0 and not b.learned_sigma and b.id2label[3] == "n3"
     ref = torch.linspace(0.0015**0.5, 0.0195**0.5, 1000, dtype=torch.float64) ** 2  # CompVis "linear"
     assert torch.allclose(torch.from_numpy(b.betas), ref, atol=1e-12)
     g = torch.Generator().manual_seed(1)

@@ -254,6 +254,10 @@ def convert_ldm(checkpoint: str | Path, config: str | Path, out: str | Path,
                         f"({n_classes}, {ctx}) (n_classes x context_dim)")
     if n_classes < 2:
         raise Mgd3Error(f"{source}: n_classes {n_classes} leaves no class besides the null class")
+    outside = sorted(k for k in (id2label or {}) if not 0 <= k < n_classes - 1)
+    if outside:
+        raise Mgd3Error(f"--labels-from names label {outside[0]}, but the checkpoint has {n_classes - 1} classes "
+                        f"(0..{n_classes - 2}) and the null class")
 
     from diffusers.pipelines.stable_diffusion.convert_from_ckpt import (
         convert_ldm_unet_checkpoint,
