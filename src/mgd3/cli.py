@@ -17,7 +17,7 @@ from mgd3.errors import Mgd3Error
 log = logging.getLogger("mgd3")
 
 # other stages' sub-commands: module exposing add_parser(subparsers) and run(args) -> int
-SUBCOMMAND_MODULES = ("mgd3.pretrain", "mgd3.evaluate.cli", "mgd3.report", "mgd3.finetune")
+SUBCOMMAND_MODULES = ("mgd3.pretrain", "mgd3.evaluate.cli", "mgd3.report", "mgd3.finetune", "mgd3.convert")
 
 _TYPES = {"float": float, "int": int, "str": str, "float | None": float, "int | None": int}
 

@@ -637,7 +637,7 @@ PRETRAIN_RULES: dict[str, Rule] = {
     "ema_decay": Rule(minimum=0.0, below=1.0), "label_dropout": Rule(minimum=0.0, below=1.0),
     "cfg": FINITE_NON_NEGATIVE, "seed": Rule(minimum=0, maximum=RANDOM_STATE_MAX), "limit": POSITIVE,
     "max_steps": POSITIVE, "max_minutes": Rule(above=0.0), "quality_real_epochs": Rule(minimum=1),
-    "quality_cas_epochs": Rule(minimum=1),
+    "quality_cas_epochs": Rule(minimum=1), "arch": Rule(choices=("dit", "unet")),
 }
 
 

@@ -65,11 +65,11 @@ NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
 # what a finished or running `mgd3 pretrain` writes into OUT (anything else there is the user's)
 OUTPUTS = ("model_index.json", "transformer", "vae", "scheduler", "mgd3.json", "MODEL_CARD.md", "samples",
-           ".checkpoints", ".save")
+           ".checkpoints", ".save", "unet", "class_embedder")
 # config fields that fix the data and the VAE / the DiT: a checkpoint made with other values cannot continue
 VAE_KEYS = ("data", "classes", "data_root", "resolution", "channels", "limit", "seed", "latent_channels",
-            "vae_levels", "vae_width")
-DIT_KEYS = VAE_KEYS + ("size", "patch_size", "vae_epochs")
+            "vae_levels", "vae_width", "vae")
+DIT_KEYS = VAE_KEYS + ("size", "patch_size", "vae_epochs", "arch")
 
 
 @dataclass
@@ -89,7 +89,9 @@ class PretrainConfig:
     vae_lr: float = 1e-3
     vae_loss: str = "mse"  # "mse" or "l1"
     kl_weight: float = 1e-6
-    # DiT
+    vae: str | None = None  # reuse this pipeline folder's vae/ instead of training one
+    # DiT (or, with arch "unet", the class-conditional latent UNet of mgd3.backends.unet)
+    arch: str | None = None  # None: dit
     size: str = "small"
     patch_size: int | None = None  # None: the size preset's
     epochs: int = 20
@@ -163,8 +165,14 @@ def build_vae(cfg: PretrainConfig, channels: int, resolution: int):
 
 
 def build_dit(cfg: PretrainConfig, latent_size: int, num_classes: int):
-    """DiTTransformer2DModel, ε-prediction with fixed variance (out channels = in channels)."""
+    """DiTTransformer2DModel, ε-prediction with fixed variance (out channels = in channels).
+    --arch unet: the class-conditional latent UNet instead (mgd3.backends.unet.build_unet)."""
     from diffusers import DiTTransformer2DModel
+
+    if cfg.arch == "unet":
+        from mgd3.backends.unet import build_unet
+
+        return build_unet(cfg.latent_channels, latent_size, num_classes, cfg.size)
 
     size = dit_size(cfg)
     if latent_size % size["patch_size"]:
@@ -667,6 +675,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     from diffusers import DDIMScheduler, DiTPipeline
 
     _validate(cfg)
+    if cfg.vae:  # the reused VAE fixes the latent space
+        from mgd3.backends.unet import reused_vae_settings
+
+        cfg.latent_channels, cfg.vae_levels, cfg.vae_width = reused_vae_settings(cfg.vae)
     device = _device(cfg.device)
     t_all = time.perf_counter()
     data, images, targets = _load_split(cfg, "train", cfg.limit)  # before touching OUT: bad data fails first
@@ -680,7 +692,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
     stats: dict = {}
 
     # 1. VAE
-    vae = train_vae(cfg, images, ckpt, device, stats)
+    if cfg.vae:
+        from mgd3.backends.unet import load_reused_vae
+
+        vae = load_reused_vae(cfg.vae, images.shape[1], images.shape[-1]).to(device)
+    else:
+        vae = train_vae(cfg, images, ckpt, device, stats)
     # 2.-3. scaling factor and the encoded train set
     t = time.perf_counter()
     mean_latents = encode_all(vae, images, device)  # (N, c, h, w)
@@ -709,9 +726,16 @@ def pretrain(cfg: PretrainConfig) -> Path:
     tmp = out / ".save"
     if tmp.exists():
         shutil.rmtree(tmp)
-    DiTPipeline(transformer=ema.cpu(), vae=vae.cpu(), scheduler=scheduler,
-                id2label=id2label).save_pretrained(tmp, safe_serialization=True)
-    for sub in ("transformer", "vae", "scheduler"):
+    subs = ("transformer", "vae", "scheduler")
+    if cfg.arch == "unet":
+        from mgd3.backends.unet import SUBFOLDERS, save_pipeline
+
+        save_pipeline(tmp, ema.unet.cpu(), ema.class_embedder.cpu(), vae.cpu(), scheduler, id2label)
+        subs = SUBFOLDERS
+    else:
+        DiTPipeline(transformer=ema.cpu(), vae=vae.cpu(), scheduler=scheduler,
+                    id2label=id2label).save_pretrained(tmp, safe_serialization=True)
+    for sub in subs:
         if (out / sub).exists():
             shutil.rmtree(out / sub)
         os.replace(tmp / sub, out / sub)
@@ -812,6 +836,10 @@ def write_model_card(out: Path, cfg: PretrainConfig, data, stats: dict, n_params
         f"- VAE reconstruction PSNR on the test split: {_fmt(stats.get('vae_test_psnr_db'), '.2f')} dB",
         f"- Recommended sampling (`mgd3.json`): CFG {cfg.cfg}",
     ]
+    if cfg.arch == "unet" or cfg.vae:
+        from mgd3.backends.unet import card_lines
+
+        lines = card_lines(lines, cfg, n_params)
     if quality:
         lines += ["", "## Quality (measured by mgd3's own code, `mgd3.quality`)", ""]
         lines += [f"- {k}: {v}" for k, v in quality.items()]
@@ -853,7 +881,12 @@ def add_parser(sub) -> None:
     g.add_argument("--vae-lr", type=float, default=d.vae_lr, help="VAE learning rate (AdamW, cosine decay)")
     g.add_argument("--vae-loss", choices=["mse", "l1"], default=d.vae_loss, help="VAE reconstruction loss")
     g.add_argument("--kl-weight", type=float, default=d.kl_weight, help="weight of the per-pixel KL term")
+    g.add_argument("--vae", metavar="MODEL_DIR", help="reuse the vae/ of this pipeline folder (e.g. the shipped "
+                                                      "model) instead of training one; only the denoiser trains")
     g = p.add_argument_group("DiT")
+    g.add_argument("--arch", choices=["dit", "unet"],
+                   help="denoiser: dit (default) or unet, the class-conditional latent UNet of the CompVis cin256 "
+                        "design (mgd3.backends.unet; --size picks its preset of the same name)")
     g.add_argument("--size", default=d.size, choices=list(SIZES),
                    help="DiT size preset: " + "; ".join(
                        f"{k}: {v['num_layers']} layers, {v['num_attention_heads']}x{v['attention_head_dim']}"
@@ -902,6 +935,8 @@ def run(args) -> int:
     if threads is not None:
         threads = convert("threads", threads, "int", source)
         Rule(minimum=1, maximum=4096).check("--threads", threads)
+    if values.get("arch") == "dit":
+        values["arch"] = None  # the default; checkpoints of older runs carry no arch
     cfg = pretrain_config(values, source, command="mgd3 " + " ".join(sys.argv[1:]))
     if threads:
         torch.set_num_threads(threads)

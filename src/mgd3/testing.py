@@ -5,7 +5,7 @@
 with real diffusers modules built under a fixed seed and saved with `save_pretrained`.
 `build_sd_folder` does the same for a text-to-image StableDiffusionPipeline in the layout of
 `stable-diffusion-v1-5` (unet/, vae/, text_encoder/, tokenizer/ with vocab.json + merges.txt,
-scheduler/).
+scheduler/). `build_ldm_folder` writes mgd3's class-conditional LDM layout (`mgd3.backends.unet`).
 """
 
 from __future__ import annotations
@@ -172,3 +172,55 @@ def build_sd_folder(
         pipe.save_pretrained(path)
     _write_clip_tokenizer(path / "tokenizer", max_length)  # the hub's files, not the converted tokenizer.json
     return path
+
+
+def build_ldm_folder(
+    path: str | Path,
+    *,
+    num_classes: int = 10,
+    image_channels: int = 3,
+    resolution: int = 16,
+    latent_channels: int = 4,
+    vae_levels: int = 2,
+    vae_width: int = 8,
+    widths: tuple[int, ...] = (8, 16),
+    embed_dim: int = 16,
+    first_stage: str = "kl",
+    learned_sigma: bool = False,
+    class_names: list[str] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Build and save a tiny class-conditional LDM (mgd3's LDMClassConditionalPipeline layout:
+    unet/, class_embedder/, vae/ (AutoencoderKL or, with first_stage="vq", VQModel), scheduler/)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
+
+    from mgd3.backends.unet import ClassEmbedder, save_pipeline
+
+    path = Path(path)
+    down = 2 ** (vae_levels - 1)
+    if resolution % down:
+        raise ValueError("resolution must be divisible by the VAE downsampling factor")
+    torch.manual_seed(seed)
+    if first_stage == "vq":
+        vae = VQModel(in_channels=image_channels, out_channels=image_channels,
+                      down_block_types=("DownEncoderBlock2D",) * vae_levels,
+                      up_block_types=("UpDecoderBlock2D",) * vae_levels,
+                      block_out_channels=tuple(vae_width * (i + 1) for i in range(vae_levels)),
+                      layers_per_block=1, latent_channels=latent_channels, num_vq_embeddings=32,
+                      norm_num_groups=min(vae_width, 4), sample_size=resolution, scaling_factor=1.0)
+    else:
+        vae = _tiny_vae(image_channels, vae_width, vae_levels, latent_channels, resolution)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // down, in_channels=latent_channels,
+        out_channels=latent_channels * (2 if learned_sigma else 1),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(widths) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(widths) - 1) + ("UpBlock2D",),
+        block_out_channels=widths, layers_per_block=1, cross_attention_dim=embed_dim,
+        attention_head_dim=2, norm_num_groups=min(widths[0], 4),
+    )
+    embedder = ClassEmbedder(num_classes=num_classes, embed_dim=embed_dim)
+    # the LDM paper's linear schedule (linspace of square roots), as CompVis cin256-v2
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
+                              beta_schedule="scaled_linear", clip_sample=False)
+    names = class_names or [f"class {i}" for i in range(num_classes)]
+    return save_pipeline(path, unet, embedder, vae, scheduler, dict(enumerate(names)))

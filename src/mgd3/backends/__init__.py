@@ -196,6 +196,7 @@ def load_backend(model: str | os.PathLike, device: str | torch.device = "cpu",
     """Load the backend that fits the pipeline folder `model` (local path or cached repo id)."""
     import mgd3.backends.dit  # noqa: F401  (registers)
     import mgd3.backends.sd  # noqa: F401  (registers)
+    import mgd3.backends.unet  # noqa: F401  (registers)
 
     from mgd3.config import check_device
 
