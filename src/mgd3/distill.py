@@ -37,6 +37,7 @@ from mgd3.backends import Backend, default_device, load_backend
 from mgd3.errors import Mgd3Error
 from mgd3.methods import (ClassInfo, Context, Item, SamplerConfig, check_finite, get_method, item_seed,
                           option_flag)
+from mgd3.profile import StageProfile
 from mgd3.sampling import UPDATE_RULES
 
 log = logging.getLogger(__name__)
@@ -417,6 +418,7 @@ def _distill(cfg: DistillConfig, ranks: "Ranks") -> dict:
     progress = cfg.progress and ranks.rank == 0
     t = time.perf_counter()
     backend = load_backend(model, device=device, precision=cfg.precision)
+    prof = StageProfile.attach(backend)  # work per stage: forwards, FLOPs (profile.py)
     recommended = _recommended_options(backend, method_cls)
     if recommended:  # what the user gave wins over what the model recommends
         options = _method_options(method_cls, {**recommended, **cfg.options})
@@ -458,6 +460,7 @@ def _distill(cfg: DistillConfig, ranks: "Ranks") -> dict:
     # this process's classes: r, r+N, ... (ctx.all_classes keeps every class of the run)
     ctx.classes = [c for c in classes if c.index % ranks.world == ranks.rank]
     t = time.perf_counter()
+    prof.enter("prepare")
     method.prepare(ctx)  # deterministic (and encodings are cached), so also run on resume
     timing["prepare"] = time.perf_counter() - t
 
@@ -483,9 +486,11 @@ def _distill(cfg: DistillConfig, ranks: "Ranks") -> dict:
             entry["grid"].update(shard["grid"])
             continue
         t = time.perf_counter()
+        prof.enter("generate", images=len(batch_items))
         result = method.generate(ctx, batch_items)
         t_gen += time.perf_counter() - t
         t = time.perf_counter()
+        prof.enter("decode_write", images=len(batch_items))
         images = result.images if result.images is not None else backend.decode(result.latents)
         images = resize_for_saving(images, cfg.save_resolution)  # [text-to-image] no-op when None
         paths = store.write_images(out, [it.cls.class_id for it in batch_items],
@@ -580,6 +585,7 @@ def _distill(cfg: DistillConfig, ranks: "Ranks") -> dict:
         "method_info": info,
         "config": resolved,
         "timing_s": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in timing.items()},
+        "profile": prof.finish(timing),  # this process's work per stage
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "device": resolved_device, "threads": torch.get_num_threads(), "processes": ranks.world,
                     "resumed_images": resumed},
