@@ -81,6 +81,7 @@ class _Work:
     flops: float = 0.0
     model_s: float = 0.0  # seconds inside the network calls
     calls: dict = field(default_factory=dict)  # "encode"/"decode"/"denoiser" -> rows
+    usage: list = field(default_factory=lambda: [0.0, 0.0, 0])  # CPU user s, CPU system s, minor faults
 
 
 class StageProfile:
@@ -89,6 +90,7 @@ class StageProfile:
     def __init__(self):
         self.stage = "load"
         self.work = {s: _Work() for s in STAGES}
+        self._usage = _rusage()
         self.per_row: dict[str, float] = {}  # FLOPs per batch row of each network
 
     @classmethod
@@ -125,18 +127,27 @@ class StageProfile:
 
     def enter(self, stage: str, images: int = 0) -> None:
         """Book what follows to `stage`; `images`: images that stage makes (generated, written)."""
+        self._book_usage()
         self.stage = stage
         self.work[stage].images += int(images)
 
+    def _book_usage(self) -> None:
+        now = _rusage()
+        u = self.work[self.stage].usage
+        for i in range(3):
+            u[i] += now[i] - self._usage[i]
+        self._usage = now
+
     def finish(self, timing: dict) -> dict:
         """The summary for the manifest (`summary`); logs its one line."""
+        self._book_usage()
         summary = self.summary(timing)
         log.info("profile: %s", self.line(summary))
         return summary
 
     def summary(self, timing: dict) -> dict:
         """{stage: {seconds, images, forwards, calls, flops, gflop_per_s, model_s,
-        model_gflop_per_s}} for the manifest. `seconds` is the stage's wall time from the
+        model_gflop_per_s, cpu_user_s, cpu_system_s, minor_faults}} for the manifest. `seconds` is the stage's wall time from the
         driver's `timing`; `images` are those encoded (prepare) or generated (generate,
         decode_write); `forwards` are network batch rows; `model_s` the seconds inside them."""
         out = {}
@@ -152,6 +163,9 @@ class StageProfile:
                 "gflop_per_s": round(w.flops / sec / 1e9, 2) if sec > 0 else 0.0,
                 "model_s": round(w.model_s, 3),
                 "model_gflop_per_s": round(w.flops / w.model_s / 1e9, 2) if w.model_s > 0 else 0.0,
+                # this process, every thread: where CPU time goes (user vs kernel) and page faults
+                "cpu_user_s": round(w.usage[0], 3), "cpu_system_s": round(w.usage[1], 3),
+                "minor_faults": int(w.usage[2]),
             }
         out["flops_per_row"] = {k: float(f"{v:.4g}") for k, v in self.per_row.items() if v is not None}
         return out
@@ -173,6 +187,17 @@ class StageProfile:
             parts.append(f"{s}: {what}, {_flop(st['flops'])}, {st['seconds']:.1f} s, "
                          f"{_flop(st['gflop_per_s'] * 1e9)}/s")
         return "; ".join(parts)
+
+
+def _rusage() -> tuple[float, float, int]:
+    """(user s, system s, minor page faults) of this process so far; zeros where unknown."""
+    try:
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime, r.ru_stime, r.ru_minflt
+    except (ImportError, OSError):
+        return 0.0, 0.0, 0
 
 
 def _n(n: int) -> str:
