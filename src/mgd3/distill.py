@@ -32,6 +32,7 @@ from mgd3.backends.labels import class_labels
 from mgd3.errors import Mgd3Error
 from mgd3.methods import (ClassInfo, Context, Item, Method, SamplerConfig, check_finite, get_method, item_seed,
                           method_options, option_flag, options_by_field, recommended_options)
+from mgd3.profile import StageProfile
 from mgd3.ranks import Ranks
 from mgd3.runs import NOT_IN_RUN_KEY  # noqa: F401  (re-exported: the fields a run key leaves out)
 from mgd3.sampling import UPDATE_RULES
@@ -165,6 +166,7 @@ class _Run:
     state: str  # "new", "resume" or "complete" (see store.open_run)
     t_start: float
     timing: dict[str, float]
+    prof: StageProfile  # work per stage: forwards, FLOPs (mgd3.profile)
 
 
 def distill(cfg: DistillConfig, backend: Backend | None = None) -> DistillResult:
@@ -204,6 +206,7 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     method_options(method_cls, cfg.options)  # a bad option stops the run before anything loads
     t = time.perf_counter()
     backend, cfg = _backend(cfg, ranks, backend)
+    prof = StageProfile.attach(backend)
     options = _options(cfg, backend, method_cls)
     _set_resolution(backend, cfg)
     if cfg.sampler.cfg_channels is not None and cfg.sampler.cfg_channels > backend.latent_shape[0]:
@@ -222,7 +225,7 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     method = method_cls(options) if method_cls.Options else method_cls()
     method.validate(ctx)
     run = _Run(cfg, ranks, backend, data, classes, method, options, ctx, Path(cfg.out).expanduser(), "new",
-               t_start, timing)
+               t_start, timing, prof)
     run.state = _open_output(run)
     return run
 
@@ -278,6 +281,7 @@ def _generate(run: _Run) -> tuple[dict[int, runs.ClassOutput], int, int]:
     cfg, ctx, method = run.cfg, run.ctx, run.method
     ctx.classes = [c for c in run.classes if c.index % run.ranks.world == run.ranks.rank]
     t = time.perf_counter()
+    run.prof.enter("prepare")
     method.prepare(ctx)  # deterministic (and encodings are cached), so also run on resume
     run.timing["prepare"] = time.perf_counter() - t
 
@@ -313,9 +317,11 @@ def _generate(run: _Run) -> tuple[dict[int, runs.ClassOutput], int, int]:
 def _generate_batch(run: _Run, items: list[Item]) -> dict:
     """Generate, decode and write one batch; its shard is saved after its images (the batch is done)."""
     t = time.perf_counter()
+    run.prof.enter("generate", images=len(items))
     result = run.method.generate(run.ctx, items)
     run.timing["generate"] += time.perf_counter() - t
     t = time.perf_counter()
+    run.prof.enter("decode_write", images=len(items))
     images = result.images if result.images is not None else run.backend.decode(result.latents)
     images = resize_for_saving(images, run.cfg.save_resolution)  # no-op when None
     folders = [store.class_folder(it.cls.index, it.cls.class_id, len(run.classes)) for it in items]
@@ -378,8 +384,10 @@ def _write_set(run: _Run, parts: list[dict]) -> int:
     config.update(model=str(run.backend.path), device=device)
     info = runs.merge_info([part["method_info"] for part in parts])
     resumed = sum(part["resumed"] for part in parts)
-    store.write_manifest(out, runs.manifest(cfg, run.backend, run.data, run.classes, config, info, timing,
-                                            device, world, resumed, records))
+    manifest = runs.manifest(cfg, run.backend, run.data, run.classes, config, info, timing, device, world, resumed,
+                             records)
+    manifest["profile"] = run.prof.finish(timing)  # this process's work per stage
+    store.write_manifest(out, manifest)
     store.remove_partial(out)  # after the manifest: until then the shards are the resume state
     return len(records)
 

@@ -56,6 +56,32 @@ def _load(path: Path) -> Tensor:
     return torch.load(path, map_location="cpu", weights_only=True).float()
 
 
+def _cache_problem(path: Path, rows: int, shape: Sequence[int]) -> str | None:
+    """Why a cache file cannot be used (unreadable, truncated, not a float16 tensor of `rows`
+    latents of `shape`, non-finite values), or None."""
+    try:
+        lat = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, a pickle that is not plain tensors, garbage, I/O errors
+        return " ".join(f"{type(e).__name__}: {e}".split())[:200]
+    if not isinstance(lat, Tensor) or lat.dtype != CACHE_DTYPE:
+        return f"not a {CACHE_DTYPE} tensor ({type(lat).__name__}{f' {lat.dtype}' if isinstance(lat, Tensor) else ''})"
+    if tuple(lat.shape) != (rows, *shape):
+        return f"shape {tuple(lat.shape)}, expected {(rows, *shape)}"
+    if not torch.isfinite(lat).all():
+        return "non-finite values"
+    return None
+
+
+def _encode_batch(backend, images: Tensor) -> Tensor:
+    """The backend's encoding of one batch, under inference mode; on a CPU the images go in
+    channels-last (oneDNN's fast layout for these convolutions; the latents agree with the
+    contiguous layout's to float rounding, see benchmarks/results/encode_speed.md)."""
+    if torch.device(backend.device).type == "cpu":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return backend.encode(images).contiguous()  # (B, C, h, w)
+
+
 class CachedLatents(Mapping):
     """{class index: (N_c, C, h, w) float32} read from the float16 cache files on access; only the
     class read last stays in memory."""
@@ -142,10 +168,14 @@ def encode_classes(
     for c in class_indices:
         f = cache_file(c)
         if use_cache and f.is_file():
-            if not lazy:
-                out[c] = _load(f)
-        else:
-            todo.append(c)
+            why = _cache_problem(f, len(items(c)), backend.latent_shape)
+            if why is None:
+                if not lazy:
+                    out[c] = _load(f)
+                continue
+            log.warning("encoding cache file %s is unusable (%s); encoding class %s again", f, why,
+                        data.class_ids[c])
+        todo.append(c)
     if len(todo) < len(class_indices):
         log.info("encodings of %d classes from cache %s", len(class_indices) - len(todo), folder)
     if todo:
@@ -161,7 +191,7 @@ def encode_classes(
                 parts, got = [], 0
                 while got < n:
                     images, _ = next(batches)
-                    parts.append(backend.encode(images).to("cpu", CACHE_DTYPE))  # (B, C, h, w)
+                    parts.append(_encode_batch(backend, images).to("cpu", CACHE_DTYPE))  # (B, C, h, w)
                     got += len(images)
                     bar.update(len(images))
                 lat = torch.cat(parts)

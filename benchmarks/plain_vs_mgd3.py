@@ -1,0 +1,114 @@
+"""Benchmark: plain sampling vs MGD³, each a whole fresh `mgd3 distill` process, in interleaved
+pairs (plain, MGD³, MGD³, plain, ...), so load on a shared machine falls on both alike.
+
+Guidance adds work, so MGD³ should take at least plain's time and at most ~2 % more. Reports per
+run the generate stage's wall time and, from the manifest's stage profile, its CPU user and
+system seconds and minor page faults (all threads of the process), and the median of the per-pair
+ratios MGD³ / plain. Encodings are cached by a first run, so `prepare` is mode discovery only.
+Writes benchmarks/results/plain_vs_mgd3.md (or --out).
+
+    nice -n 10 python benchmarks/plain_vs_mgd3.py [--pairs 5] [--steps 10] [--classes 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mgd3.machine import cpu_name
+
+
+def run(args, method: str, out: Path, env: dict) -> dict:
+    cmd = [sys.executable, "-m", "mgd3", "distill", "--data", "fashion-mnist", "--ipc", str(args.ipc),
+           "--steps", str(args.steps), "--max-real-per-class", str(args.max_real_per_class), "--method", method,
+           "--out", str(out), "--overwrite", "--quiet"]
+    if args.classes:
+        cmd += ["--classes", *args.classes]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr}")
+    m = json.loads((out / "manifest.json").read_text())
+    g = m["profile"]["generate"]
+    return {"wall": wall, "generate": m["timing_s"]["generate"], "user": g["cpu_user_s"],
+            "system": g["cpu_system_s"], "faults": g["minor_faults"], "load": os.getloadavg()[0],
+            "latents": (out / "latents.pt").read_bytes()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--ipc", type=int, default=10)
+    ap.add_argument("--classes", nargs="*", default=None, help="default every class")
+    ap.add_argument("--max-real-per-class", type=int, default=200)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "plain_vs_mgd3.md"))
+    ap.add_argument("--note", default="", help="a line added under the table (what code was measured)")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="mgd3-plain-vs-mgd3-"))
+    env = dict(os.environ, MGD3_CACHE_DIR=str(tmp / "cache"))
+    run(args, "mgd3", tmp / "warm", env)  # fills the encoding cache
+    rows, ratios = [], []
+    first = {}
+    for p in range(args.pairs):
+        order = ("plain", "mgd3") if p % 2 == 0 else ("mgd3", "plain")
+        got = {}
+        for method in order:
+            got[method] = run(args, method, tmp / f"{method}-{p}", env)
+            if method in first:
+                assert got[method]["latents"] == first[method], f"{method}: the latents changed between runs"
+            first.setdefault(method, got[method]["latents"])
+            r = got[method]
+            rows.append((p, method, r))
+            print(f"pair {p} {method}: generate {r['generate']:.2f} s (user {r['user']:.2f}, system "
+                  f"{r['system']:.2f}, {r['faults']} minor faults), process {r['wall']:.1f} s, load {r['load']:.1f}",
+                  flush=True)
+        ratios.append(got["mgd3"]["generate"] / got["plain"]["generate"])
+
+    def med(method, key):
+        return statistics.median(r[key] for _, m, r in rows if m == method)
+
+    lines = [
+        "## plain vs MGD³, whole processes in interleaved pairs",
+        "",
+        f"Command: `nice -n 10 python benchmarks/plain_vs_mgd3.py {' '.join(sys.argv[1:])}`",
+        f"Machine: {cpu_name()}, torch threads per process as default, Python {platform.python_version()}; "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Run: fashion-mnist, shipped model, "
+        f"IPC {args.ipc}, {args.steps} DDPM steps, CFG 4, classes {' '.join(args.classes) if args.classes else 'all'};"
+        " encodings cached.",
+        "",
+        "| pair | method | generate s | CPU user s | CPU system s | minor faults | process s | load (1 min) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p, method, r in rows:
+        lines.append(f"| {p} | {method} | {r['generate']:.2f} | {r['user']:.2f} | {r['system']:.2f} | {r['faults']} | "
+                     f"{r['wall']:.1f} | {r['load']:.1f} |")
+    lines += [
+        "",
+        f"Median generate: plain {med('plain', 'generate'):.2f} s, MGD³ {med('mgd3', 'generate'):.2f} s; "
+        f"median of the per-pair ratios MGD³ / plain: **{statistics.median(ratios):.3f}** "
+        f"(pairs: {', '.join(f'{x:.3f}' for x in ratios)}). Median CPU system s: plain {med('plain', 'system'):.2f}, "
+        f"MGD³ {med('mgd3', 'system'):.2f}; minor faults: plain {med('plain', 'faults'):.0f}, "
+        f"MGD³ {med('mgd3', 'faults'):.0f}. Every run of a method wrote byte-identical latents.",
+    ]
+    if args.note:
+        lines += ["", args.note]
+    out = Path(args.out)
+    old = out.read_text() if out.is_file() else "# plain vs MGD³ sampling time\n\n"
+    out.write_text(old + "\n".join(lines) + "\n\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
