@@ -15,7 +15,6 @@ references keep coefficients in float32, mgd3 in float64) changes the last bits 
 
 from __future__ import annotations
 
-import math
 import warnings
 from types import SimpleNamespace
 

@@ -22,7 +22,6 @@ naming the first missing key.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
