@@ -202,7 +202,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune `cfg.model` on `cfg.data` with `cfg.objective`; writes cfg.out; returns a summary."""
     from mgd3.backends import default_device, load_backend
     from mgd3.data import load_data
-    from mgd3.distill import map_labels
+    from mgd3.backends.labels import map_labels
     from mgd3.evaluate.train import tensor_set
 
     t_start = time.perf_counter()

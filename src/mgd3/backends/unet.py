@@ -39,7 +39,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from mgd3.backends import BACKENDS, PIPELINE_CLASSES, Backend
-from mgd3.backends.dit import KLVaeMixin, _file_fingerprint, train_betas
+from mgd3.backends.dit import KLVaeMixin, train_betas
+from mgd3.files import folder_fingerprint
 from mgd3.errors import Mgd3Error
 from mgd3.sampling import ModelOutput
 
@@ -287,7 +288,7 @@ class LDMBackend(KLVaeMixin, Backend):
         return images.float().clamp(-1.0, 1.0)
 
     def vae_fingerprint(self) -> str:
-        return _file_fingerprint(self._vae_dir)
+        return folder_fingerprint(self._vae_dir)
 
 
 BACKENDS.add("ldm", LDMBackend)
