@@ -290,7 +290,7 @@ def _save(out: Path, backend, ema, cfg: FinetuneConfig, data, stats: dict) -> No
     """transformer/ (EMA weights, as the official checkpoint's `ema` is what it samples from),
     vae/ and scheduler/ copied, mgd3.json (the source's defaults + the fine-tune record),
     MODEL_CARD.md, and model_index.json last: its presence means the folder is complete."""
-    from mgd3.distill import model_fingerprint
+    from mgd3.runs import model_fingerprint
 
     src = backend.path
     for sub in ("vae", "scheduler"):
