@@ -125,7 +125,7 @@ def test_a_model_recommends_method_options_and_the_user_overrides_them(trained, 
         options("bad")
     info["defaults"]["methods"] = {"mgd3": [0.25]}
     (model / "mgd3.json").write_text(json.dumps(info))
-    with pytest.raises(Mgd3Error, match="must be a mapping of option: value"):
+    with pytest.raises(Mgd3Error, match="must map each method to a mapping of option: value"):
         options("bad")
 
 
@@ -245,3 +245,56 @@ def test_train_steps_budget_with_a_partial_last_epoch(tmp_path):
         pretrain(_cfg(out, train_steps=5))
     pretrain(_cfg(out, train_steps=6))  # a larger budget continues
     assert json.loads((out / "mgd3.json").read_text())["stats"]["dit_steps"] == [3, 5, 6]
+
+
+def test_a_model_recommends_settings_per_ipc_range(trained, tmp_path, caplog):
+    """mgd3.json "by_ipc": the entry whose range holds the IPC merges its method options (a "cfg"
+    there is that method's CFG scale); what the user passes wins; the log and manifest say what
+    was taken."""
+    import logging
+
+    from mgd3.distill import DistillConfig, distill
+    from mgd3.methods import SamplerConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(trained, model)
+    info = json.loads((model / "mgd3.json").read_text())
+    info["defaults"] = {"cfg": 1.5, "methods": {"mgd3": {"t_stop": 2}},
+                        "by_ipc": [{"ipc": [2, 3], "methods": {"mgd3": {"lambda": 0.3, "cfg": 2.5}},
+                                    "evidence": "a test"}]}
+    (model / "mgd3.json").write_text(json.dumps(info))
+
+    def run(out, ipc, cfg=None, **given):
+        distill(DistillConfig(data="digits", out=str(tmp_path / out), model=str(model), method="mgd3", ipc=ipc,
+                              classes=["0"], progress=False, sampler=SamplerConfig(steps=4, cfg=cfg), options=given))
+        return json.loads((tmp_path / out / "manifest.json").read_text())
+
+    m = run("ipc1", 1)  # no entry holds IPC 1: the folder-wide settings
+    assert m["config"]["sampler"]["cfg"] == 1.5 and m["config"]["options"]["lam"] == 0.1
+    assert m["config"]["options"]["t_stop"] == 2
+    assert m["recommended"]["ipc_range"] is None and m["recommended"]["taken"] == {"--t-stop": 2, "--cfg": 1.5}
+    with caplog.at_level(logging.INFO, logger="mgd3"):
+        m = run("ipc2", 2)
+    assert m["config"]["sampler"]["cfg"] == 2.5
+    assert m["config"]["options"]["lam"] == 0.3 and m["config"]["options"]["t_stop"] == 2  # merged per method
+    assert m["recommended"] == {"source": f"{model}/mgd3.json", "ipc_range": [2, 3],
+                                "taken": {"--lambda": 0.3, "--t-stop": 2, "--cfg": 2.5}}
+    assert "recommended by" in caplog.text and "for IPC 2..3" in caplog.text
+    m = run("mine", 3, cfg=1.0, lam=0.2)  # what the user passes wins
+    assert m["config"]["sampler"]["cfg"] == 1.0 and m["config"]["options"]["lam"] == 0.2
+    assert m["recommended"]["taken"] == {"--t-stop": 2}
+
+    plain = distill(DistillConfig(data="digits", out=str(tmp_path / "plain"), model=str(model), method="plain",
+                                  ipc=2, classes=["0"], progress=False, sampler=SamplerConfig(steps=4)))
+    assert plain.images == 2  # a method's recommended CFG is its own: plain keeps the folder-wide 1.5
+    assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["config"]["sampler"]["cfg"] == 1.5
+    for bad, words in (([{"ipc": [3, 2], "cfg": 2.0}], "two integers"),
+                       ([{"ipc": [1, 2], "methods": {"mgd3": {"cfg": -1}}}], "cfg of method mgd3"),
+                       ([{"ipc": [1, 4]}, {"ipc": [4, 6]}], "overlap"),
+                       ([{"ipc": [1, 2], "cfg": "nan"}], "cfg"),
+                       ({"ipc": [1, 2]}, "must be a list")):
+        info["defaults"]["by_ipc"] = bad
+        (model / "mgd3.json").write_text(json.dumps(info))
+        with pytest.raises(Mgd3Error, match=words):
+            run("bad", 1)
+        assert not (tmp_path / "bad").exists()  # refused before the output folder is made

@@ -444,13 +444,18 @@ def check_distill_run(cfg, backend, classes, cfg_scale: float) -> None:
     _check_image_memory(cfg.batch_size, int(cfg.save_resolution or backend.resolution), "the image size")
 
 
-def check_recommended(defaults, source: str) -> dict:
+def check_recommended(defaults, source: str, by_ipc: bool = True) -> dict:
     """A model's recommended settings (mgd3.json "defaults"): a mapping, cfg a finite number >= 0,
-    method options a mapping per method."""
+    method options a mapping per method; `by_ipc` a list of such mappings, each with an inclusive
+    "ipc": [low, high] range (ranges must not overlap)."""
     if defaults is None:
         return {}
     if not isinstance(defaults, dict):
         raise Mgd3Error(f"{source}: \"defaults\" must be a mapping, got {_short(defaults)}")
+    if "by_ipc" in defaults:
+        if not by_ipc:
+            raise Mgd3Error(f"{source}: a \"by_ipc\" entry cannot hold another \"by_ipc\"")
+        defaults = {**defaults, "by_ipc": _check_by_ipc(defaults["by_ipc"], source)}
     if "cfg" in defaults:
         v = convert("cfg", defaults["cfg"], "float", source)
         Rule(minimum=0.0).check(f"{source}: cfg", v)
@@ -467,11 +472,36 @@ def check_recommended(defaults, source: str) -> dict:
             by_flag = {option_flag(f).lstrip("-"): name for name, f in fields.items()}
             conv = {}
             for k, v in opts.items():
+                if k == "cfg":  # the method's own CFG scale (Backend.defaults_at)
+                    conv[k] = convert("cfg", v, "float", source)
+                    Rule(minimum=0.0).check(f"{source}: cfg of method {m}", conv[k])
+                    continue
                 name = by_flag.get(str(k).replace("_", "-"), str(k))
                 conv[k] = check_method_options({name: v}, source).get(name, v) if name in fields else v
             checked[m] = conv
         defaults = {**defaults, "methods": checked}
     return defaults
+
+
+def _check_by_ipc(entries, source: str) -> list[dict]:
+    """mgd3.json "by_ipc": [{"ipc": [low, high], "cfg": ..., "methods": {...}, "evidence": "..."}]."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise Mgd3Error(f"{source}: \"by_ipc\" must be a list of mappings, got {_short(entries)}")
+    checked, seen = [], []
+    for e in entries:
+        rng = e.get("ipc")
+        if not (isinstance(rng, list) and len(rng) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in rng) and 1 <= rng[0] <= rng[1]):
+            raise Mgd3Error(f"{source}: every \"by_ipc\" entry needs \"ipc\": [low, high], two integers "
+                            f"1 <= low <= high, got {_short(rng)}")
+        for lo, hi in seen:
+            if rng[0] <= hi and lo <= rng[1]:
+                raise Mgd3Error(f"{source}: \"by_ipc\" ranges {[lo, hi]} and {rng} overlap")
+        seen.append(tuple(rng))
+        if "evidence" in e and not isinstance(e["evidence"], str):
+            raise Mgd3Error(f"{source}: \"evidence\" of a \"by_ipc\" entry must be a string")
+        checked.append(check_recommended(e, f"{source} (by_ipc {rng})", by_ipc=False))
+    return checked
 
 
 # --------------------------------------------------------------------------- evaluate

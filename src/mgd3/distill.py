@@ -167,6 +167,7 @@ class _Run:
     t_start: float
     timing: dict[str, float]
     prof: StageProfile  # work per stage: forwards, FLOPs (mgd3.profile)
+    recommended: dict | None = None  # the settings taken from the model's mgd3.json (manifest)
 
 
 def distill(cfg: DistillConfig, backend: Backend | None = None) -> DistillResult:
@@ -207,7 +208,7 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     t = time.perf_counter()
     backend, cfg = _backend(cfg, ranks, backend)
     prof = StageProfile.attach(backend)
-    options = _options(cfg, backend, method_cls)
+    options, recommended = _options(cfg, backend, method_cls)
     _set_resolution(backend, cfg)
     if cfg.sampler.cfg_channels is not None and cfg.sampler.cfg_channels > backend.latent_shape[0]:
         raise Mgd3Error(f"--cfg-channels {cfg.sampler.cfg_channels} > latent channels {backend.latent_shape[0]}")
@@ -221,11 +222,11 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     ctx = Context(backend, data, classes, cfg.ipc, cfg.seed, cfg.sampler,
                   encode_batch_size=cfg.encode_batch_size, encode_workers=cfg.encode_workers,
                   cache_dir=cfg.cache_dir, progress=cfg.progress and ranks.rank == 0,
-                  max_real_per_class=cfg.max_real_per_class)
+                  max_real_per_class=cfg.max_real_per_class, method=cfg.method)
     method = method_cls(options) if method_cls.Options else method_cls()
     method.validate(ctx)
     run = _Run(cfg, ranks, backend, data, classes, method, options, ctx, Path(cfg.out).expanduser(), "new",
-               t_start, timing, prof)
+               t_start, timing, prof, recommended)
     run.state = _open_output(run)
     return run
 
@@ -244,15 +245,23 @@ def _backend(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> tuple
 
 
 def _options(cfg: DistillConfig, backend: Backend, method_cls):
-    """The method's options: what the user gave wins over what the model recommends."""
+    """The method's options: what the user gave wins over what the model recommends (for this
+    IPC). Returns them and what was taken from the model's mgd3.json (for the log and manifest)."""
     given = options_by_field(method_cls, cfg.options)
-    recommended = recommended_options(backend, method_cls)
+    recommended = recommended_options(backend, method_cls, cfg.ipc)
     used = {k: v for k, v in recommended.items() if k not in given}
-    if used:
-        flags = {f.name: option_flag(f) for f in dataclasses.fields(method_cls.Options)}
-        log.info("%s options recommended by %s/mgd3.json: %s", cfg.method, backend.path,
-                 ", ".join(f"{flags[k]} {v}" for k, v in used.items()))
-    return method_options(method_cls, {**recommended, **given})
+    defaults, ipc_range = backend.defaults_at(cfg.ipc, method_cls.name)
+    flags = {f.name: option_flag(f) for f in dataclasses.fields(method_cls.Options)} if method_cls.Options else {}
+    taken = {flags[k]: v for k, v in used.items()}
+    if cfg.sampler.cfg is None and "cfg" in defaults:
+        taken["--cfg"] = defaults["cfg"]
+    record = None
+    if taken:
+        where = f" for IPC {ipc_range[0]}..{ipc_range[1]}" if ipc_range else ""
+        log.info("%s settings recommended by %s/mgd3.json%s: %s", cfg.method, backend.path, where,
+                 ", ".join(f"{k} {v}" for k, v in taken.items()))
+        record = {"source": f"{backend.path}/mgd3.json", "ipc_range": ipc_range, "taken": taken}
+    return method_options(method_cls, {**recommended, **given}), record
 
 
 def _open_output(run: _Run) -> str:
@@ -387,6 +396,7 @@ def _write_set(run: _Run, parts: list[dict]) -> int:
     manifest = runs.manifest(cfg, run.backend, run.data, run.classes, config, info, timing, device, world, resumed,
                              records)
     manifest["profile"] = run.prof.finish(timing)  # this process's work per stage
+    manifest["recommended"] = run.recommended  # what the model's mgd3.json set (None: nothing)
     store.write_manifest(out, manifest)
     store.remove_partial(out)  # after the manifest: until then the shards are the resume state
     return len(records)

@@ -42,6 +42,27 @@ class Backend:
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"
 
+    def defaults_at(self, ipc: int, method: str | None = None) -> tuple[dict[str, Any], list[int] | None]:
+        """The recommended settings for `ipc` (and `method`): the folder-wide ones, overridden by the
+        mgd3.json "by_ipc" entry whose range holds `ipc` (cfg replaced, method options merged per
+        method); a "cfg" among a method's options is that method's CFG scale and wins over the
+        folder-wide one. Returns them and the entry's range (None when no entry applies)."""
+        merged = {k: v for k, v in self.defaults.items() if k != "by_ipc"}
+        methods = {m: dict(o) for m, o in (merged.get("methods") or {}).items()}
+        ipc_range = None
+        for entry in self.defaults.get("by_ipc") or ():
+            low, high = entry["ipc"]
+            if low <= ipc <= high:
+                merged.update({k: v for k, v in entry.items() if k not in ("ipc", "methods", "evidence")})
+                for m, opts in (entry.get("methods") or {}).items():
+                    methods[m] = {**methods.get(m, {}), **opts}
+                ipc_range = [low, high]
+                break
+        merged["methods"] = methods
+        if method is not None and "cfg" in methods.get(method, {}):
+            merged["cfg"] = methods[method]["cfg"]
+        return merged, ipc_range
+
     # --- conditioning
     def cond(self, labels: list[int]) -> Tensor:
         raise NotImplementedError

@@ -83,7 +83,8 @@ class Context:
 
     def __init__(self, backend: "Backend", data, classes: list[ClassInfo], ipc: int, seed: int,
                  sampler: SamplerConfig, *, encode_batch_size: int = 64, encode_workers: int | None = None,
-                 cache_dir=None, progress: bool = True, max_real_per_class: int | None = None):
+                 cache_dir=None, progress: bool = True, max_real_per_class: int | None = None,
+                 method: str | None = None):
         self.backend, self.data, self.classes = backend, data, classes
         # every class of the run; `classes` is this process's share when several run (torchrun)
         self.all_classes = list(classes)
@@ -91,7 +92,9 @@ class Context:
         self.encode_batch_size, self.cache_dir, self.progress = encode_batch_size, cache_dir, progress
         self.encode_workers = encode_workers  # DataLoader workers for encoding; None: 0 on CPU, else up to 16
         self.plan = Plan.from_betas(backend.betas, sampler.steps)
-        self.cfg_scale = sampler.cfg if sampler.cfg is not None else float(backend.defaults.get("cfg", 4.0))
+        # --cfg, else the model's recommendation for this IPC and method (mgd3.json), else DiT-XL/2's 4.0
+        self.cfg_scale = (sampler.cfg if sampler.cfg is not None
+                          else float(backend.defaults_at(ipc, method)[0].get("cfg", 4.0)))
         self.max_real_per_class = max_real_per_class
         self._latents = None  # a CachedLatents of `classes` once encoded
         self.observers: list = []  # step observers (progress), set by the driver
@@ -265,11 +268,12 @@ def method_options(method_cls: type[Method], given: Mapping[str, Any]):
     return method_cls.Options(**fields) if method_cls.Options is not None else None
 
 
-def recommended_options(backend: "Backend", method_cls: type[Method]) -> dict[str, Any]:
-    """The model's recommended options for this method, by field name, from its mgd3.json:
-    {"defaults": {"methods": {"mgd3": {"lambda": 0.3}}}} (keys are documented names, e.g. `t-stop`
-    or `t_stop`, as in a --config file)."""
-    rec = (backend.defaults.get("methods") or {}).get(method_cls.name) or {}
+def recommended_options(backend: "Backend", method_cls: type[Method], ipc: int) -> dict[str, Any]:
+    """The model's recommended options for this method at this IPC, by field name, from its mgd3.json:
+    {"defaults": {"methods": {"mgd3": {"lambda": 0.3}}, "by_ipc": [{"ipc": [5, 20], "methods": ...}]}}
+    (keys are documented names, e.g. `t-stop` or `t_stop`, as in a --config file)."""
+    rec = dict((backend.defaults_at(ipc)[0].get("methods") or {}).get(method_cls.name) or {})
+    rec.pop("cfg", None)  # a method's recommended CFG scale is a sampler setting (Backend.defaults_at)
     if not rec:
         return {}
     if not isinstance(rec, dict):
