@@ -37,7 +37,7 @@ from mgd3.backends import Backend, default_device, load_backend
 from mgd3.errors import Mgd3Error
 from mgd3.methods import (ClassInfo, Context, Item, SamplerConfig, check_finite, get_method, item_seed,
                           option_flag)
-from mgd3.sampling import UPDATE_RULES
+from mgd3.sampling import REPRODUCIBILITY, UPDATE_RULES
 
 log = logging.getLogger(__name__)
 
@@ -583,6 +583,7 @@ def _distill(cfg: DistillConfig, ranks: "Ranks") -> dict:
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "device": resolved_device, "threads": torch.get_num_threads(), "processes": ranks.world,
                     "resumed_images": resumed},
+        "reproducibility": REPRODUCIBILITY,
         "images": records,
     })
     store.remove_partial(out)  # after the manifest: until then the shards are the resume state
