@@ -59,7 +59,9 @@ def compare(a: Path, b: Path) -> dict:
             differing += 1
             pixels += int((d > 0).sum())
             max_gray = max(max_gray, int(d.max()))
-    return {"images": len(pngs), "latent_max": float((la - lb).abs().max()), "latent_equal": bool(torch.equal(la, lb)),
+    rel = float(((la - lb).abs() / la.abs().clamp_min(1.0)).max())
+    return {"images": len(pngs), "latent_max": float((la - lb).abs().max()), "latent_rel": rel,
+            "latent_scale": float(la.abs().max()), "latent_equal": bool(torch.equal(la, lb)),
             "pngs_differing": differing, "pixels_differing": pixels, "max_gray": max_gray,
             "pixels_total": len(pngs) * int(np.asarray(Image.open(a / pngs[0])).size)}
 
@@ -86,6 +88,10 @@ def main() -> None:
             r.update(model=name, method=method, data=data)
             rows.append(r)
             print(r, flush=True)
+    write_md(rows, args)
+
+
+def write_md(rows: list[dict], args) -> None:
     lines = [
         "# Batch size and the images: `--batch-size 1` vs `--batch-size " f"{args.ipc}`",
         "",
@@ -97,11 +103,13 @@ def main() -> None:
         "- the noise is identical (one generator per image); the difference is the rounding of batched "
         "matrix products",
         "",
-        "| model | data | method | images | max abs Δ latent | PNGs that differ | pixels that differ | max Δ gray level |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | data | method | images | max abs latent | max abs Δ latent | max Δ / max(1, abs latent) | "
+        "PNGs that differ | pixels that differ | max Δ gray level |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['data']} | {r['method']} | {r['images']} | {r['latent_max']:.1e} | "
+        lines.append(f"| {r['model']} | {r['data']} | {r['method']} | {r['images']} | {r['latent_scale']:.0f} | "
+                     f"{r['latent_max']:.1e} | {r['latent_rel']:.1e} | "
                      f"{r['pngs_differing']} | {r['pixels_differing']} of {r['pixels_total']} | {r['max_gray']} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
