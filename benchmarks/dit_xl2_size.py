@@ -184,7 +184,8 @@ def write_table(args, rows: list[dict], build_s: float | None) -> None:
         "# `mgd3 distill` at DiT-XL/2 size",
         "",
         "A randomly initialised DiT-XL/2 (`DiTTransformer2DModel`, 28 layers, 16 heads × 72, patch 2, "
-        "4 → 8 channels, 1000 classes, 32×32×4 latents; 750 M parameters: diffusers keeps a label and timestep embedder in every block, the original DiT-XL/2 has 675 M) and an "
+        "4 → 8 channels, 1000 classes, 32×32×4 latents; 750 M parameters: diffusers keeps a label and "
+        "timestep embedder in every block, the original DiT-XL/2 has 675 M) and an "
         "`AutoencoderKL` with the SD VAE config (84 M), saved as a `facebook/DiT-XL-2-256` folder, run through "
         "the real CLI: `mgd3 distill --method mgd3 --cfg 4 --cfg-channels 3` on one class of a synthetic "
         "ImageNette-shaped folder (320×256 JPEGs, centre-cropped to 256 px), IPC = batch size, one batch, "

@@ -80,7 +80,7 @@ def _cases(ws: Path, model: Path) -> dict:
         "lambda-nan": (digits + ["--lambda", "nan"], {}, "--lambda must be a finite number >= 0, got nan"),
         "lambda-negative": (digits + ["--lambda", "-0.5"], {}, "--lambda must be a finite number >= 0, got -0.5"),
         "cfg-negative": (digits + ["--cfg", "-1"], {}, "--cfg must be a finite number >= 0, got -1"),
-        "t-stop-past-last-step": (digits + ["--t-stop", "4"], {}, "--t-stop must be in -1..3 for 4 steps, got 4"),
+        "t-stop-past-last-step": (digits + ["--t-stop", "5"], {}, "--t-stop must be in -1..4 for 4 steps, got 5"),
         "foreign-output-folder": (digits, {}, "is not empty and holds no unfinished mgd3 run"),
         "output-is-a-file": (digits, {}, "exists and is not a folder"),
         "hf-offline-uncached-repo": (["--data", "digits", "--model", "some-org/some-repo"],

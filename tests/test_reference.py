@@ -58,7 +58,8 @@ def raw_transformer(dit_folder):
     """The same weights, loaded by diffusers alone (the oracle never touches mgd3's backend)."""
     from diffusers import DiTTransformer2DModel
 
-    return DiTTransformer2DModel.from_pretrained(dit_folder / "transformer", low_cpu_mem_usage=False).eval().requires_grad_(False)
+    tr = DiTTransformer2DModel.from_pretrained(dit_folder / "transformer", low_cpu_mem_usage=False)
+    return tr.eval().requires_grad_(False)
 
 
 def items_for(labels: list[int], ipc: int, seed: int = 0) -> list[Item]:
@@ -148,7 +149,8 @@ class OfficialDiffusion:
         max_log = self._extract(np.log(self.betas), t, x.shape)
         frac = (var_values + 1) / 2
         log_variance = frac * max_log + (1 - frac) * min_log
-        pred_xstart = self._extract(self.sqrt_recip_acp, t, x.shape) * x - self._extract(self.sqrt_recipm1_acp, t, x.shape) * eps
+        pred_xstart = self._extract(self.sqrt_recip_acp, t, x.shape) * x - \
+            self._extract(self.sqrt_recipm1_acp, t, x.shape) * eps
         mean = self._extract(self.posterior_mean_coef1, t, x.shape) * pred_xstart + \
             self._extract(self.posterior_mean_coef2, t, x.shape) * x
         return {"mean": mean, "log_variance": log_variance, "pred_xstart": pred_xstart, "eps": eps}
@@ -178,7 +180,8 @@ class OfficialDiffusion:
                 self._extract(self.sqrt_recipm1_acp, t, x.shape)
             if i > t_stop:
                 eps = eps - self._extract(np.sqrt(1.0 - self.acp), t, x.shape) * lam * (modes - out["pred_xstart"])
-            x0 = self._extract(self.sqrt_recip_acp, t, x.shape) * x - self._extract(self.sqrt_recipm1_acp, t, x.shape) * eps
+            x0 = self._extract(self.sqrt_recip_acp, t, x.shape) * x - \
+                self._extract(self.sqrt_recipm1_acp, t, x.shape) * eps
             acp_prev = self._extract(self.acp_prev, t, x.shape)
             x = x0 * torch.sqrt(acp_prev) + torch.sqrt(1 - acp_prev) * eps
         return x
@@ -280,7 +283,8 @@ def test_plain_ddpm_matches_diffusers_ddpm_scheduler(request, learned):
 
     folder = request.getfixturevalue("dit_folder" if learned else "dit_fixed_folder")
     backend = load_backend(folder)
-    raw = DiTTransformer2DModel.from_pretrained(folder / "transformer", low_cpu_mem_usage=False).eval().requires_grad_(False)
+    raw = DiTTransformer2DModel.from_pretrained(folder / "transformer", low_cpu_mem_usage=False)
+    raw = raw.eval().requires_grad_(False)
     items = items_for([2, 5], ipc=2)
     ctx = make_ctx(backend, items, SamplerConfig(sampler="ddpm", steps=50, cfg=1.0))
     ours = get_method("plain")().generate(ctx, items).latents

@@ -35,7 +35,7 @@ from mgd3.methods import (ClassInfo, Context, Item, Method, SamplerConfig, check
 from mgd3.profile import StageProfile
 from mgd3.ranks import Ranks
 from mgd3.runs import NOT_IN_RUN_KEY  # noqa: F401  (re-exported: the fields a run key leaves out)
-from mgd3.sampling import UPDATE_RULES
+from mgd3.sampling import REPRODUCIBILITY, UPDATE_RULES
 from mgd3.config import check_distill_run
 
 log = logging.getLogger(__name__)
@@ -397,6 +397,7 @@ def _write_set(run: _Run, parts: list[dict]) -> int:
                              records)
     manifest["profile"] = run.prof.finish(timing)  # this process's work per stage
     manifest["recommended"] = run.recommended  # what the model's mgd3.json set (None: nothing)
+    manifest["reproducibility"] = REPRODUCIBILITY  # what is bit-identical and what is not
     store.write_manifest(out, manifest)
     store.remove_partial(out)  # after the manifest: until then the shards are the resume state
     return len(records)
