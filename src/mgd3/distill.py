@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 import mgd3
 from mgd3 import store
+from mgd3.allocator import keep_freed_memory
 from mgd3.backends import Backend, default_device, load_backend
 from mgd3.errors import Mgd3Error
 from mgd3.methods import (ClassInfo, Context, Item, SamplerConfig, check_finite, get_method, item_seed,
@@ -405,6 +406,7 @@ def _distill(cfg: DistillConfig, ranks: "Ranks") -> dict:
 
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
+    keep_freed_memory()  # no page-fault churn in the sampling loop (allocator.py)
     _validate(cfg)
     method_cls = get_method(cfg.method)
     options = _method_options(method_cls, cfg.options)
