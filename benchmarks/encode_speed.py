@@ -1,7 +1,8 @@
 """Benchmark: VAE encoding throughput of real images (the `prepare` stage of MGD³), before and after.
 
 "before" is the encoding path as it was (`backend.encode` on contiguous batches under
-`no_grad`; both variants run with the fixed malloc thresholds of allocator.py, as distill does); "after" is `mgd3.encode` now (channels-last on a CPU, inference mode). Both go
+`no_grad`); "after" is `mgd3.encode` now (channels-last on a CPU, inference mode); both run with
+the fixed malloc thresholds of allocator.py, as distill does. Both go
 through the same `encode_classes` (DataLoader, per-class batches, float16 latents, no cache), in
 interleaved pairs, so load on a shared machine hits both alike; the ratio is the median of the
 per-pair ratios. Also checks that both give the same latents (float16 values that differ are
@@ -112,7 +113,8 @@ def main() -> None:
         f"(`FlopCounterMode`); fp32 matmul peak {peak / 1e9:.0f} GFLOP/s before, {peak_after / 1e9:.0f} after "
         "(timed 2048² `torch.mm`).",
         "",
-        "| encode batch | variant | images/s (median) | runs | GFLOP/s | fraction of peak | after / before (median of pairs) |",
+        "| encode batch | variant | images/s (median) | runs | GFLOP/s | fraction of peak | "
+        "after / before (median of pairs) |",
         "|---|---|---|---|---|---|---|",
     ]
     for b in args.batch_sizes:
