@@ -131,7 +131,7 @@ def main() -> None:
             + "."]
     lines += ["", "Same latents: " + "; ".join(
         f"batch {b}: {f:.2%} of the float16 values differ, by at most {m:.2g}" for b, (f, m) in diff.items())
-        + " (float32 rounding of a different convolution order, seen through float16)."]
+        + " (a difference is float32 rounding of another convolution order, seen through float16)."]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
