@@ -1,7 +1,8 @@
 """Benchmark: VAE encoding throughput of real images (the `prepare` stage of MGD³), before and after.
 
 "before" is the encoding path as it was (`backend.encode` on contiguous batches under
-`no_grad`); "after" is `mgd3.encode` now (channels-last on a CPU, inference mode). Both go
+`no_grad`); "after" is `mgd3.encode` now (channels-last on a CPU, inference mode); both run with
+the fixed malloc thresholds of allocator.py, as distill does. Both go
 through the same `encode_classes` (DataLoader, per-class batches, float16 latents, no cache), in
 interleaved pairs, so load on a shared machine hits both alike; the ratio is the median of the
 per-pair ratios. Also checks that both give the same latents (float16 values that differ are
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 import mgd3.encode as enc
+from mgd3.allocator import keep_freed_memory
 from mgd3.backends import load_backend
 from mgd3.data import load_data
 from mgd3.distill import shipped_model
@@ -65,6 +67,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "encode_speed.md"))
     args = ap.parse_args()
 
+    keep_freed_memory()  # as `mgd3 distill` runs (allocator.py), for both variants
     backend = load_backend(shipped_model("fashion-mnist"))
     data = load_data("fashion-mnist", "train", resolution=backend.resolution, channels=backend.image_channels)
     rng = np.random.default_rng(0)
@@ -110,7 +113,8 @@ def main() -> None:
         f"(`FlopCounterMode`); fp32 matmul peak {peak / 1e9:.0f} GFLOP/s before, {peak_after / 1e9:.0f} after "
         "(timed 2048² `torch.mm`).",
         "",
-        "| encode batch | variant | images/s (median) | runs | GFLOP/s | fraction of peak | after / before (median of pairs) |",
+        "| encode batch | variant | images/s (median) | runs | GFLOP/s | fraction of peak | "
+        "after / before (median of pairs) |",
         "|---|---|---|---|---|---|---|",
     ]
     for b in args.batch_sizes:
@@ -127,7 +131,7 @@ def main() -> None:
             + "."]
     lines += ["", "Same latents: " + "; ".join(
         f"batch {b}: {f:.2%} of the float16 values differ, by at most {m:.2g}" for b, (f, m) in diff.items())
-        + " (float32 rounding of a different convolution order, seen through float16)."]
+        + " (a difference is float32 rounding of another convolution order, seen through float16)."]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from mgd3 import runs, store
 from mgd3.api import callable_module
+from mgd3.allocator import keep_freed_memory
 from mgd3.backends import Backend, default_device, load_backend
 from mgd3.backends.labels import class_labels
 from mgd3.errors import Mgd3Error
@@ -202,6 +203,7 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     from mgd3.data import load_data
 
     t_start = time.perf_counter()
+    keep_freed_memory()  # no page-fault churn in the sampling loop (allocator.py)
     _validate(cfg)
     method_cls = get_method(cfg.method)
     method_options(method_cls, cfg.options)  # a bad option stops the run before anything loads

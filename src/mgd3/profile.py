@@ -150,9 +150,13 @@ class StageProfile:
 
     def summary(self, timing: dict) -> dict:
         """{stage: {seconds, images, forwards, calls, flops, gflop_per_s, model_s,
-        model_gflop_per_s, cpu_user_s, cpu_system_s, minor_faults}} for the manifest. `seconds` is the stage's wall time from the
-        driver's `timing`; `images` are those encoded (prepare) or generated (generate,
-        decode_write); `forwards` are network batch rows; `model_s` the seconds inside them."""
+        model_gflop_per_s, cpu_user_s, cpu_system_s, minor_faults}} for the manifest. `seconds`
+        is the stage's wall time from the driver's `timing`; `images` are those encoded (prepare)
+        or generated (generate, decode_write); `forwards` are network batch rows; `model_s` the
+        seconds inside the network calls (on a GPU, without a synchronisation: launch time for
+        calls that do not wait for their results). The CPU seconds and page faults are the
+        process's (every thread) between the driver's `enter` calls: load counts from the
+        backend's load on, decode_write up to the manifest."""
         out = {}
         for s in STAGES:
             w = self.work[s]
