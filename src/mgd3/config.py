@@ -463,7 +463,7 @@ def check_recommended(defaults, source: str, by_ipc: bool = True) -> dict:
     methods = defaults.get("methods")
     if methods is not None:
         if not isinstance(methods, dict) or not all(isinstance(v, dict) for v in methods.values()):
-            raise Mgd3Error(f"{source}: \"methods\" must map each method to a mapping of option: value")
+            raise Mgd3Error(f"{source}: \"methods\": each method's recommendation must be a mapping of option: value")
         checked = {}
         for m, opts in methods.items():
             fields = method_option_fields()
