@@ -7,8 +7,8 @@ happened to do before. A sampling step allocates and frees the same tens of MB o
 every step, so with low thresholds every step faults the same pages in again, each one zeroed by
 the kernel: on the project's 2-core CPU, plain sampling of 10 images x 10 steps made 87 000
 minor page faults, and 1 000 with fixed thresholds (same latents, byte for byte;
-benchmarks/results/plain_vs_mgd3.md). MGD³ had looked faster than plain sampling because its
-mode discovery had freed larger arrays first and so raised the thresholds by accident.
+benchmarks/results/plain_vs_mgd3.md). That is one reason MGD³ had looked faster than plain
+sampling: its mode discovery had freed larger arrays first and so raised the thresholds by accident.
 
 `keep_freed_memory()` fixes the thresholds instead (mmap threshold 32 MiB, glibc's maximum on
 64-bit; trim threshold 256 MiB), so every run starts alike. Linux/glibc only (elsewhere a no-op);
