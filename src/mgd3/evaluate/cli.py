@@ -6,7 +6,12 @@ from __future__ import annotations
 import argparse
 import logging
 
+from typing import TYPE_CHECKING
+
 from mgd3.errors import Mgd3Error
+
+if TYPE_CHECKING:
+    from mgd3.evaluate.core import EvalConfig
 
 log = logging.getLogger(__name__)
 
