@@ -118,7 +118,7 @@ def test_yaml_config_and_flags(digits_model, tmp_path, capsys):
     (["--method", "nope"], "unknown method 'nope'; known: "),
     (["--method", "plain", "--lambda", "0.1"], "method 'plain' takes no option --lambda"),
     (["--ipc", "500"], "IPC 500 is larger than class"),
-    (["--t-stop", "99"], "--t-stop must be in -1..5"),
+    (["--t-stop", "99"], "--t-stop must be in -1..6"),
     (["--cfg", "-1"], "--cfg must be a finite number"),
     (["--lambda", "nan"], "--lambda must be a finite number"),
     (["--classes", "eleven"], "eleven"),
