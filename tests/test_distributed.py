@@ -67,9 +67,10 @@ def files_of(out: Path) -> dict[str, bytes]:
 
 
 def comparable(manifest: dict) -> dict:
-    """A manifest without what depends on the machine, the time or where the set went."""
+    """A manifest without what depends on the machine, the time or where the set went (the stage
+    profile is each process's own work)."""
     m = dict(manifest)
-    for k in ("timing_s", "machine"):
+    for k in ("timing_s", "machine", "profile"):
         m.pop(k)
     m["config"] = {k: v for k, v in m["config"].items() if k != "out"}
     return m

@@ -216,7 +216,7 @@ def test_a_shard_path_that_leaves_the_folder_is_not_trusted(digits_model, tmp_pa
     with caplog.at_level(logging.WARNING, logger="mgd3"):
         ok(capsys, distill_args(digits_model, out))
     m = json.loads((out / "manifest.json").read_text())
-    assert [r["path"] for r in m["images"]] == ["images/0/0.png"]
+    assert [r["path"] for r in m["images"]] == ["images/000-0/0.png"]
 
 
 # --------------------------------------------------------------------------- 3. --overwrite
@@ -329,7 +329,7 @@ def test_model_recommendations_are_validated_like_flags(digits_model, tmp_path, 
 def test_help_lists_the_choices_of_enumerated_options(capsys):
     assert main(["distill", "--help"]) == 0
     text = capsys.readouterr().out
-    for choices in ("{bisecting,dbscan,gmm,kmeans,kmeans-closest,random,spectral}", "{auto,ddpm,ddim,x0}",
+    for choices in ("{bisecting,dbscan,gmm,kmeans,kmeans-closest,kmeans-minibatch,random,spectral}", "{auto,ddpm,ddim,x0}",
                     "{fp32,bf16,fp16}", "{minibatch,full}"):
         assert choices in text, choices
 

@@ -125,7 +125,7 @@ def test_a_model_recommends_method_options_and_the_user_overrides_them(trained, 
         options("bad")
     info["defaults"]["methods"] = {"mgd3": [0.25]}
     (model / "mgd3.json").write_text(json.dumps(info))
-    with pytest.raises(Mgd3Error, match="must map each method to a mapping of option: value"):
+    with pytest.raises(Mgd3Error, match="must be a mapping of option: value"):
         options("bad")
 
 
