@@ -121,3 +121,15 @@ def test_cache_root_is_one(monkeypatch, tmp_path):
     assert files.cache_root() == tmp_path / "c" and encode.cache_root is files.cache_root
     assert references.cache_root() == tmp_path / "c" / "eval"
     assert files.cache_root(tmp_path / "x") == tmp_path / "x"
+
+
+def test_saved_tensors_have_the_same_bytes_whatever_the_file_name(tmp_path):
+    """latents.pt of two identical runs is byte-identical: the archive does not carry the name of
+    the temporary file it was written through (nor so the pid of the process)."""
+    from mgd3.files import save_torch_atomic
+
+    obj = {"latents": torch.arange(12.0).reshape(3, 4), "paths": ["a.png"]}
+    save_torch_atomic(obj, tmp_path / "one" / "latents.pt")
+    save_torch_atomic(obj, tmp_path / "two" / "other.pt")
+    assert (tmp_path / "one" / "latents.pt").read_bytes() == (tmp_path / "two" / "other.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "two" / "other.pt", weights_only=True)["latents"], obj["latents"])

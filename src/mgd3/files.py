@@ -4,8 +4,11 @@ file under the final name, and a cheap fingerprint of a folder of (possibly huge
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+
+from mgd3.errors import Mgd3Error
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -35,9 +38,15 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_torch_atomic(obj, path: Path) -> None:
+    """torch.save through an open file: saving to a path would name the archive's records after
+    the temporary file (with its pid), so the same tensors would give different bytes each run."""
     import torch
 
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    write_atomic(path, write)
 
 
 def folder_fingerprint(folder: Path) -> str:
@@ -66,3 +75,23 @@ def to_uint8(images):
     import torch
 
     return ((images.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def read_json_object(f: Path, what: str | None = None, max_bytes: int = 64 << 20) -> dict:
+    """A JSON file that must hold an object (a config, a manifest): one-line errors for a file
+    that is unreadable, too large, not UTF-8, not JSON, nested too deeply or another JSON value."""
+    try:
+        if f.stat().st_size > max_bytes:
+            raise Mgd3Error(f"{f} is larger than {max_bytes >> 20} MiB; it is not a {what or 'config'} file")
+        d = json.loads(f.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise Mgd3Error(f"cannot read {f} ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise Mgd3Error(f"{f} is not a text (UTF-8) file") from None
+    except json.JSONDecodeError as e:
+        raise Mgd3Error(f"{f} is not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise Mgd3Error(f"{f} is nested too deeply") from None
+    if not isinstance(d, dict):
+        raise Mgd3Error(f"{f} must hold a JSON object, not a {type(d).__name__}")
+    return d

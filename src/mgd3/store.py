@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from mgd3.errors import Mgd3Error
-from mgd3.files import save_torch_atomic, to_uint8, write_atomic, write_text_atomic
+from mgd3.files import read_json_object, save_torch_atomic, to_uint8, write_atomic, write_text_atomic
 
 FORMAT = "mgd3-distilled-set/1"
 FORMAT_PREFIX = "mgd3-distilled-set/"  # any version of the format
@@ -312,20 +312,7 @@ def read_manifest(out: str | os.PathLike) -> dict:
     f = Path(out) / "manifest.json"
     if not f.is_file():
         raise Mgd3Error(f"{out} is not a complete distilled set (no manifest.json)")
-    try:
-        if f.stat().st_size > 1 << 30:
-            raise Mgd3Error(f"{f} is larger than 1 GiB; it is not a manifest")
-        m = json.loads(f.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise Mgd3Error(f"{f} is not a text (UTF-8) file") from None
-    except json.JSONDecodeError as e:
-        raise Mgd3Error(f"{f} is not valid JSON ({e.msg})") from None
-    except RecursionError:
-        raise Mgd3Error(f"{f} is nested too deeply") from None
-    except OSError as e:
-        raise Mgd3Error(f"cannot read {f} ({e.strerror or e})") from None
-    if not isinstance(m, dict):
-        raise Mgd3Error(f"{f} must hold a JSON object, not a {type(m).__name__}")
+    m = read_json_object(f, "manifest", max_bytes=1 << 30)
     if not str(m.get("format", "")).startswith(FORMAT_PREFIX):
         raise Mgd3Error(f"{f} is not an mgd3 distilled-set manifest (format {str(m.get('format'))[:40]!r})")
     return m

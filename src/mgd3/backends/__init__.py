@@ -7,7 +7,6 @@ Backends are found by the pipeline class in the folder's `model_index.json`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from mgd3.errors import Mgd3Error
+from mgd3.files import read_json_object  # noqa: F401  (re-exported: every backend reads its configs with it)
 from mgd3.registry import Registry
 from mgd3.sampling import ModelOutput
 
@@ -136,25 +136,6 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
             f"model {model!r} is not a local folder, not in the Hugging Face cache, and could "
             f"not be downloaded ({type(e).__name__})"
         ) from None
-
-
-def read_json_object(f: Path, what: str | None = None) -> dict:
-    """A JSON file that must hold an object: one-line errors for unreadable, invalid or other JSON."""
-    try:
-        if f.stat().st_size > 64 << 20:
-            raise Mgd3Error(f"{f} is larger than 64 MiB; it is not a {what or 'config'} file")
-        d = json.loads(f.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise Mgd3Error(f"cannot read {f} ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise Mgd3Error(f"{f} is not a text (UTF-8) file") from None
-    except json.JSONDecodeError as e:
-        raise Mgd3Error(f"{f} is not valid JSON ({e.msg})") from None
-    except RecursionError:
-        raise Mgd3Error(f"{f} is nested too deeply") from None
-    if not isinstance(d, dict):
-        raise Mgd3Error(f"{f} must hold a JSON object, not a {type(d).__name__}")
-    return d
 
 
 def read_model_index(path: Path) -> dict:

@@ -110,7 +110,22 @@ class KLVaeMixin:
         return folder_fingerprint(self._vae_dir)
 
 
-class DiTBackend(KLVaeMixin, Backend):
+class ClassLabelMixin:
+    """Class-label conditioning of a class-conditional backend (DiT, the LDM UNet): labels
+    0..num_classes-1, the null (unconditional) class the extra embedding row `null_label`. Needs
+    `num_classes`, `null_label` and `device`."""
+
+    def cond(self, labels: list[int]) -> Tensor:
+        bad = [y for y in labels if not 0 <= y < self.num_classes]
+        if bad:
+            raise Mgd3Error(f"class label {bad[0]} is outside the model's 0..{self.num_classes - 1}")
+        return torch.as_tensor(labels, dtype=torch.long, device=self.device)
+
+    def uncond(self) -> Tensor:
+        return torch.full((1,), self.null_label, dtype=torch.long, device=self.device)
+
+
+class DiTBackend(ClassLabelMixin, KLVaeMixin, Backend):
     def __init__(self, path: Path, index: dict, device: torch.device, precision: str):
         from diffusers import AutoencoderKL, DiTTransformer2DModel
 
@@ -171,15 +186,6 @@ class DiTBackend(KLVaeMixin, Backend):
     def label_embedders(self) -> list[torch.nn.Module]:
         """Every block's own class-label embedder (diffusers DiT keeps one per block)."""
         return [m for m in self.transformer.modules() if m.__class__.__name__ == "LabelEmbedding"]
-
-    def cond(self, labels: list[int]) -> Tensor:
-        bad = [y for y in labels if not 0 <= y < self.num_classes]
-        if bad:
-            raise Mgd3Error(f"class label {bad[0]} is outside the model's 0..{self.num_classes - 1}")
-        return torch.as_tensor(labels, dtype=torch.long, device=self.device)
-
-    def uncond(self) -> Tensor:
-        return torch.full((1,), self.null_label, dtype=torch.long, device=self.device)
 
     def denoiser(self, x_t: Tensor, t: Tensor, cond: Tensor) -> ModelOutput:
         with self.autocast():

@@ -39,7 +39,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from mgd3.backends import BACKENDS, PIPELINE_CLASSES, Backend
-from mgd3.backends.dit import KLVaeMixin, train_betas
+from mgd3.backends.dit import ClassLabelMixin, KLVaeMixin, train_betas
 from mgd3.files import folder_fingerprint
 from mgd3.errors import Mgd3Error
 from mgd3.sampling import ModelOutput
@@ -175,7 +175,7 @@ def _first_line(e: Exception) -> str:
     return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
-class LDMBackend(KLVaeMixin, Backend):
+class LDMBackend(ClassLabelMixin, KLVaeMixin, Backend):
     def __init__(self, path: Path, index: dict, device: torch.device, precision: str):
         from diffusers import AutoencoderKL, UNet2DConditionModel, VQModel
 
@@ -249,15 +249,6 @@ class LDMBackend(KLVaeMixin, Backend):
 
     def label_embedders(self) -> list[nn.Module]:
         return [self.class_embedder]
-
-    def cond(self, labels: list[int]) -> Tensor:
-        bad = [y for y in labels if not 0 <= y < self.num_classes]
-        if bad:
-            raise Mgd3Error(f"class label {bad[0]} is outside the model's 0..{self.num_classes - 1}")
-        return torch.as_tensor(labels, dtype=torch.long, device=self.device)
-
-    def uncond(self) -> Tensor:
-        return torch.full((1,), self.null_label, dtype=torch.long, device=self.device)
 
     def denoiser(self, x_t: Tensor, t: Tensor, cond: Tensor) -> ModelOutput:
         context = self.class_embedder(cond.to(self.device))[:, None, :]  # (B, 1, D)
