@@ -298,3 +298,32 @@ def test_a_model_recommends_settings_per_ipc_range(trained, tmp_path, caplog):
         with pytest.raises(Mgd3Error, match=words):
             run("bad", 1)
         assert not (tmp_path / "bad").exists()  # refused before the output folder is made
+
+
+def test_init_starts_the_dit_from_another_model(trained, tmp_path):
+    from mgd3.backends import load_backend
+
+    # another seed (its own random init) and an lr too small to move the weights: what is saved is the start
+    out = pretrain(_cfg(tmp_path / "cont", vae=str(trained), init=str(trained), lr=1e-12, seed=5))
+    a, b = _weights(trained), _weights(out)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # the EMA starts at the shipped weights
+    fresh = _weights(pretrain(_cfg(tmp_path / "fresh", vae=str(trained), lr=1e-12, seed=5)))
+    assert max((a[k] - fresh[k]).abs().max().item() for k in a) > 1e-2  # without --init: random weights
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"DiT initialised from `{trained}`" in card
+    assert json.loads((out / "mgd3.json").read_text())["stats"]["dit_init"] == str(trained)
+    assert load_backend(out).num_classes == 10
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(init="NOWHERE"), "--init NOWHERE: no transformer/config.json there"),
+    (dict(init="TRAINED", size="small"), "its DiT does not fit this configuration"),
+    (dict(init="TRAINED", arch="unet"), "it does not take --arch unet"),
+])
+def test_init_bad_input_is_a_one_line_error(trained, tmp_path, kw, match):
+    kw = {k: (str(trained) if v == "TRAINED" else str(tmp_path / v) if v == "NOWHERE" else v) for k, v in kw.items()}
+    match = match.replace("NOWHERE", str(tmp_path / "NOWHERE"))
+    with pytest.raises(Mgd3Error, match=match.replace("(", r"\(").replace(")", r"\)")):
+        pretrain(_cfg(tmp_path / "m", vae=str(trained), **kw))
+    assert not (tmp_path / "m").exists() or not (tmp_path / "m" / "model_index.json").exists()

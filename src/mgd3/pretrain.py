@@ -93,6 +93,7 @@ class PretrainConfig:
     # DiT (or, with arch "unet", the class-conditional latent UNet of mgd3.backends.unet)
     arch: str | None = None  # None: dit
     size: str = "small"
+    init: str | None = None  # start the DiT and its EMA from this pipeline folder's transformer/
     patch_size: int | None = None  # None: the size preset's
     epochs: int = 20
     train_steps: int | None = None  # DiT optimiser steps in total, instead of `epochs`
@@ -541,12 +542,16 @@ def train_dit(cfg: PretrainConfig, latents: Tensor, labels: Tensor, num_classes:
     """
     torch.manual_seed(cfg.seed + 1)
     dit = build_dit(cfg, latents.shape[-1], num_classes).to(device)
+    state = ckpt.load("dit")
+    if cfg.init and not state:
+        init_from(dit, cfg.init)
+        stats["dit_init"] = str(cfg.init)
+        log.info("DiT: starting from the transformer of %s", cfg.init)
     ema = copy.deepcopy(dit).eval().requires_grad_(False)
     opt = torch.optim.AdamW(dit.parameters(), lr=cfg.lr, weight_decay=0.0)
     abar = _alpha_bar(device)  # (T,)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     start, step = 0, 0
-    state = ckpt.load("dit")
     if state:
         with _restoring(ckpt, "dit"):
             dit.load_state_dict(state["model"])
@@ -616,6 +621,41 @@ def train_dit(cfg: PretrainConfig, latents: Tensor, labels: Tensor, num_classes:
     return ema
 
 
+def _init_dir(model: str | Path) -> Path:
+    """The transformer/ folder of `model` (a pipeline folder or the folder itself), for --init."""
+    p = Path(model).expanduser()
+    d = p / "transformer" if (p / "transformer").is_dir() else p
+    if not (d / "config.json").is_file():
+        raise Mgd3Error(f"--init {model}: no transformer/config.json there (expected a pipeline folder of a "
+                        "DiT, e.g. one mgd3 pretrain wrote, or its transformer/)")
+    return d
+
+
+def init_from(dit, model: str | Path) -> None:
+    """Copy the weights of `model`'s DiT transformer into `dit` (same architecture required: the
+    size preset, patch size, latent channels and class count must match)."""
+    from diffusers import DiTTransformer2DModel
+
+    d = _init_dir(model)
+    try:
+        src = DiTTransformer2DModel.from_pretrained(d, low_cpu_mem_usage=False).state_dict()
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise Mgd3Error(f"--init {model}: could not load the DiT in {d} ({first})") from None
+    own = dit.state_dict()
+    for key, value in own.items():
+        if key not in src or src[key].shape != value.shape:
+            got = "missing" if key not in src else f"{tuple(src[key].shape)}"
+            raise Mgd3Error(f"--init {model}: its DiT does not fit this configuration ({key}: {got} there, "
+                            f"{tuple(value.shape)} here); give the --size, --patch-size, data and VAE it was "
+                            "trained with")
+    extra = sorted(set(src) - set(own))
+    if extra:
+        raise Mgd3Error(f"--init {model}: its DiT has weights this configuration lacks ({extra[0]}); give the "
+                        "--size it was trained with")
+    dit.load_state_dict({k: src[k].to(own[k].dtype) for k in own})
+
+
 def calibrate(cfg: PretrainConfig, latent_size: int, num_classes: int, steps: int = 3) -> float:
     """CPU seconds (all threads) per DiT optimiser step of this config, on random latents:
     for turning a CPU budget into --train-steps."""
@@ -668,6 +708,10 @@ def _validate(cfg: PretrainConfig) -> None:
         raise Mgd3Error("--lr and --vae-lr must be positive")
     if cfg.vae_loss not in ("mse", "l1"):
         raise Mgd3Error(f"unknown --vae-loss {cfg.vae_loss!r}; known: l1, mse")
+    if cfg.init:
+        if cfg.arch == "unet":
+            raise Mgd3Error("--init starts a DiT from a pipeline folder's transformer; it does not take --arch unet")
+        _init_dir(cfg.init)
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -831,6 +875,8 @@ def write_model_card(out: Path, cfg: PretrainConfig, data, stats: dict, n_params
         f"- DiT training: {dit_epochs} epochs ({(stats.get('dit_steps') or [0])[-1]} steps), batch {cfg.batch_size}, "
         f"AdamW lr {cfg.lr:g}, EMA {cfg.ema_decay} (weights shipped), label dropout {cfg.label_dropout}, "
         f"{dit_s / 60:.1f} min ({dit_s / max(dit_epochs, 1) / 60:.2f} min/epoch)",
+        *([f"- DiT initialised from `{stats['dit_init']}` (`--init`: its transformer's weights, a fresh optimiser); "
+           "the epochs and steps above are counted from there"] if stats.get("dit_init") else []),
         f"- Final DiT loss: train {_fmt(last('dit_loss'))}, held-out test latents (EMA) {_fmt(last('dit_val_loss'))}",
         f"- Total wall time: {sum(r['seconds'] for r in runs) / 60:.1f} min",
         f"- VAE reconstruction PSNR on the test split: {_fmt(stats.get('vae_test_psnr_db'), '.2f')} dB",
@@ -891,6 +937,10 @@ def add_parser(sub) -> None:
                    help="DiT size preset: " + "; ".join(
                        f"{k}: {v['num_layers']} layers, {v['num_attention_heads']}x{v['attention_head_dim']}"
                        for k, v in SIZES.items()))
+    g.add_argument("--init", metavar="MODEL_DIR",
+                   help="start the DiT (and its EMA) from this pipeline folder's transformer (e.g. the shipped "
+                        "model, with --vae MODEL_DIR and its --size) instead of random weights; the optimiser "
+                        "starts afresh and --epochs counts the epochs of this run")
     g.add_argument("--patch-size", type=int, help="DiT patch size (default: the preset's, 1)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="DiT training epochs")
     g.add_argument("--train-steps", type=int, metavar="N",
