@@ -230,7 +230,7 @@ def test_cli_help_and_errors(tmp_path):
     assert r.returncode == 0
     for flag in ("--data", "--out", "--size", "--vae-epochs", "--epochs", "--batch-size", "--lr", "--bf16",
                  "--device", "--seed", "--max-steps", "--limit", "--quality", "--max-minutes", "--overwrite",
-                 "--train-steps", "--threads"):
+                 "--train-steps", "--threads", "--init"):
         assert flag in r.stdout, flag
     r = run_cli("pretrain", "--data", "no-such-data", "--out", tmp_path / "m", env=one)
     assert r.returncode == 2 and r.stderr.startswith("mgd3: error: unknown dataset")
@@ -311,7 +311,7 @@ def test_init_starts_the_dit_from_another_model(trained, tmp_path):
     fresh = _weights(pretrain(_cfg(tmp_path / "fresh", vae=str(trained), lr=1e-12, seed=5)))
     assert max((a[k] - fresh[k]).abs().max().item() for k in a) > 1e-2  # without --init: random weights
     card = (out / "MODEL_CARD.md").read_text()
-    assert f"DiT initialised from `{trained}`" in card
+    assert f"DiT initialised from `{trained}`" in card and "trained further (`--init`)" in card
     assert json.loads((out / "mgd3.json").read_text())["stats"]["dit_init"] == str(trained)
     assert load_backend(out).num_classes == 10
 

@@ -852,7 +852,8 @@ def write_model_card(out: Path, cfg: PretrainConfig, data, stats: dict, n_params
     lines = [
         f"# mgd3 latent DiT for {cfg.data}",
         "",
-        "A class-conditional latent diffusion model trained from scratch by `mgd3 pretrain`, saved in the",
+        "A class-conditional latent diffusion model trained " + ("further (`--init`)" if stats.get("dit_init") else
+                                                                 "from scratch") + " by `mgd3 pretrain`, saved in the",
         "diffusers DiT pipeline layout (`model_index.json`, `transformer/`, `vae/`, `scheduler/`), so",
         f"`mgd3 distill --model {out.name}` loads it like `facebook/DiT-XL-2-256`.",
         "",
@@ -863,7 +864,7 @@ def write_model_card(out: Path, cfg: PretrainConfig, data, stats: dict, n_params
         f"{cfg.limit if cfg.limit else len(data)} train images",
         "- Command" + ("s" if len(runs) > 1 else "") + ": " + "; ".join(f"`{r['command'] or 'pretrain(cfg)'}`"
                                                                         for r in runs),
-        f"- Device: {device} ({cpu_name()}, {torch.get_num_threads()} threads); "
+        f"- Device: {device} ({cpu_name()}, {torch.get_num_threads()} thread(s)); "
         f"torch {torch.__version__}; bf16 autocast: {cfg.bf16}",
         f"- VAE: AutoencoderKL, {cfg.vae_levels} levels, width {cfg.vae_width}, latent {lat}, "
         f"{len(stats.get('vae_loss', []))} epochs ({cfg.vae_loss} + {cfg.kl_weight:g} KL, lr {cfg.vae_lr:g} cosine), "
