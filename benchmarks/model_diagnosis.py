@@ -9,7 +9,7 @@ vae     The VAE ceiling. Random real subsets (the rule of `mgd3 evaluate --refer
 spread  How the DiT's samples spread against the data, as the sampler's steps and CFG change, and
         what mode guidance does to it. Each row is one set of 50 images per class (`mgd3 distill`
         through the Python API, generation seed 0) measured in the feature space of a ConvNet-3
-        trained on the real train split (its flattened conv features, 2048 values):
+        trained on 10 000 real train images (its flattened conv features, 2048 values):
         k-NN precision and recall (Kynkäänniemi et al., NeurIPS 2019; k = 3) and coverage (Naeem
         et al., ICML 2020), per class against 50 random real images of the class (subset seed 100),
         averaged over classes. A second random real subset is the row to compare with: what a set
@@ -92,10 +92,12 @@ def part_vae(args, backend, train, test, norm) -> list[str]:
     return lines
 
 
-def feature_net(train: TensorSet, test: TensorSet, norm, epochs: int):
-    """ConvNet-3 on the whole real train split (the DC optimiser); returns (features fn, test acc)."""
-    p = resolve(PROTOCOLS.get("dc"), ipc=6000, num_classes=NUM_CLASSES, n_images=len(train), set_resolution=28,
-                data_name=DATA, epochs=epochs)
+def feature_net(train: TensorSet, test: TensorSet, norm, epochs: int, images: int):
+    """ConvNet-3 on `images` random real train images (the DC optimiser); returns (features fn, test acc)."""
+    idx = torch.from_numpy(random_real_indices(train.targets.numpy(), NUM_CLASSES, images // NUM_CLASSES, 7))
+    train = TensorSet(train.images[idx], train.targets[idx])
+    p = resolve(PROTOCOLS.get("dc"), ipc=images // NUM_CLASSES, num_classes=NUM_CLASSES, n_images=len(train),
+                set_resolution=28, data_name=DATA, epochs=epochs)
     r = train_and_test(p, train, test, seed=0, num_classes=NUM_CLASSES, norm=norm, opts=RunOptions(device="cpu"),
                        return_model=True)
     net = r["model"].eval()
@@ -133,22 +135,25 @@ def make_set(args, backend, setting: str, train: TensorSet, work: Path) -> Tenso
         return TensorSet(train.images[idx], train.targets[idx])
     steps, cfg = int(parts[1]), float(parts[2])
     kw = dict(ipc=args.per_class, steps=steps, cfg=cfg, seed=0, model=backend, overwrite=True, progress=False,
-              max_real_per_class=1000, batch_size=250)
+              max_real_per_class=1000, batch_size=50)  # as benchmarks/fmnist_table.py
     if method == "mgd3":
         kw["lambda"] = float(parts[3]) if len(parts) > 3 else 0.1
-    s = mgd3.distill(DATA, work / setting.replace(":", "_"), method=method, **kw)
-    got = load_set(s.path)
+    folder = work / f"{Path(args.model[0]).name}-{setting.replace(':', '_')}"
+    if not (folder / "manifest.json").is_file():  # --work keeps the sets: a second run scores them
+        mgd3.distill(DATA, folder, method=method, **kw)
+    got = load_set(folder)
     return TensorSet(got.images, got.labels)
 
 
 def part_spread(args, backend, train, test, norm) -> list[str]:
     t = time.perf_counter()
-    features, acc = feature_net(train, test, norm, args.feature_epochs)
+    features, acc = feature_net(train, test, norm, args.feature_epochs, args.feature_images)
     print(f"feature network: {acc:.2f} % on the test split ({time.perf_counter() - t:.0f} s)", flush=True)
     ref_idx = torch.from_numpy(random_real_indices(train.targets.numpy(), NUM_CLASSES, args.per_class, 100))
     ref_f, ref_y = features(train.images[ref_idx]), train.targets[ref_idx]
-    work = Path(tempfile.mkdtemp(prefix="mgd3-diagnosis-"))
-    lines = [f"Feature network: ConvNet-3, {args.feature_epochs} epochs on the 60 000 real train images, "
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mgd3-diagnosis-"))
+    lines = [f"Feature network: ConvNet-3, {args.feature_epochs} epochs on {args.feature_images} random real train "
+             "images (subset seed 7), "
              f"{acc:.2f} % on the test split. Reference: {args.per_class} random real images per class "
              "(subset seed 100). Per-class values averaged over the 10 classes.", "",
              "| set (method, DDPM steps, CFG, λ) | precision | recall | coverage | `dc` accuracy | sampling s |",
@@ -193,7 +198,9 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["real", "plain:50:1.5", "mgd3:50:1.5"])
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--feature-epochs", type=int, default=3)
+    ap.add_argument("--feature-images", type=int, default=10000)
     ap.add_argument("--score", action="store_true", help="also each set's dc accuracy (slow: ~5 min a set)")
+    ap.add_argument("--work", help="keep the generated sets here (and reuse them in a later run)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--note", default="")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "model_diagnosis.md"))
