@@ -44,7 +44,11 @@ def run(args, method: str, out: Path, env: dict) -> dict:
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr}")
-    m = json.loads((out / "manifest.json").read_text())
+    return _result(json.loads((out / "manifest.json").read_text()), wall, out)
+
+
+def _result(m: dict, wall: float, out: Path) -> dict:
+    """What a row reports, from a run's manifest (its stage profile) and its folder."""
     g = m["profile"]["generate"]
     return {"wall": wall, "generate": m["timing_s"]["generate"], "user": g["cpu_user_s"],
             "system": g["cpu_system_s"], "faults": g["minor_faults"], "load": os.getloadavg()[0],
@@ -68,10 +72,7 @@ def run_in_process(args, method: str, out: Path, env: dict) -> dict:
     t = time.perf_counter()
     s = mgd3.distill("fashion-mnist", out, method=method, **kw)
     wall = time.perf_counter() - t
-    m, g = s.manifest, s.manifest["profile"]["generate"]
-    return {"wall": wall, "generate": m["timing_s"]["generate"], "user": g["cpu_user_s"],
-            "system": g["cpu_system_s"], "faults": g["minor_faults"], "load": os.getloadavg()[0],
-            "latents": (out / "latents.pt").read_bytes()}
+    return _result(s.manifest, wall, out)
 
 
 def main() -> None:
