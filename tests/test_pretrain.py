@@ -288,6 +288,9 @@ def test_a_model_recommends_settings_per_ipc_range(trained, tmp_path, caplog):
                                   ipc=2, classes=["0"], progress=False, sampler=SamplerConfig(steps=4)))
     assert plain.images == 2  # a method's recommended CFG is its own: plain keeps the folder-wide 1.5
     assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["config"]["sampler"]["cfg"] == 1.5
+    distill(DistillConfig(data="digits", out=str(tmp_path / "real"), model=str(model), method="random-real",
+                          ipc=2, classes=["0"], progress=False))
+    assert json.loads((tmp_path / "real" / "manifest.json").read_text())["recommended"] is None  # no sampler, no CFG
     for bad, words in (([{"ipc": [3, 2], "cfg": 2.0}], "two integers"),
                        ([{"ipc": [1, 2], "methods": {"mgd3": {"cfg": -1}}}], "cfg of method mgd3"),
                        ([{"ipc": [1, 4]}, {"ipc": [4, 6]}], "overlap"),

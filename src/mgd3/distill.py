@@ -255,7 +255,7 @@ def _options(cfg: DistillConfig, backend: Backend, method_cls):
     defaults, ipc_range = backend.defaults_at(cfg.ipc, method_cls.name)
     flags = {f.name: option_flag(f) for f in dataclasses.fields(method_cls.Options)} if method_cls.Options else {}
     taken = {flags[k]: v for k, v in used.items()}
-    if cfg.sampler.cfg is None and "cfg" in defaults:
+    if cfg.sampler.cfg is None and "cfg" in defaults and method_cls.generative:  # no sampler, no CFG
         taken["--cfg"] = defaults["cfg"]
     record = None
     if taken:
