@@ -541,6 +541,7 @@ def train_dit(cfg: PretrainConfig, latents: Tensor, labels: Tensor, num_classes:
     val: optional (latents, labels) held out for `eval_loss` after each epoch.
     """
     torch.manual_seed(cfg.seed + 1)
+    name = "UNet" if cfg.arch == "unet" else "DiT"  # for the progress bar and the log
     dit = build_dit(cfg, latents.shape[-1], num_classes).to(device)
     state = ckpt.load("dit")
     if cfg.init and not state:
@@ -573,7 +574,7 @@ def train_dit(cfg: PretrainConfig, latents: Tensor, labels: Tensor, num_classes:
         batches = _batches(len(latents), cfg.batch_size, gen, cfg.max_steps)
         if cfg.train_steps:
             batches = batches[:cfg.train_steps - step]  # the last epoch may be partial
-        bar = tqdm(batches, desc=f"DiT {epoch + 1}/{epochs}", disable=not cfg.progress, leave=False)
+        bar = tqdm(batches, desc=f"{name} {epoch + 1}/{epochs}", disable=not cfg.progress, leave=False)
         for idx in bar:
             x0, y = latents[idx].to(device), labels[idx].to(device)  # (B, c, h, w), (B,)
             b = len(idx)
@@ -613,10 +614,10 @@ def train_dit(cfg: PretrainConfig, latents: Tensor, labels: Tensor, num_classes:
                           "gen": gen.get_state(), "epoch": epoch + 1, "step": step, "stats": stats},
                   {"epoch": epoch + 1, "step": step, "signature": _signature(cfg, DIT_KEYS)})
         val_txt = f", val loss {stats['dit_val_loss'][-1]:.4f}" if val is not None else ""
-        log.info("DiT epoch %d/%d: loss %.4f%s (%.0f s)", epoch + 1, epochs, stats["dit_loss"][-1], val_txt,
+        log.info("%s epoch %d/%d: loss %.4f%s (%.0f s)", name, epoch + 1, epochs, stats["dit_loss"][-1], val_txt,
                  stats["dit_epoch_s"][-1])
         if deadline and time.perf_counter() > deadline:
-            log.info("DiT: --max-minutes %.1f reached after epoch %d", cfg.max_minutes, epoch + 1)
+            log.info("%s: --max-minutes %.1f reached after epoch %d", name, cfg.max_minutes, epoch + 1)
             break
     return ema
 
