@@ -880,7 +880,8 @@ def write_model_card(out: Path, cfg: PretrainConfig, data, stats: dict, n_params
         *([f"- DiT initialised from `{stats['dit_init']}` (`--init`: its transformer's weights, a fresh optimiser); "
            "the epochs and steps above are counted from there"] if stats.get("dit_init") else []),
         f"- Final DiT loss: train {_fmt(last('dit_loss'))}, held-out test latents (EMA) {_fmt(last('dit_val_loss'))}",
-        f"- Total wall time: {sum(r['seconds'] for r in runs) / 60:.1f} min",
+        f"- Wall time of the command(s) above: {sum(r['seconds'] for r in runs) / 60:.1f} min (an invocation "
+        "stopped before writing the folder is not listed; its epochs count in the training time above)",
         f"- VAE reconstruction PSNR on the test split: {_fmt(stats.get('vae_test_psnr_db'), '.2f')} dB",
         f"- Recommended sampling (`mgd3.json`): CFG {cfg.cfg}",
     ]
