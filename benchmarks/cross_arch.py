@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fmnist_table import SEEDLESS, VARIANTS  # noqa: E402  the grid's own variant arguments
 
 from mgd3.machine import cpu_name  # noqa: E402
+from results_file import append_section  # noqa: E402  (benchmarks/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = ["random-real", "kmeans-real", "plain", "mgd3", "mgd3-recommended"]
@@ -110,12 +111,7 @@ def main() -> None:
             row.append(f"{m:.2f} ± {sd:.2f}{diff} ({' / '.join(f'{x:.2f}' for x in xs)})" if len(xs) > 1
                        else f"{m:.2f}{diff}")
         lines.append(f"| {v}: {VARIANTS[v][1]} | " + " | ".join(row) + " |")
-    if args.note:
-        lines += ["", args.note]
-    out = Path(args.out)
-    old = out.read_text() if out.is_file() else "# Cross-architecture evaluation of the Fashion-MNIST sets\n\n"
-    out.write_text(old + "\n".join(lines) + "\n\n")
-    print("\n".join(lines))
+    append_section(args.out, "Cross-architecture evaluation of the Fashion-MNIST sets", lines, args.note)
     print(f"total {(time.perf_counter() - t0) / 60:.1f} min; {os.getloadavg()[0]:.1f} load")
 
 

@@ -49,6 +49,9 @@ from mgd3.evaluate.train import RunOptions, TensorSet, dataset_normalization, te
 from mgd3.machine import cpu_name
 from mgd3.quality import psnr
 
+sys.path.insert(0, str(Path(__file__).parent))
+from results_file import append_section  # noqa: E402
+
 DATA = "fashion-mnist"
 NUM_CLASSES = 10
 
@@ -227,11 +230,7 @@ def main() -> None:
         "300 epochs, no augmentation, evaluation seed 0, normalised with the real train split's statistics.",
         "",
     ]
-    lines = head + body + ([""] + [args.note] if args.note else [])
-    out = Path(args.out)
-    old = out.read_text() if out.is_file() else "# What limits the Fashion-MNIST model\n\n"
-    out.write_text(old + "\n".join(lines) + "\n\n")
-    print("\n".join(lines))
+    append_section(args.out, "What limits the Fashion-MNIST model", head + body, args.note)
 
 
 if __name__ == "__main__":

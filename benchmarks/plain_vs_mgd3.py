@@ -29,6 +29,9 @@ from pathlib import Path
 
 from mgd3.machine import cpu_name
 
+sys.path.insert(0, str(Path(__file__).parent))
+from results_file import append_section  # noqa: E402
+
 
 def run(args, method: str, out: Path, env: dict) -> dict:
     if args.in_process:
@@ -154,12 +157,7 @@ def main() -> None:
         f"MGD³ {med('mgd3', 'system'):.2f}; minor faults: plain {med('plain', 'faults'):.0f}, "
         f"MGD³ {med('mgd3', 'faults'):.0f}. Every run of a method wrote byte-identical latents.",
     ]
-    if args.note:
-        lines += ["", args.note]
-    out = Path(args.out)
-    old = out.read_text() if out.is_file() else "# plain vs MGD³ sampling time\n\n"
-    out.write_text(old + "\n".join(lines) + "\n\n")
-    print("\n".join(lines))
+    append_section(args.out, "plain vs MGD³ sampling time", lines, args.note)
 
 
 if __name__ == "__main__":
