@@ -8,7 +8,7 @@ vae     The VAE ceiling. Random real subsets (the rule of `mgd3 evaluate --refer
         sampled real images' latents exactly would score the second number at best.
 spread  How the DiT's samples spread against the data, as the sampler's steps and CFG change, and
         what mode guidance does to it. Each row is one set of 50 images per class (`mgd3 distill`
-        through the Python API, generation seed 0) measured in the feature space of a ConvNet-3
+        through the Python API, generation seed 0 or --gen-seed) measured in the feature space of a ConvNet-3
         trained on 10 000 real train images (its flattened conv features, 2048 values):
         k-NN precision and recall (Kynkäänniemi et al., NeurIPS 2019; k = 3) and coverage (Naeem
         et al., ICML 2020), per class against 50 random real images of the class (subset seed 100),
@@ -137,11 +137,13 @@ def make_set(args, backend, setting: str, train: TensorSet, work: Path) -> Tenso
         idx = torch.from_numpy(random_real_indices(train.targets.numpy(), NUM_CLASSES, args.per_class, 1))
         return TensorSet(train.images[idx], train.targets[idx])
     steps, cfg = int(parts[1]), float(parts[2])
-    kw = dict(ipc=args.per_class, steps=steps, cfg=cfg, seed=0, model=backend, overwrite=True, progress=False,
-              max_real_per_class=1000, batch_size=50)  # as benchmarks/fmnist_table.py
+    kw = dict(ipc=args.per_class, steps=steps, cfg=cfg, seed=args.gen_seed, model=backend, overwrite=True,
+              progress=False, max_real_per_class=1000, batch_size=50)  # as benchmarks/fmnist_table.py
     if method == "mgd3":
         kw["lambda"] = float(parts[3]) if len(parts) > 3 else 0.1
     folder = work / f"{Path(args.model[0]).name}-{setting.replace(':', '_')}"
+    if args.gen_seed:  # seed 0 keeps its folder name, so earlier work folders are reused
+        folder = folder.with_name(f"{folder.name}-s{args.gen_seed}")
     if not (folder / "manifest.json").is_file():  # --work keeps the sets: a second run scores them
         mgd3.distill(DATA, folder, method=method, **kw)
     got = load_set(folder)
@@ -200,6 +202,7 @@ def main() -> None:
     ap.add_argument("--subset-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--settings", nargs="+", default=["real", "plain:50:1.5", "mgd3:50:1.5"])
     ap.add_argument("--per-class", type=int, default=50)
+    ap.add_argument("--gen-seed", type=int, default=0, help="generation seed of the spread part's sets")
     ap.add_argument("--feature-epochs", type=int, default=3)
     ap.add_argument("--feature-images", type=int, default=10000)
     ap.add_argument("--score", action="store_true", help="also each set's dc accuracy (slow: ~5 min a set)")
