@@ -303,6 +303,43 @@ def test_a_model_recommends_settings_per_ipc_range(trained, tmp_path, caplog):
         assert not (tmp_path / "bad").exists()  # refused before the output folder is made
 
 
+def test_a_model_recommends_sampling_steps(trained, tmp_path):
+    """mgd3.json may recommend the sampling steps as it does the CFG scale: folder-wide, per IPC range
+    and per method; --steps wins; a method that does not sample takes none; bad counts are refused."""
+    from mgd3.distill import DistillConfig, distill
+    from mgd3.methods import DEFAULT_STEPS, SamplerConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(trained, model)
+    info = json.loads((model / "mgd3.json").read_text())
+    info["defaults"] = {"steps": 4, "by_ipc": [{"ipc": [2, 3], "methods": {"mgd3": {"steps": 6}}}]}
+    (model / "mgd3.json").write_text(json.dumps(info))
+
+    def run(out, ipc, method="mgd3", steps=None):
+        distill(DistillConfig(data="digits", out=str(tmp_path / out), model=str(model), method=method, ipc=ipc,
+                              classes=["0"], progress=False, sampler=SamplerConfig(steps=steps, cfg=1.5)))
+        return json.loads((tmp_path / out / "manifest.json").read_text())
+
+    m = run("ipc1", 1)  # folder-wide
+    assert m["config"]["sampler"]["steps"] == 4 and m["recommended"]["taken"] == {"--steps": 4}
+    m = run("ipc2", 2)  # the entry's, for mgd3; its default t_stop follows the steps (half of them)
+    assert m["config"]["sampler"]["steps"] == 6 and m["recommended"]["taken"] == {"--steps": 6}
+    assert m["method_info"]["stop_guidance"]["t_stop"] == 3
+    assert run("plain", 2, method="plain")["config"]["sampler"]["steps"] == 4  # mgd3's steps are its own
+    m = run("mine", 2, steps=5)  # what the user passes wins
+    assert m["config"]["sampler"]["steps"] == 5 and m["recommended"] is None
+    m = run("real", 2, method="random-real")  # no sampler: no steps taken, the run records the default
+    assert m["config"]["sampler"]["steps"] == DEFAULT_STEPS and m["recommended"] is None
+    for bad, words in (({"steps": 0}, "steps must be"), ({"steps": 2.5}, "steps must be"),
+                       ({"by_ipc": [{"ipc": [1, 2], "methods": {"mgd3": {"steps": "ten"}}}]}, "steps"),
+                       ({"by_ipc": [{"ipc": [1, 2], "steps": -3}]}, r"by_ipc \[1, 2\]\): steps")):
+        info["defaults"] = bad
+        (model / "mgd3.json").write_text(json.dumps(info))
+        with pytest.raises(Mgd3Error, match=words):
+            run("bad", 1)
+        assert not (tmp_path / "bad").exists()  # refused before the output folder is made
+
+
 def test_init_starts_the_dit_from_another_model(trained, tmp_path):
     from mgd3.backends import load_backend
 

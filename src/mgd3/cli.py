@@ -100,7 +100,8 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("sampler")
     g.add_argument("--sampler", choices=UPDATE_RULES.names(), help="DDPM ancestral or DDIM (default ddpm)")
-    g.add_argument("--steps", type=int, help="sampling steps, respaced from the training schedule (default 50)")
+    g.add_argument("--steps", type=int, help="sampling steps, respaced from the training schedule (default: "
+                                              "the model's recommendation for the IPC, else 50)")
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's "
                                              "recommended value, else 4.0)")
     g.add_argument("--cfg-channels", type=int, help="apply CFG to the first N latent channels only "

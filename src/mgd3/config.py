@@ -446,7 +446,7 @@ def check_distill_run(cfg, backend, classes, cfg_scale: float) -> None:
 
 def check_recommended(defaults, source: str, by_ipc: bool = True) -> dict:
     """A model's recommended settings (mgd3.json "defaults"): a mapping, cfg a finite number >= 0,
-    method options a mapping per method; `by_ipc` a list of such mappings, each with an inclusive
+    steps an integer >= 1 (both also per method), method options a mapping per method; `by_ipc` a list of such mappings, each with an inclusive
     "ipc": [low, high] range (ranges must not overlap)."""
     if defaults is None:
         return {}
@@ -456,10 +456,9 @@ def check_recommended(defaults, source: str, by_ipc: bool = True) -> dict:
         if not by_ipc:
             raise Mgd3Error(f"{source}: a \"by_ipc\" entry cannot hold another \"by_ipc\"")
         defaults = {**defaults, "by_ipc": _check_by_ipc(defaults["by_ipc"], source)}
-    if "cfg" in defaults:
-        v = convert("cfg", defaults["cfg"], "float", source)
-        Rule(minimum=0.0).check(f"{source}: cfg", v)
-        defaults = {**defaults, "cfg": v}
+    for key in ("cfg", "steps"):  # mgd3.methods.SAMPLER_RECOMMENDATIONS
+        if key in defaults:
+            defaults = {**defaults, key: _sampler_recommendation(key, defaults[key], source, "")}
     methods = defaults.get("methods")
     if methods is not None:
         if not isinstance(methods, dict) or not all(isinstance(v, dict) for v in methods.values()):
@@ -472,9 +471,8 @@ def check_recommended(defaults, source: str, by_ipc: bool = True) -> dict:
             by_flag = {option_flag(f).lstrip("-"): name for name, f in fields.items()}
             conv = {}
             for k, v in opts.items():
-                if k == "cfg":  # the method's own CFG scale (Backend.defaults_at)
-                    conv[k] = convert("cfg", v, "float", source)
-                    Rule(minimum=0.0).check(f"{source}: cfg of method {m}", conv[k])
+                if k in ("cfg", "steps"):  # the method's own CFG scale or steps (Backend.defaults_at)
+                    conv[k] = _sampler_recommendation(k, v, source, f" of method {m}")
                     continue
                 name = by_flag.get(str(k).replace("_", "-"), str(k))
                 conv[k] = check_method_options({name: v}, source).get(name, v) if name in fields else v
@@ -483,8 +481,15 @@ def check_recommended(defaults, source: str, by_ipc: bool = True) -> dict:
     return defaults
 
 
+def _sampler_recommendation(key: str, value, source: str, where: str):
+    """A recommended CFG scale (a finite number >= 0) or step count (as --steps allows)."""
+    v = convert(key, value, "float" if key == "cfg" else "int", source)
+    (Rule(minimum=0.0) if key == "cfg" else SAMPLER_RULES["steps"]).check(f"{source}: {key}{where}", v)
+    return v
+
+
 def _check_by_ipc(entries, source: str) -> list[dict]:
-    """mgd3.json "by_ipc": [{"ipc": [low, high], "cfg": ..., "methods": {...}, "evidence": "..."}]."""
+    """mgd3.json "by_ipc": [{"ipc": [low, high], "cfg": ..., "steps": ..., "methods": {...}, "evidence": "..."}]."""
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise Mgd3Error(f"{source}: \"by_ipc\" must be a list of mappings, got {_short(entries)}")
     checked, seen = [], []

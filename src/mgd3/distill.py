@@ -31,8 +31,9 @@ from mgd3.allocator import keep_freed_memory
 from mgd3.backends import Backend, default_device, load_backend
 from mgd3.backends.labels import class_labels
 from mgd3.errors import Mgd3Error
-from mgd3.methods import (ClassInfo, Context, Item, Method, SamplerConfig, check_finite, get_method, item_seed,
-                          method_options, option_flag, options_by_field, recommended_options)
+from mgd3.methods import (DEFAULT_STEPS, ClassInfo, Context, Item, Method, SamplerConfig, check_finite, get_method,
+                          item_seed, method_options, option_flag, options_by_field, recommended_options,
+                          recommended_steps)
 from mgd3.profile import StageProfile
 from mgd3.ranks import Ranks
 from mgd3.runs import NOT_IN_RUN_KEY  # noqa: F401  (re-exported: the fields a run key leaves out)
@@ -116,7 +117,7 @@ def _validate(cfg: DistillConfig) -> None:
         raise Mgd3Error(f"--encode-workers must be at least 0, got {cfg.encode_workers}")
     s = cfg.sampler
     UPDATE_RULES.get(s.sampler)
-    if s.steps < 1:
+    if s.steps is not None and s.steps < 1:
         raise Mgd3Error(f"--steps must be at least 1, got {s.steps}")
     check_finite("--cfg", s.cfg)
     check_finite("--eta", s.eta)
@@ -211,6 +212,9 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     backend, cfg = _backend(cfg, ranks, backend)
     prof = StageProfile.attach(backend)
     options, recommended = _options(cfg, backend, method_cls)
+    if cfg.sampler.steps is None:  # the model's recommendation for the IPC (methods that sample), else 50
+        steps = recommended_steps(backend, cfg.ipc, method_cls.name) if method_cls.generative else DEFAULT_STEPS
+        cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=steps))
     _set_resolution(backend, cfg)
     if cfg.sampler.cfg_channels is not None and cfg.sampler.cfg_channels > backend.latent_shape[0]:
         raise Mgd3Error(f"--cfg-channels {cfg.sampler.cfg_channels} > latent channels {backend.latent_shape[0]}")
@@ -255,8 +259,9 @@ def _options(cfg: DistillConfig, backend: Backend, method_cls):
     defaults, ipc_range = backend.defaults_at(cfg.ipc, method_cls.name)
     flags = {f.name: option_flag(f) for f in dataclasses.fields(method_cls.Options)} if method_cls.Options else {}
     taken = {flags[k]: v for k, v in used.items()}
-    if cfg.sampler.cfg is None and "cfg" in defaults and method_cls.generative:  # no sampler, no CFG
-        taken["--cfg"] = defaults["cfg"]
+    for key in ("cfg", "steps"):  # no sampler, no CFG and no steps
+        if getattr(cfg.sampler, key) is None and key in defaults and method_cls.generative:
+            taken[f"--{key}"] = defaults[key]
     record = None
     if taken:
         where = f" for IPC {ipc_range[0]}..{ipc_range[1]}" if ipc_range else ""

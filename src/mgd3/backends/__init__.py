@@ -44,9 +44,9 @@ class Backend:
 
     def defaults_at(self, ipc: int, method: str | None = None) -> tuple[dict[str, Any], list[int] | None]:
         """The recommended settings for `ipc` (and `method`): the folder-wide ones, overridden by the
-        mgd3.json "by_ipc" entry whose range holds `ipc` (cfg replaced, method options merged per
-        method); a "cfg" among a method's options is that method's CFG scale and wins over the
-        folder-wide one. Returns them and the entry's range (None when no entry applies)."""
+        mgd3.json "by_ipc" entry whose range holds `ipc` (cfg and steps replaced, method options
+        merged per method); a "cfg" or "steps" among a method's options is that method's CFG scale
+        or sampling steps and wins over the folder-wide one. Returns them and the entry's range (None when no entry applies)."""
         merged = {k: v for k, v in self.defaults.items() if k != "by_ipc"}
         methods = {m: dict(o) for m, o in (merged.get("methods") or {}).items()}
         ipc_range = None
@@ -59,8 +59,9 @@ class Backend:
                 ipc_range = [low, high]
                 break
         merged["methods"] = methods
-        if method is not None and "cfg" in methods.get(method, {}):
-            merged["cfg"] = methods[method]["cfg"]
+        for key in ("cfg", "steps"):  # mgd3.methods.SAMPLER_RECOMMENDATIONS
+            if method is not None and key in methods.get(method, {}):
+                merged[key] = methods[method][key]
         return merged, ipc_range
 
     # --- conditioning

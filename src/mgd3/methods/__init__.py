@@ -38,10 +38,20 @@ def option_flag(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+# sampler settings a model's mgd3.json may recommend, folder-wide, per IPC range or per method
+SAMPLER_RECOMMENDATIONS = ("cfg", "steps")
+DEFAULT_STEPS = 50  # sampling steps when neither the command line nor the model's mgd3.json sets them
+
+
+def recommended_steps(backend: "Backend", ipc: int, method: str | None = None) -> int:
+    """The sampling steps the model's mgd3.json recommends for this IPC and method, else DEFAULT_STEPS."""
+    return int(backend.defaults_at(ipc, method)[0].get("steps", DEFAULT_STEPS))
+
+
 @dataclass
 class SamplerConfig:
     sampler: str = "ddpm"
-    steps: int = 50
+    steps: int | None = None  # None: the model's recommendation for the IPC and method, else DEFAULT_STEPS
     cfg: float | None = None  # None: the model's recommended value, else 4.0 (DiT-XL/2)
     cfg_channels: int | None = None  # None: all latent channels; 3: the original DiT quirk
     eta: float = 0.0  # DDIM only
@@ -88,6 +98,8 @@ class Context:
         self.backend, self.data, self.classes = backend, data, classes
         # every class of the run; `classes` is this process's share when several run (torchrun)
         self.all_classes = list(classes)
+        if sampler.steps is None:  # `distill` resolves it first; a Context made directly does it here
+            sampler = dataclasses.replace(sampler, steps=recommended_steps(backend, ipc, method))
         self.ipc, self.seed, self.sampler = ipc, seed, sampler
         self.encode_batch_size, self.cache_dir, self.progress = encode_batch_size, cache_dir, progress
         self.encode_workers = encode_workers  # DataLoader workers for encoding; None: 0 on CPU, else up to 16
@@ -273,7 +285,8 @@ def recommended_options(backend: "Backend", method_cls: type[Method], ipc: int) 
     {"defaults": {"methods": {"mgd3": {"lambda": 0.3}}, "by_ipc": [{"ipc": [5, 20], "methods": ...}]}}
     (keys are documented names, e.g. `t-stop` or `t_stop`, as in a --config file)."""
     rec = dict((backend.defaults_at(ipc)[0].get("methods") or {}).get(method_cls.name) or {})
-    rec.pop("cfg", None)  # a method's recommended CFG scale is a sampler setting (Backend.defaults_at)
+    for key in SAMPLER_RECOMMENDATIONS:  # a method's recommended CFG scale or steps are sampler settings
+        rec.pop(key, None)  # (Backend.defaults_at)
     if not rec:
         return {}
     if not isinstance(rec, dict):
