@@ -444,10 +444,16 @@ def check_distill_run(cfg, backend, classes, cfg_scale: float) -> None:
     _check_image_memory(cfg.batch_size, int(cfg.save_resolution or backend.resolution), "the image size")
 
 
+# the sampler settings a model's mgd3.json may recommend: folder-wide, in a "by_ipc" entry, or among
+# a method's options (then that method's own; Backend.defaults_at)
+SAMPLER_RECOMMENDATIONS = ("cfg", "steps")
+
+
 def check_recommended(defaults, source: str, by_ipc: bool = True) -> dict:
-    """A model's recommended settings (mgd3.json "defaults"): a mapping, cfg a finite number >= 0,
-    steps an integer >= 1 (both also per method), method options a mapping per method; `by_ipc` a list of such mappings, each with an inclusive
-    "ipc": [low, high] range (ranges must not overlap)."""
+    """A model's recommended settings (mgd3.json "defaults"): a mapping, cfg a finite number >= 0
+    and steps an integer >= 1 (both also per method), method options a mapping per method; `by_ipc`
+    a list of such mappings, each with an inclusive "ipc": [low, high] range (ranges must not
+    overlap)."""
     if defaults is None:
         return {}
     if not isinstance(defaults, dict):
@@ -456,7 +462,7 @@ def check_recommended(defaults, source: str, by_ipc: bool = True) -> dict:
         if not by_ipc:
             raise Mgd3Error(f"{source}: a \"by_ipc\" entry cannot hold another \"by_ipc\"")
         defaults = {**defaults, "by_ipc": _check_by_ipc(defaults["by_ipc"], source)}
-    for key in ("cfg", "steps"):  # mgd3.methods.SAMPLER_RECOMMENDATIONS
+    for key in SAMPLER_RECOMMENDATIONS:
         if key in defaults:
             defaults = {**defaults, key: _sampler_recommendation(key, defaults[key], source, "")}
     methods = defaults.get("methods")
@@ -471,7 +477,7 @@ def check_recommended(defaults, source: str, by_ipc: bool = True) -> dict:
             by_flag = {option_flag(f).lstrip("-"): name for name, f in fields.items()}
             conv = {}
             for k, v in opts.items():
-                if k in ("cfg", "steps"):  # the method's own CFG scale or steps (Backend.defaults_at)
+                if k in SAMPLER_RECOMMENDATIONS:  # the method's own CFG scale or steps (Backend.defaults_at)
                     conv[k] = _sampler_recommendation(k, v, source, f" of method {m}")
                     continue
                 name = by_flag.get(str(k).replace("_", "-"), str(k))
@@ -489,7 +495,8 @@ def _sampler_recommendation(key: str, value, source: str, where: str):
 
 
 def _check_by_ipc(entries, source: str) -> list[dict]:
-    """mgd3.json "by_ipc": [{"ipc": [low, high], "cfg": ..., "steps": ..., "methods": {...}, "evidence": "..."}]."""
+    """mgd3.json "by_ipc": [{"ipc": [low, high], "cfg": ..., "steps": ..., "methods": {...},
+    "evidence": "..."}]."""
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise Mgd3Error(f"{source}: \"by_ipc\" must be a list of mappings, got {_short(entries)}")
     checked, seen = [], []

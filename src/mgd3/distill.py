@@ -30,6 +30,7 @@ from mgd3.api import callable_module
 from mgd3.allocator import keep_freed_memory
 from mgd3.backends import Backend, default_device, load_backend
 from mgd3.backends.labels import class_labels
+from mgd3.config import SAMPLER_RECOMMENDATIONS
 from mgd3.errors import Mgd3Error
 from mgd3.methods import (DEFAULT_STEPS, ClassInfo, Context, Item, Method, SamplerConfig, check_finite, get_method,
                           item_seed, method_options, option_flag, options_by_field, recommended_options,
@@ -259,7 +260,7 @@ def _options(cfg: DistillConfig, backend: Backend, method_cls):
     defaults, ipc_range = backend.defaults_at(cfg.ipc, method_cls.name)
     flags = {f.name: option_flag(f) for f in dataclasses.fields(method_cls.Options)} if method_cls.Options else {}
     taken = {flags[k]: v for k, v in used.items()}
-    for key in ("cfg", "steps"):  # no sampler, no CFG and no steps
+    for key in SAMPLER_RECOMMENDATIONS:  # no sampler, no CFG and no steps
         if getattr(cfg.sampler, key) is None and key in defaults and method_cls.generative:
             taken[f"--{key}"] = defaults[key]
     record = None

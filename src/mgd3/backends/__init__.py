@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mgd3.config import SAMPLER_RECOMMENDATIONS
 from mgd3.errors import Mgd3Error
 from mgd3.files import read_json_object  # noqa: F401  (re-exported: every backend reads its configs with it)
 from mgd3.registry import Registry
@@ -46,7 +47,8 @@ class Backend:
         """The recommended settings for `ipc` (and `method`): the folder-wide ones, overridden by the
         mgd3.json "by_ipc" entry whose range holds `ipc` (cfg and steps replaced, method options
         merged per method); a "cfg" or "steps" among a method's options is that method's CFG scale
-        or sampling steps and wins over the folder-wide one. Returns them and the entry's range (None when no entry applies)."""
+        or sampling steps and wins over the folder-wide one. Returns them and the entry's range
+        (None when no entry applies)."""
         merged = {k: v for k, v in self.defaults.items() if k != "by_ipc"}
         methods = {m: dict(o) for m, o in (merged.get("methods") or {}).items()}
         ipc_range = None
@@ -59,7 +61,7 @@ class Backend:
                 ipc_range = [low, high]
                 break
         merged["methods"] = methods
-        for key in ("cfg", "steps"):  # mgd3.methods.SAMPLER_RECOMMENDATIONS
+        for key in SAMPLER_RECOMMENDATIONS:
             if method is not None and key in methods.get(method, {}):
                 merged[key] = methods[method][key]
         return merged, ipc_range

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mgd3.config import SAMPLER_RECOMMENDATIONS
 from mgd3.errors import Mgd3Error
 from mgd3.registry import Registry
 from mgd3.sampling import CFGDenoiser, Guidance, Plan, randn_per_item, sample
@@ -38,8 +39,6 @@ def option_flag(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-# sampler settings a model's mgd3.json may recommend, folder-wide, per IPC range or per method
-SAMPLER_RECOMMENDATIONS = ("cfg", "steps")
 DEFAULT_STEPS = 50  # sampling steps when neither the command line nor the model's mgd3.json sets them
 
 
