@@ -252,7 +252,7 @@ def test_pretrain_overwrite_refuses_a_model_it_did_not_write(digits_model, tmp_p
 
 @pytest.mark.parametrize("yaml_text, msg", [
     ('ipc: "ten"', "ipc must be an integer, got 'ten'"),
-    ("steps: [1, 2]", "steps must be an integer, got [1, 2]"),
+    ("steps: [1, 2]", "steps must be an integer or null, got [1, 2]"),
     ("ipc: 1.7", "ipc must be an integer, got 1.7"),
     ("ipc: true", "ipc must be an integer, got True"),
     ("lambda: fast", "lambda must be a number"),
