@@ -8,8 +8,8 @@ vae     The VAE ceiling. Random real subsets (the rule of `mgd3 evaluate --refer
         sampled real images' latents exactly would score the second number at best.
 spread  How the DiT's samples spread against the data, as the sampler's steps and CFG change, and
         what mode guidance does to it. Each row is one set of 50 images per class (`mgd3 distill`
-        through the Python API, generation seed 0 or --gen-seed) measured in the feature space of a ConvNet-3
-        trained on 10 000 real train images (its flattened conv features, 2048 values):
+        through the Python API, generation seed 0 or --gen-seed) measured in the feature space of a
+        ConvNet-3 trained on 10 000 real train images (its flattened conv features, 2048 values):
         k-NN precision and recall (Kynkäänniemi et al., NeurIPS 2019; k = 3) and coverage (Naeem
         et al., ICML 2020), per class against 50 random real images of the class (subset seed 100),
         averaged over classes. A second random real subset is the row to compare with: what a set

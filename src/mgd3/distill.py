@@ -33,8 +33,7 @@ from mgd3.backends.labels import class_labels
 from mgd3.config import SAMPLER_RECOMMENDATIONS
 from mgd3.errors import Mgd3Error
 from mgd3.methods import (DEFAULT_STEPS, ClassInfo, Context, Item, Method, SamplerConfig, check_finite, get_method,
-                          item_seed, method_options, option_flag, options_by_field, recommended_options,
-                          recommended_steps)
+                          item_seed, method_options, option_flag, options_by_field, recommended_options)
 from mgd3.profile import StageProfile
 from mgd3.ranks import Ranks
 from mgd3.runs import NOT_IN_RUN_KEY  # noqa: F401  (re-exported: the fields a run key leaves out)
@@ -213,8 +212,8 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     backend, cfg = _backend(cfg, ranks, backend)
     prof = StageProfile.attach(backend)
     options, recommended = _options(cfg, backend, method_cls)
-    if cfg.sampler.steps is None:  # the model's recommendation for the IPC (methods that sample), else 50
-        steps = recommended_steps(backend, cfg.ipc, method_cls.name) if method_cls.generative else DEFAULT_STEPS
+    if cfg.sampler.steps is None:  # what _options took from the model (methods that sample), else 50
+        steps = ((recommended or {}).get("taken") or {}).get("--steps", DEFAULT_STEPS)
         cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=steps))
     _set_resolution(backend, cfg)
     if cfg.sampler.cfg_channels is not None and cfg.sampler.cfg_channels > backend.latent_shape[0]:
