@@ -230,7 +230,7 @@ def test_cli_help_and_errors(tmp_path):
     assert r.returncode == 0
     for flag in ("--data", "--out", "--size", "--vae-epochs", "--epochs", "--batch-size", "--lr", "--bf16",
                  "--device", "--seed", "--max-steps", "--limit", "--quality", "--max-minutes", "--overwrite",
-                 "--train-steps", "--threads", "--init"):
+                 "--train-steps", "--threads", "--init", "--vae-decoder-epochs"):
         assert flag in r.stdout, flag
     r = run_cli("pretrain", "--data", "no-such-data", "--out", tmp_path / "m", env=one)
     assert r.returncode == 2 and r.stderr.startswith("mgd3: error: unknown dataset")
@@ -367,3 +367,62 @@ def test_init_bad_input_is_a_one_line_error(trained, tmp_path, kw, match):
     with pytest.raises(Mgd3Error, match=match.replace("(", r"\(").replace(")", r"\)")):
         pretrain(_cfg(tmp_path / "m", vae=str(trained), **kw))
     assert not (tmp_path / "m").exists() or not (tmp_path / "m" / "model_index.json").exists()
+
+
+def test_decoder_training_keeps_the_latents_and_the_dit(trained, tmp_path):
+    from mgd3.backends import load_backend
+
+    out = pretrain(_cfg(tmp_path / "sharp", vae=str(trained), init=str(trained), epochs=0, vae_decoder_epochs=2,
+                       vae_lr=3e-3, max_steps=None))
+    _assert_same_weights(trained, out)  # --epochs 0 with --init: the DiT as it was
+    a, b = _weights(trained, "vae"), _weights(out, "vae")
+    assert a.keys() == b.keys()
+    for k in a:  # the encoder and its posterior projection are frozen; the decoder trained
+        moved = not torch.equal(a[k], b[k])
+        assert moved == (k.startswith("decoder.") or k.startswith("post_quant_conv.")), k
+    vae_a, vae_b = (json.loads((m / "vae" / "config.json").read_text()) for m in (trained, out))
+    assert vae_b["scaling_factor"] == vae_a["scaling_factor"]  # the DiT's latents keep their scale
+    stats = json.loads((out / "mgd3.json").read_text())["stats"]
+    assert len(stats["decoder_loss"]) == 2 and "dit_loss" not in stats
+    assert stats["vae_test_psnr_db"] > stats["vae_test_psnr_db_before"] + 0.5  # the decoder learned
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "its encoder frozen (the same latents) and its decoder trained 2 epochs here" in card
+    assert "with --epochs 0 its weights are kept as they are" in card
+    b = load_backend(out)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    assert torch.equal(b.encode(x), load_backend(trained).encode(x))  # the same latents
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(vae_decoder_epochs=1), "--vae-decoder-epochs trains the decoder of a reused VAE; give --vae"),
+    (dict(epochs=0), "--epochs must be at least 1 (0 only with --init"),
+    (dict(vae_decoder_epochs=-1), "vae-decoder-epochs"),
+])
+def test_decoder_training_bad_input_is_a_one_line_error(tmp_path, kw, match):
+    with pytest.raises(Mgd3Error, match=match.replace("(", r"\(").replace(")", r"\)")):
+        pretrain(_cfg(tmp_path / "m", **kw))
+    assert not (tmp_path / "m").exists()
+
+
+def test_interrupted_decoder_training_continues_from_its_checkpoint(trained, tmp_path, monkeypatch):
+    import mgd3.pretrain as pt
+
+    kw = dict(vae=str(trained), init=str(trained), epochs=0, vae_decoder_epochs=2)
+    direct = pretrain(_cfg(tmp_path / "direct", **kw))
+    real_save, calls = pt._Checkpoints.save, []
+
+    def crash_at_epoch_2(self, stage, state, meta):
+        calls.append(stage)
+        if calls.count("decoder") == 2:
+            raise KeyboardInterrupt
+        return real_save(self, stage, state, meta)
+
+    monkeypatch.setattr(pt._Checkpoints, "save", crash_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_cfg(tmp_path / "resumed", **kw))
+    monkeypatch.setattr(pt._Checkpoints, "save", real_save)
+    assert not (tmp_path / "resumed" / "model_index.json").exists()
+    resumed = pretrain(_cfg(tmp_path / "resumed", **kw))
+    a, b = _weights(direct, "vae"), _weights(resumed, "vae")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(json.loads((resumed / "mgd3.json").read_text())["stats"]["decoder_epoch_s"]) == 2

@@ -674,7 +674,7 @@ PRETRAIN_RULES: dict[str, Rule] = {
     "vae_batch_size": Rule(minimum=1, maximum=1_000_000), "vae_lr": Rule(above=0.0, maximum=10.0),
     "vae_loss": Rule(choices=("mse", "l1")), "kl_weight": Rule(minimum=0.0),
     "size": Rule(choices=_size_names), "patch_size": Rule(minimum=1, maximum=64),
-    "epochs": Rule(minimum=1, maximum=1_000_000), "train_steps": Rule(minimum=1, maximum=10**9),
+    "epochs": Rule(minimum=0, maximum=1_000_000), "vae_decoder_epochs": Rule(minimum=0, maximum=100_000), "train_steps": Rule(minimum=1, maximum=10**9),
     "batch_size": Rule(minimum=1, maximum=1_000_000), "lr": Rule(above=0.0, maximum=10.0),
     "ema_decay": Rule(minimum=0.0, below=1.0), "label_dropout": Rule(minimum=0.0, below=1.0),
     "cfg": FINITE_NON_NEGATIVE, "seed": Rule(minimum=0, maximum=RANDOM_STATE_MAX), "limit": POSITIVE,

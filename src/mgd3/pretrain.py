@@ -4,6 +4,9 @@ dataset and write a diffusers DiT pipeline folder that `mgd3.backends` loads exa
 
 Stages, in the order they run:
   1. AutoencoderKL (diffusers): reconstruction (MSE or L1) + a small KL term, cosine lr decay.
+     Or (--vae) a pipeline folder's VAE, reused; --vae-decoder-epochs then trains only its
+     decoder, the encoder frozen: the latents stay exactly the same, so a DiT trained on them
+     (--init) still fits, and only decoding gets sharper.
   2. Latent scaling factor = 1 / std of the train latents' means (as Stable Diffusion's 0.18215
      was chosen), stored in the VAE config so every loader scales the same way.
   3. The train set encoded once (posterior means), kept in memory.
@@ -90,6 +93,7 @@ class PretrainConfig:
     vae_loss: str = "mse"  # "mse" or "l1"
     kl_weight: float = 1e-6
     vae: str | None = None  # reuse this pipeline folder's vae/ instead of training one
+    vae_decoder_epochs: int = 0  # with vae: train its decoder this many epochs, the encoder frozen
     # DiT (or, with arch "unet", the class-conditional latent UNet of mgd3.backends.unet)
     arch: str | None = None  # None: dit
     size: str = "small"
@@ -458,6 +462,63 @@ def train_vae(cfg: PretrainConfig, images: Tensor, ckpt: _Checkpoints, device, s
     return vae.eval().requires_grad_(False)
 
 
+def tune_decoder(cfg: PretrainConfig, vae, images: Tensor, ckpt: _Checkpoints, device, stats: dict):
+    """Train the decoder (post_quant_conv + decoder) of a reused AutoencoderKL on images (N, C, R, R)
+    uint8 for `vae_decoder_epochs` epochs, its encoder frozen: the decoder learns to invert the same
+    posterior (it decodes posterior samples, as in VAE training; the loss is --vae-loss, no KL term,
+    since the posterior does not move). Returns the VAE in eval mode, frozen."""
+    trained = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    vae.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trained, lr=cfg.vae_lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, step = 0, 0
+    state = ckpt.load("decoder")
+    if state:
+        with _restoring(ckpt, "decoder"):
+            vae.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            start, step = int(state["epoch"]), int(state["step"])
+        stats.update(state["stats"])
+        log.info("VAE decoder: continuing after epoch %d", start)
+    bs = cfg.vae_batch_size or cfg.batch_size
+    per_epoch = min(math.ceil(len(images) / bs), cfg.max_steps or 10**12)
+    total = max(cfg.vae_decoder_epochs * per_epoch, 1)
+    for epoch in range(start, cfg.vae_decoder_epochs):
+        t0, c0, losses = time.perf_counter(), time.process_time(), []
+        vae.decoder.train()
+        bar = tqdm(_batches(len(images), bs, gen, cfg.max_steps),
+                   desc=f"VAE decoder {epoch + 1}/{cfg.vae_decoder_epochs}", disable=not cfg.progress, leave=False)
+        for idx in bar:
+            for group in opt.param_groups:  # cosine decay to 10 %, as in train_vae
+                group["lr"] = cfg.vae_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step / total, 1.0))))
+            x = _to_float(images[idx], device)  # (B, C, R, R)
+            with torch.no_grad(), _autocast(device, cfg.bf16):
+                post = vae.encode(x).latent_dist
+                z = post.mean.float() + post.std.float() * torch.randn(post.mean.shape, generator=gen).to(device)
+            with _autocast(device, cfg.bf16):
+                rec = vae.decode(z).sample
+            err = (rec.float() - x).abs() if cfg.vae_loss == "l1" else (rec.float() - x) ** 2
+            loss = err.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        stats.setdefault("decoder_epoch_s", []).append(round(time.perf_counter() - t0, 2))
+        stats.setdefault("decoder_epoch_cpu_s", []).append(round(time.process_time() - c0, 2))
+        stats.setdefault("decoder_loss", []).append(float(np.mean(losses)))
+        ckpt.save("decoder", {"model": vae.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                              "epoch": epoch + 1, "step": step, "stats": stats},
+                  {"epoch": epoch + 1, "signature": _signature(cfg, VAE_KEYS)})
+        log.info("VAE decoder epoch %d/%d: %s loss %.4f (%.0f s)", epoch + 1, cfg.vae_decoder_epochs, cfg.vae_loss,
+                 stats["decoder_loss"][-1], stats["decoder_epoch_s"][-1])
+    return vae.eval().requires_grad_(False)
+
+
 def _latent_hw(cfg: PretrainConfig, images: Tensor) -> tuple[int, int]:
     s = images.shape[-1] // 2 ** (cfg.vae_levels - 1)
     return s, s
@@ -690,7 +751,15 @@ def _validate(cfg: PretrainConfig) -> None:
 
     validate_pretrain(cfg)
     dit_size(cfg)
-    for name, v in (("--epochs", cfg.epochs), ("--vae-epochs", cfg.vae_epochs), ("--batch-size", cfg.batch_size),
+    if cfg.epochs < (0 if cfg.init else 1):
+        raise Mgd3Error(f"--epochs must be at least 1 (0 only with --init: the DiT is copied as it is), "
+                        f"got {cfg.epochs}")
+    if cfg.vae_decoder_epochs < 0:
+        raise Mgd3Error(f"--vae-decoder-epochs must be at least 0, got {cfg.vae_decoder_epochs}")
+    if cfg.vae_decoder_epochs and not cfg.vae:
+        raise Mgd3Error("--vae-decoder-epochs trains the decoder of a reused VAE; give --vae MODEL_DIR (a VAE "
+                        "trained here trains whole: --vae-epochs)")
+    for name, v in (("--vae-epochs", cfg.vae_epochs), ("--batch-size", cfg.batch_size),
                     ("--vae-levels", cfg.vae_levels), ("--vae-width", cfg.vae_width),
                     ("--latent-channels", cfg.latent_channels)):
         if v < 1:
@@ -741,12 +810,19 @@ def pretrain(cfg: PretrainConfig) -> Path:
         from mgd3.backends.unet import load_reused_vae
 
         vae = load_reused_vae(cfg.vae, images.shape[1], images.shape[-1]).to(device)
+        if cfg.vae_decoder_epochs:
+            if test is not None and "vae_test_psnr_db_before" not in stats:
+                stats["vae_test_psnr_db_before"] = round(reconstruction_psnr(vae, test[1], device), 2)
+            vae = tune_decoder(cfg, vae, images, ckpt, device, stats)
     else:
         vae = train_vae(cfg, images, ckpt, device, stats)
     # 2.-3. scaling factor and the encoded train set
     t = time.perf_counter()
     mean_latents = encode_all(vae, images, device)  # (N, c, h, w)
-    scaling_factor = float(1.0 / mean_latents.std())
+    if cfg.vae and cfg.init:  # the DiT of --init was trained on latents scaled by the reused VAE's factor
+        scaling_factor = float(vae.config.scaling_factor)
+    else:
+        scaling_factor = float(1.0 / mean_latents.std())
     vae.register_to_config(scaling_factor=scaling_factor)
     latents = mean_latents * scaling_factor
     val = None
@@ -878,11 +954,16 @@ def write_model_card(out: Path, cfg: PretrainConfig, data, stats: dict, n_params
         f"AdamW lr {cfg.lr:g}, EMA {cfg.ema_decay} (weights shipped), label dropout {cfg.label_dropout}, "
         f"{dit_s / 60:.1f} min ({dit_s / max(dit_epochs, 1) / 60:.2f} min/epoch)",
         *([f"- DiT initialised from `{stats['dit_init']}` (`--init`: its transformer's weights, a fresh optimiser); "
-           "the epochs and steps above are counted from there"] if stats.get("dit_init") else []),
+           "the epochs and steps above are counted from there"
+           + ("; with --epochs 0 its weights are kept as they are" if not dit_epochs else "")]
+          if stats.get("dit_init") else []),
         f"- Final DiT loss: train {_fmt(last('dit_loss'))}, held-out test latents (EMA) {_fmt(last('dit_val_loss'))}",
         f"- Wall time of the command(s) above: {sum(r['seconds'] for r in runs) / 60:.1f} min (an invocation "
         "stopped before writing the folder is not listed; its epochs count in the training time above)",
-        f"- VAE reconstruction PSNR on the test split: {_fmt(stats.get('vae_test_psnr_db'), '.2f')} dB",
+        f"- VAE reconstruction PSNR on the test split: {_fmt(stats.get('vae_test_psnr_db'), '.2f')} dB"
+        + (f" ({stats['vae_test_psnr_db_before']:.2f} dB before its decoder was trained here; decoder: "
+           f"{len(stats.get('decoder_loss', []))} epochs, final loss {_fmt(last('decoder_loss'))}, "
+           f"{sum(stats.get('decoder_epoch_s', [])) / 60:.1f} min)" if "vae_test_psnr_db_before" in stats else ""),
         f"- Recommended sampling (`mgd3.json`): CFG {cfg.cfg}",
     ]
     if cfg.arch == "unet" or cfg.vae:
@@ -932,6 +1013,10 @@ def add_parser(sub) -> None:
     g.add_argument("--kl-weight", type=float, default=d.kl_weight, help="weight of the per-pixel KL term")
     g.add_argument("--vae", metavar="MODEL_DIR", help="reuse the vae/ of this pipeline folder (e.g. the shipped "
                                                       "model) instead of training one; only the denoiser trains")
+    g.add_argument("--vae-decoder-epochs", type=int, default=d.vae_decoder_epochs, metavar="N",
+                   help="with --vae: train the reused VAE's decoder for N epochs, its encoder frozen (the latents "
+                        "stay the same, so with --init MODEL_DIR --epochs 0 the model's DiT is kept as it is and "
+                        "only decoding sharpens); --vae-lr, --vae-batch-size and --vae-loss apply")
     g = p.add_argument_group("DiT")
     g.add_argument("--arch", choices=["dit", "unet"],
                    help="denoiser: dit (default) or unet, the class-conditional latent UNet of the CompVis cin256 "
@@ -945,7 +1030,7 @@ def add_parser(sub) -> None:
                         "model, with --vae MODEL_DIR and its --size) instead of random weights; the optimiser "
                         "starts afresh and --epochs counts the epochs of this run")
     g.add_argument("--patch-size", type=int, help="DiT patch size (default: the preset's, 1)")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="DiT training epochs")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="DiT training epochs (0 with --init: keep that DiT)")
     g.add_argument("--train-steps", type=int, metavar="N",
                    help="train the DiT for N optimiser steps in total instead of --epochs (the last epoch may be "
                         "partial)")

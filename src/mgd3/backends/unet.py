@@ -346,6 +346,12 @@ def card_lines(lines: list[str], cfg, n_params: int) -> list[str]:
         elif cfg.arch == "unet" and line.startswith("- Final DiT loss"):
             line = line.replace("DiT", "UNet")
         elif cfg.vae and line.startswith("- VAE:"):
-            line = f"- VAE: reused, frozen, from `{cfg.vae}` (not trained here); {line[len('- VAE: '):].split(', ')[0]}"
+            shape = line[len('- VAE: '):].split(', ')[0]
+            if getattr(cfg, "vae_decoder_epochs", 0):
+                line = (f"- VAE: reused from `{cfg.vae}`, its encoder frozen (the same latents) and its decoder "
+                        f"trained {cfg.vae_decoder_epochs} epochs here ({cfg.vae_loss}, lr {cfg.vae_lr:g} cosine, "
+                        f"batch {cfg.vae_batch_size or cfg.batch_size}); {shape}")
+            else:
+                line = f"- VAE: reused, frozen, from `{cfg.vae}` (not trained here); {shape}"
         out.append(line)
     return out
