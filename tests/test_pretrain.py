@@ -387,7 +387,8 @@ def test_decoder_training_keeps_the_latents_and_the_dit(trained, tmp_path):
     assert stats["vae_test_psnr_db"] > stats["vae_test_psnr_db_before"] + 0.5  # the decoder learned
     card = (out / "MODEL_CARD.md").read_text()
     assert "its encoder frozen (the same latents) and its decoder trained 2 epochs here" in card
-    assert "with --epochs 0 its weights are kept as they are" in card
+    assert "with --epochs 0 its weights are kept as they are" in card and "DiT training: none here" in card
+    assert "AutoencoderKL, 2 levels, width 8, latent 4x4x4" in card
     b = load_backend(out)
     x = torch.rand(4, 1, 8, 8) * 2 - 1
     assert torch.equal(b.encode(x), load_backend(trained).encode(x))  # the same latents

@@ -950,9 +950,10 @@ def write_model_card(out: Path, cfg: PretrainConfig, data, stats: dict, n_params
         f"- DiT: size `{cfg.size}` ({n_params / 1e6:.2f} M params; {size['num_layers']} layers, "
         f"{size['num_attention_heads']} heads x {size['attention_head_dim']}, patch {size['patch_size']}), "
         f"eps-prediction, fixed variance, linear betas {BETA_START:g}..{BETA_END:g} x {NUM_TRAIN_TIMESTEPS}",
-        f"- DiT training: {dit_epochs} epochs ({(stats.get('dit_steps') or [0])[-1]} steps), batch {cfg.batch_size}, "
-        f"AdamW lr {cfg.lr:g}, EMA {cfg.ema_decay} (weights shipped), label dropout {cfg.label_dropout}, "
-        f"{dit_s / 60:.1f} min ({dit_s / max(dit_epochs, 1) / 60:.2f} min/epoch)",
+        (f"- DiT training: {dit_epochs} epochs ({(stats.get('dit_steps') or [0])[-1]} steps), batch {cfg.batch_size}, "
+         f"AdamW lr {cfg.lr:g}, EMA {cfg.ema_decay} (weights shipped), label dropout {cfg.label_dropout}, "
+         f"{dit_s / 60:.1f} min ({dit_s / max(dit_epochs, 1) / 60:.2f} min/epoch)") if dit_epochs else
+        "- DiT training: none here (--epochs 0)",
         *([f"- DiT initialised from `{stats['dit_init']}` (`--init`: its transformer's weights, a fresh optimiser); "
            "the epochs and steps above are counted from there"
            + ("; with --epochs 0 its weights are kept as they are" if not dit_epochs else "")]
