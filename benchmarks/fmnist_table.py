@@ -50,8 +50,11 @@ VARIANTS = {
     "mgd3-random-modes": (["--method", "mgd3", *PAPER, "--modes", "random"],
                           "ablation: stop guidance with random real latents as modes (no discovery)"),
     "mgd3-recommended": (["--method", "mgd3"], "MGD³ with the model's mgd3.json settings for the IPC"),
+    "mgd3-recommended-steps100": (["--method", "mgd3", "--steps", "100"],
+                                  "MGD³ with the model's mgd3.json settings for the IPC and 100 DDPM steps"),
 }
-GRID = [v for v in VARIANTS if v != "mgd3-recommended"]  # the recommended cells run on request (--methods)
+# the recommended cells run on request (--methods)
+GRID = [v for v in VARIANTS if not v.startswith("mgd3-recommended")]
 # sets that do not depend on --seed (the clustering's random_state is --mode-seed): one generation
 # seed is the whole story, a second would evaluate the identical set again
 SEEDLESS = {"kmeans-real"}
