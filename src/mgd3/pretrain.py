@@ -408,33 +408,44 @@ def _batches(n: int, bs: int, gen: torch.Generator, max_steps: int | None) -> li
     return out[:max_steps] if max_steps else out
 
 
+def _continue(ckpt: _Checkpoints, stage: str, model, opt, gen: torch.Generator, stats: dict) -> tuple[int, int]:
+    """Restore a VAE stage's checkpoint (model, optimiser, generator, stats) if there is one;
+    returns (epochs done, steps done)."""
+    state = ckpt.load(stage)
+    if not state:
+        return 0, 0
+    with _restoring(ckpt, stage):
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        start, step = int(state["epoch"]), int(state["step"])
+    stats.update(state["stats"])
+    log.info("%s: continuing after epoch %d", "VAE" if stage == "vae" else f"VAE {stage}", start)
+    return start, step
+
+
+def _set_cosine_lr(opt, lr: float, step: int, total: int) -> None:
+    """Cosine decay from lr to 10 % of it over `total` steps."""
+    for group in opt.param_groups:
+        group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step / total, 1.0))))
+
+
 def train_vae(cfg: PretrainConfig, images: Tensor, ckpt: _Checkpoints, device, stats: dict):
     """AutoencoderKL on images (N, C, R, R) uint8; returns it in eval mode, frozen."""
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg, images.shape[1], images.shape[-1]).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start, step = 0, 0
-    state = ckpt.load("vae")
-    if state:
-        with _restoring(ckpt, "vae"):
-            vae.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            gen.set_state(state["gen"])
-            start, step = int(state["epoch"]), int(state["step"])
-        stats.update(state["stats"])
-        log.info("VAE: continuing after epoch %d", start)
+    start, step = _continue(ckpt, "vae", vae, opt, gen, stats)
     bs = cfg.vae_batch_size or cfg.batch_size
-    per_epoch = min(math.ceil(len(images) / bs), cfg.max_steps or 10**12)
-    total = max(cfg.vae_epochs * per_epoch, 1)
+    total = max(cfg.vae_epochs * min(math.ceil(len(images) / bs), cfg.max_steps or 10**12), 1)
     for epoch in range(start, cfg.vae_epochs):
         t0, c0, losses, recs = time.perf_counter(), time.process_time(), [], []
         vae.train()
         bar = tqdm(_batches(len(images), bs, gen, cfg.max_steps), desc=f"VAE {epoch + 1}/{cfg.vae_epochs}",
                    disable=not cfg.progress, leave=False)
         for idx in bar:
-            for group in opt.param_groups:  # cosine decay to 10 % over all VAE epochs
-                group["lr"] = cfg.vae_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step / total, 1.0))))
+            _set_cosine_lr(opt, cfg.vae_lr, step, total)
             x = _to_float(images[idx], device)  # (B, C, R, R)
             noise = torch.randn((len(idx), cfg.latent_channels, *_latent_hw(cfg, images)), generator=gen).to(device)
             with _autocast(device, cfg.bf16):
@@ -473,27 +484,16 @@ def tune_decoder(cfg: PretrainConfig, vae, images: Tensor, ckpt: _Checkpoints, d
         p.requires_grad_(True)
     opt = torch.optim.AdamW(trained, lr=cfg.vae_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start, step = 0, 0
-    state = ckpt.load("decoder")
-    if state:
-        with _restoring(ckpt, "decoder"):
-            vae.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            gen.set_state(state["gen"])
-            start, step = int(state["epoch"]), int(state["step"])
-        stats.update(state["stats"])
-        log.info("VAE decoder: continuing after epoch %d", start)
+    start, step = _continue(ckpt, "decoder", vae, opt, gen, stats)
     bs = cfg.vae_batch_size or cfg.batch_size
-    per_epoch = min(math.ceil(len(images) / bs), cfg.max_steps or 10**12)
-    total = max(cfg.vae_decoder_epochs * per_epoch, 1)
+    total = max(cfg.vae_decoder_epochs * min(math.ceil(len(images) / bs), cfg.max_steps or 10**12), 1)
     for epoch in range(start, cfg.vae_decoder_epochs):
         t0, c0, losses = time.perf_counter(), time.process_time(), []
         vae.decoder.train()
         bar = tqdm(_batches(len(images), bs, gen, cfg.max_steps),
                    desc=f"VAE decoder {epoch + 1}/{cfg.vae_decoder_epochs}", disable=not cfg.progress, leave=False)
         for idx in bar:
-            for group in opt.param_groups:  # cosine decay to 10 %, as in train_vae
-                group["lr"] = cfg.vae_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step / total, 1.0))))
+            _set_cosine_lr(opt, cfg.vae_lr, step, total)
             x = _to_float(images[idx], device)  # (B, C, R, R)
             with torch.no_grad(), _autocast(device, cfg.bf16):
                 post = vae.encode(x).latent_dist
