@@ -55,7 +55,7 @@ VARIANTS = {
     "mgd3-random-modes-steps100": (["--method", "mgd3", *PAPER, "--modes", "random", "--steps", "100"],
                                    "MGD³ with random real latents as modes and 100 DDPM steps"),
 }
-# the recommended cells run on request (--methods)
+# the recommended and the 100-step cells run on request (--methods)
 GRID = [v for v in VARIANTS if not v.startswith("mgd3-recommended") and not v.endswith("-steps100")]
 # sets that do not depend on --seed (the clustering's random_state is --mode-seed): one generation
 # seed is the whole story, a second would evaluate the identical set again
