@@ -754,8 +754,6 @@ def _validate(cfg: PretrainConfig) -> None:
     if cfg.epochs < (0 if cfg.init else 1):
         raise Mgd3Error(f"--epochs must be at least 1 (0 only with --init: the DiT is copied as it is), "
                         f"got {cfg.epochs}")
-    if cfg.vae_decoder_epochs < 0:
-        raise Mgd3Error(f"--vae-decoder-epochs must be at least 0, got {cfg.vae_decoder_epochs}")
     if cfg.vae_decoder_epochs and not cfg.vae:
         raise Mgd3Error("--vae-decoder-epochs trains the decoder of a reused VAE; give --vae MODEL_DIR (a VAE "
                         "trained here trains whole: --vae-epochs)")

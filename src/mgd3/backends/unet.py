@@ -347,7 +347,7 @@ def card_lines(lines: list[str], cfg, n_params: int) -> list[str]:
             line = line.replace("DiT", "UNet")
         elif cfg.vae and line.startswith("- VAE:"):
             shape = ', '.join(line[len('- VAE: '):].split(', ')[:4])  # class, levels, width, latent shape
-            if getattr(cfg, "vae_decoder_epochs", 0):
+            if cfg.vae_decoder_epochs:
                 line = (f"- VAE: reused from `{cfg.vae}`, its encoder frozen (the same latents) and its decoder "
                         f"trained {cfg.vae_decoder_epochs} epochs here ({cfg.vae_loss}, lr {cfg.vae_lr:g} cosine, "
                         f"batch {cfg.vae_batch_size or cfg.batch_size}); {shape}")
