@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mgd3.backends import (BACKENDS, PIPELINE_CLASSES, Backend, check_model_size, read_id2label, read_json_object,
+from mgd3.backends.base import (BACKENDS, PIPELINE_CLASSES, Backend, check_model_size, read_id2label, read_json_object,
                            read_recommendations)
 from mgd3.errors import Mgd3Error
 from mgd3.files import folder_fingerprint
-from mgd3.sampling import ModelOutput
+from mgd3.core.sampling import ModelOutput
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Backend: Stable Diffusion, text-to-image latent diffusion (Rombach et al., CVPR 2022), in
-diffusers format — the text-to-image variant of MGD³ (SPEC §1.3: SD v1.5, CFG 8, prompt = the
+diffusers format — the text-to-image variant of MGD³ (docs/METHODS.md §2.4: SD v1.5, CFG 8, prompt = the
 class name line, e.g. "tench, Tinca tinca").
 
 The folder layout of `stable-diffusion-v1-5`: `model_index.json` (StableDiffusionPipeline),
@@ -28,16 +28,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mgd3.backends import BACKENDS, PIPELINE_CLASSES, Backend, read_recommendations
+from mgd3.backends.base import BACKENDS, PIPELINE_CLASSES, Backend, read_recommendations
 from mgd3.backends.dit import KLVaeMixin, check_sizes, estimate_vae_params, read_config, train_betas
 from mgd3.errors import Mgd3Error
-from mgd3.sampling import ModelOutput
+from mgd3.core.sampling import ModelOutput
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = "{name}"  # SPEC §1.3: the class name line itself
+DEFAULT_PROMPT = "{name}"  # docs/METHODS.md §2.4: the class name line itself
 DEFAULT_NEGATIVE_PROMPT = ""  # the empty prompt, as the pipeline's unconditional branch
-DEFAULT_CFG = 8.0  # SPEC §1.3 (SD v1.5)
+DEFAULT_CFG = 8.0  # docs/METHODS.md §2.4 (SD v1.5)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 

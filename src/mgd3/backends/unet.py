@@ -38,11 +38,11 @@ from torch import Tensor, nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from mgd3.backends import BACKENDS, PIPELINE_CLASSES, Backend
+from mgd3.backends.base import BACKENDS, PIPELINE_CLASSES, Backend
 from mgd3.backends.dit import ClassLabelMixin, KLVaeMixin, train_betas
 from mgd3.files import folder_fingerprint
 from mgd3.errors import Mgd3Error
-from mgd3.sampling import ModelOutput
+from mgd3.core.sampling import ModelOutput
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Stage: distillation methods. A method turns (model, real data, IPC, seed) into latents or
-images for a list of items; the shared driver (`mgd3.distill`) batches, decodes and writes.
+images for a list of items; the shared driver (`mgd3.run.driver`) batches, decodes and writes.
 
 A new method is one file in this package that subclasses `Method` and registers itself with
 `@METHODS.register("name")`; every module here is imported when the registry is first used.
@@ -21,10 +21,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mgd3.config import SAMPLER_RECOMMENDATIONS
+from mgd3.backends.recommended import SAMPLER_RECOMMENDATIONS
+from mgd3.config import RANDOM_STATE_MAX, Rule, convert
 from mgd3.errors import Mgd3Error
 from mgd3.registry import Registry
-from mgd3.sampling import CFGDenoiser, Guidance, Plan, randn_per_item, sample
+from mgd3.core.sampling import CFGDenoiser, Guidance, Plan, randn_per_item, sample
 
 if TYPE_CHECKING:
     from mgd3.backends import Backend
@@ -111,16 +112,16 @@ class Context:
         self.observers: list = []  # step observers (progress), set by the driver
 
     def real_indices(self, c: int) -> np.ndarray:
-        """The real items of class c that modes are found from (see `mgd3.encode.real_subset`)."""
-        from mgd3.encode import real_subset
+        """The real items of class c that modes are found from (see `mgd3.core.encode.real_subset`)."""
+        from mgd3.core.encode import real_subset
 
         return real_subset(self.data, c, self.max_real_per_class)
 
     def real_latents(self) -> Mapping[int, Tensor]:
         """{class index: (N_c, C, h, w) float32} latents of the real train images of this process's
-        classes (see `mgd3.encode.real_latents`): per-class work (k-means) never holds more than
+        classes (see `mgd3.core.encode.real_latents`): per-class work (k-means) never holds more than
         one class."""
-        from mgd3.encode import real_latents
+        from mgd3.core.encode import real_latents
 
         wanted = [c.index for c in self.classes]
         if self._latents is None or list(self._latents) != wanted:
@@ -296,7 +297,7 @@ def recommended_options(backend: "Backend", method_cls: type[Method], ipc: int) 
     if unknown:
         raise Mgd3Error(f"{backend.path}/mgd3.json recommends {', '.join(unknown)} for method "
                         f"{method_cls.name!r}, which it does not take")
-    return options_by_field(method_cls, rec)
+    return check_method_options(options_by_field(method_cls, rec), f"{backend.path}/mgd3.json")
 
 
 def check_finite(name: str, value: float, minimum: float = 0.0) -> None:
@@ -312,3 +313,71 @@ def class_modes_progress(ctx: Context, desc: str):
 
 def as_tensor_modes(arr: np.ndarray, shape) -> Tensor:
     return torch.from_numpy(np.asarray(arr, dtype=np.float32)).reshape(-1, *shape)
+
+
+# --- option checks (types, ranges, choices), the same for flags, YAML, the API and mgd3.json
+
+
+def method_option_fields() -> dict[str, dataclasses.Field]:
+    """Every registered method's option fields by name (the first method's, when shared)."""
+    reg = load_methods()
+    out: dict[str, dataclasses.Field] = {}
+    for name in reg.names():
+        opts = reg.get(name).Options
+        for f in dataclasses.fields(opts) if opts else ():
+            out.setdefault(f.name, f)
+    return out
+
+
+def option_choices(f: dataclasses.Field) -> list[str] | None:
+    """The choices of an enumerated method option (its own, or a registry's for --modes)."""
+    if f.metadata.get("choices"):
+        return list(f.metadata["choices"])
+    if f.name == "modes":
+        from mgd3.core.modes import MODE_FINDERS
+
+        return list(MODE_FINDERS.names())
+    return None
+
+
+def check_method_options(options: dict, source: str = "") -> dict:
+    """Types, finiteness, seed ranges and choices of method options (by field name); returns
+    them converted. What fits one method only (t_stop against the steps) is the method's check."""
+    fields = method_option_fields()
+    out = {}
+    for k, v in options.items():
+        f = fields.get(k)
+        if f is None:  # the method names what it does not take
+            out[k] = v
+            continue
+        name = option_flag(f)
+        v = convert(name if not source else name.lstrip("-"), v, f.type, source)
+        choices = option_choices(f)
+        if choices is not None:
+            Rule(choices=tuple(choices), what="mode finder" if k == "modes" else None).check(name, v)
+        elif k.endswith("seed"):
+            Rule(minimum=0, maximum=RANDOM_STATE_MAX).check(name, v)
+        elif isinstance(v, int) and not isinstance(v, bool):  # step indices, counts: what a run can use
+            Rule(minimum=-1, maximum=1_000_000).check(name, v)
+        elif isinstance(v, float):
+            Rule(minimum=0.0).check(name, v)
+        out[k] = v
+    return out
+
+
+def check_recommendations(backend: "Backend") -> None:
+    """The method options a model's mgd3.json recommends (folder-wide and in every "by_ipc" entry),
+    checked as the CLI checks them, for every method; done once the model is loaded, before any data
+    loads (`recommended_options` converts them again when a method takes them)."""
+    defaults = getattr(backend, "defaults", None) or {}
+    source = f"{backend.path}/mgd3.json"
+    fields = method_option_fields()
+    by_flag = {option_flag(f).lstrip("-"): name for name, f in fields.items()}
+    for entry in [defaults, *(defaults.get("by_ipc") or [])]:
+        for opts in (entry.get("methods") or {}).values():
+            for k, v in opts.items():
+                if k in SAMPLER_RECOMMENDATIONS:
+                    continue
+                name = by_flag.get(str(k).replace("_", "-"), str(k))
+                if name in fields:
+                    check_method_options({name: v}, source)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from mgd3.errors import Mgd3Error
-from mgd3.guidance import GUIDANCE_FORMS, ModeGuidance, StopWindow
+from mgd3.core.guidance import GUIDANCE_FORMS, ModeGuidance, StopWindow
 from mgd3.methods import METHODS, Batch, Method, as_tensor_modes, check_finite, class_modes_progress, option
-from mgd3.modes import MODE_FINDERS, find_modes
+from mgd3.core.modes import MODE_FINDERS, find_modes
 
 
 @dataclass

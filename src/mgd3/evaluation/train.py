@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from mgd3.errors import Mgd3Error
 from mgd3.files import to_uint8
-from mgd3.evaluate import augment as A
-from mgd3.evaluate.networks import build_network
-from mgd3.evaluate.protocols import Protocol
+from mgd3.evaluation import augment as A
+from mgd3.evaluation.networks import build_network
+from mgd3.evaluation.protocols import Protocol
 
 log = logging.getLogger(__name__)
 

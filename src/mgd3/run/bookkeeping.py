@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import mgd3
-from mgd3 import store
+from mgd3.version import __version__
+from mgd3.io import store
 from mgd3.files import folder_fingerprint
 from mgd3.methods import ClassInfo, Item, item_seed
 
@@ -45,11 +45,6 @@ def git_commit() -> str | None:
         return None
 
 
-def model_fingerprint(path: Path) -> str:
-    """Changes when a file of the model folder changes (names, sizes, first and last MiB)."""
-    return folder_fingerprint(path)
-
-
 def resolved_config(config, cfg_scale: float, options) -> dict:
     """The run's config as a dict with what the model resolved: the CFG scale and every option."""
     d = dataclasses.asdict(config)
@@ -63,11 +58,11 @@ def run_key(config, backend, data, classes: list[ClassInfo], cfg_scale: float, o
     """The resolved settings that determine the images (OUT/.mgd3-run.json): a re-run with the
     same key resumes, another key is refused. Batch size is not in it (an image has its own
     generator), except for methods whose images depend on earlier batches (`order_dependent`)."""
-    key: dict = {"mgd3_version": mgd3.__version__, "method": config.method, "ipc": config.ipc, "seed": config.seed,
+    key: dict = {"mgd3_version": __version__, "method": config.method, "ipc": config.ipc, "seed": config.seed,
                  "data": {"fingerprint": data.fingerprint(), "resolution": data.resolution,
                           "channels": data.channels},
                  "classes": [[c.class_id, c.label] for c in classes],
-                 "model": {"backend": backend.name, "fingerprint": model_fingerprint(backend.path),
+                 "model": {"backend": backend.name, "fingerprint": folder_fingerprint(backend.path),
                            "latent_shape": list(backend.latent_shape)}}
     for k, v in resolved_config(config, cfg_scale, options).items():
         if k not in NOT_IN_RUN_KEY and k not in key:
@@ -189,7 +184,7 @@ def manifest(config, backend, data, classes: list[ClassInfo], resolved: dict, me
              device: str, processes: int, resumed: int, records: list[dict]) -> dict:
     """manifest.json of a finished set (store adds the format)."""
     return {
-        "mgd3_version": mgd3.__version__,
+        "mgd3_version": __version__,
         "git_commit": git_commit(),
         "method": config.method,
         "ipc": config.ipc,
