@@ -34,10 +34,13 @@ def test_dit_flops_from_config_equal_the_flop_counter(patch, sigma, size, layers
         assert count_flops(model, x, timestep=t, class_labels=y)[1] == counter.get_total_flops()
 
 
-def test_attached_profile_changes_no_result_and_counts_rows(digits_model):
+def test_observed_backend_changes_no_result_and_counts_rows(digits_model):
     plain = load_backend(digits_model)
     profiled = load_backend(digits_model)
-    prof = StageProfile.attach(profiled)
+    backend = profiled
+    prof, profiled = StageProfile.observe(backend)
+    assert not {"encode", "decode", "denoiser"} & set(vars(backend))  # observed, not patched
+    assert profiled.unwrapped is backend and profiled.latent_shape == backend.latent_shape
     x = torch.rand(5, 1, 8, 8) * 2 - 1
     prof.enter("prepare")
     assert torch.equal(plain.encode(x), profiled.encode(x))  # the counted first call

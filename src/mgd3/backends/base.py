@@ -8,7 +8,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +21,13 @@ from mgd3.registry import Registry
 from mgd3.core.sampling import ModelOutput
 
 log = logging.getLogger(__name__)
+
+
+class Recommendation(NamedTuple):
+    """What a model's mgd3.json recommends at one IPC (`Backend.defaults_at`)."""
+
+    settings: dict[str, Any]  # cfg, steps and "methods": {method: {option: value}}
+    ipc_range: list[int] | None  # the "by_ipc" entry's inclusive range; None when no entry applies
 
 
 @dataclass
@@ -40,7 +47,7 @@ class Backend:
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"
 
-    def defaults_at(self, ipc: int, method: str | None = None) -> tuple[dict[str, Any], list[int] | None]:
+    def defaults_at(self, ipc: int, method: str | None = None) -> Recommendation:
         """The recommended settings for `ipc` (and `method`): the folder-wide ones, overridden by the
         mgd3.json "by_ipc" entry whose range holds `ipc` (cfg and steps replaced, method options
         merged per method); a "cfg" or "steps" among a method's options is that method's CFG scale
@@ -61,7 +68,7 @@ class Backend:
         for key in SAMPLER_RECOMMENDATIONS:
             if method is not None and key in methods.get(method, {}):
                 merged[key] = methods[method][key]
-        return merged, ipc_range
+        return Recommendation(merged, ipc_range)
 
     # --- conditioning
     def cond(self, labels: list[int]) -> Tensor:

@@ -21,6 +21,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,14 @@ def read_run(out: Path) -> dict | None:
     return run
 
 
-def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | None = None) -> tuple[Path, str]:
+class OpenedRun(NamedTuple):
+    """An output folder made ready for a run (`open_run`)."""
+
+    path: Path
+    state: str  # "new", "resume" or "complete"
+
+
+def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | None = None) -> OpenedRun:
     """Prepare the output folder of a run whose images are determined by `key`; returns
     (folder, state) with state "new", "resume" (the same settings, unfinished: keep what is
     there) or "complete" (the same settings, manifest.json present: nothing to do).
@@ -115,7 +123,7 @@ def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | No
             tmp.unlink(missing_ok=True)  # left by a killed run
     if state == "new":
         write_text_atomic(out / RUN_FILE, json.dumps({"format": RUN_FORMAT, "key": key, "info": info or {}}, indent=2))
-    return out, state
+    return OpenedRun(out, state)
 
 
 def _is_set(out: Path) -> bool:
@@ -224,12 +232,14 @@ def class_folder(class_index: int, class_id: str, num_classes: int) -> str:
     return f"{class_index:0{width}d}-{class_id}"
 
 
-def write_images(out: Path, folders: list[str], indices: list[int], images: Tensor) -> list[str]:
+def write_images(out: Path, folders: list[str], indices: list[int], images: Tensor,
+                 pixels: np.ndarray | None = None) -> list[str]:
     """Write images (B, C, R, R) in [-1, 1] to images/<folder>/<index>.png (`class_folder`);
-    returns their paths relative to `out`. PNG encoding (zlib, which releases the GIL) runs on up
-    to 8 threads; every file is written when this returns."""
+    returns their paths relative to `out`. `pixels`: the images' `to_pixels` when the caller has
+    them already. PNG encoding (zlib, which releases the GIL) runs on up to 8 threads; every file
+    is written when this returns."""
     check_finite_batch(images, folders, "images")
-    arrays = to_pixels(images)
+    arrays = to_pixels(images) if pixels is None else pixels
     paths = [f"images/{folder}/{k}.png" for folder, k in zip(folders, indices)]
     for rel in dict.fromkeys(str(Path(r).parent) for r in paths):
         (out / rel).mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,7 @@ class Context:
         self.max_real_per_class = max_real_per_class
         self._latents = None  # a CachedLatents of `classes` once encoded
         self.observers: list = []  # step observers (progress), set by the driver
+        self.run_dir = None  # a folder for a method's own resume state (dm), set by the driver; None: no resume
 
     def real_indices(self, c: int) -> np.ndarray:
         """The real items of class c that modes are found from (see `mgd3.core.encode.real_subset`)."""
@@ -180,8 +181,14 @@ class Method:
     def __init__(self, options=None):
         self.options = options
 
+    def resolve_options(self, ctx: Context):
+        """The options with every default that depends on the run filled in (e.g. a stop index from
+        the steps); called once, by the driver, before `validate`. Returns new options, never
+        changes `self.options` (the driver installs the result)."""
+        return self.options
+
     def validate(self, ctx: Context) -> None:
-        """Raise Mgd3Error on options that do not fit the context."""
+        """Raise Mgd3Error on options that do not fit the context (the options are resolved)."""
 
     def prepare(self, ctx: Context) -> None:
         """Per-run work before generation (e.g. encoding real data, mode discovery)."""

@@ -230,7 +230,7 @@ class DM(Method):
             chooser.prepare(ctx)
             for c in ctx.classes:
                 self.init_images[c.index] = _class_images(ctx, chooser.chosen[c.index])
-        run_dir = getattr(ctx, "run_dir", None)
+        run_dir = ctx.run_dir
         for c in ctx.classes:  # loss records of classes an interrupted run finished
             state = self._load_state(run_dir, c) if run_dir is not None else None
             if state is not None:
@@ -268,7 +268,7 @@ class DM(Method):
         from mgd3.files import save_torch_atomic as save_torch
 
         o = self.options
-        run_dir = getattr(ctx, "run_dir", None)
+        run_dir = ctx.run_dir
         state = self._load_state(run_dir, c) if run_dir is not None else None
         if state is not None:
             log.info("DM class %s: continuing after iteration %d", c.class_id, int(state["iteration"]))

@@ -14,6 +14,7 @@ import platform
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -80,17 +81,33 @@ def warn_resume_differences(out: Path, info: dict) -> None:
                         "from an uninterrupted run in the last float bits", out, flag, info[name], before[name])
 
 
+class Work(NamedTuple):
+    """One batch of a process's work: a shard an interrupted run finished (`items` None), or the
+    items to generate (`shard` None)."""
+
+    shard: dict | None
+    items: list[Item] | None
+
+
+class Assembled(NamedTuple):
+    """The whole set, gathered in class order (`assemble`)."""
+
+    records: list[dict]  # the manifest's image entries
+    latents: torch.Tensor | None  # (N, C, h, w) float32, None for a method without latents
+    grid_rows: list[np.ndarray]  # per class (n, R, R[, 3]) uint8, at most GRID_PER_CLASS
+
+
 def batches_to_generate(classes: list[ClassInfo], ipc: int, seed: int, batch_size: int, out: Path,
-                        resume: bool, order_dependent: bool) -> list[tuple[dict | None, list[Item] | None]]:
+                        resume: bool, order_dependent: bool) -> list[Work]:
     """The work of one process, class by class in index order: (shard, None) for a batch an
     interrupted run finished (its class under shard["cls"]), (None, items) for a batch to generate.
     Missing items of a class are batched in runs of batch_size from where they start, which
     reproduces the original batches. For an order-dependent method everything after the first
     missing item is generated again."""
-    work: list[tuple[dict | None, list[Item] | None]] = []
+    work: list[Work] = []
 
     def add_todo(items: list[Item]) -> None:
-        work.extend((None, items[i:i + batch_size]) for i in range(0, len(items), batch_size))
+        work.extend(Work(None, items[i:i + batch_size]) for i in range(0, len(items), batch_size))
 
     for c in classes:
         shards = store.load_shards(out, c.index, c.class_id) if resume else {}
@@ -102,7 +119,7 @@ def batches_to_generate(classes: list[ClassInfo], ipc: int, seed: int, batch_siz
                 add_todo(todo)
                 todo = []
                 shard["cls"] = c
-                work.append((shard, None))
+                work.append(Work(shard, None))
                 k += len(shard["indices"])
             else:
                 todo.append(Item(c, k, item_seed(seed, c.class_id, k)))
@@ -167,8 +184,8 @@ def merge_info(infos: list[dict]):
     return {k: merge_info([i[k] for i in infos if k in i]) for k in keys}
 
 
-def assemble(classes: list[ClassInfo], outputs: dict[int, ClassOutput]):
-    """(records, latents (N, C, h, w) or None, grid rows) of the whole set, in class order."""
+def assemble(classes: list[ClassInfo], outputs: dict[int, ClassOutput]) -> Assembled:
+    """The whole set's records, latents and grid rows, in class order."""
     records, latents, rows = [], [], []
     for c in classes:
         entry = outputs.get(c.index, ClassOutput())
@@ -177,7 +194,7 @@ def assemble(classes: list[ClassInfo], outputs: dict[int, ClassOutput]):
         row = [entry.grid[k].numpy() for k in sorted(entry.grid)][:GRID_PER_CLASS]
         if row:
             rows.append(np.stack(row))
-    return records, (torch.cat(latents) if latents else None), rows
+    return Assembled(records, (torch.cat(latents) if latents else None), rows)
 
 
 def manifest(config, backend, data, classes: list[ClassInfo], resolved: dict, method_info, timing: dict,

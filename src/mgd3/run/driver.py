@@ -38,7 +38,7 @@ from mgd3.methods import (DEFAULT_STEPS, ClassInfo, Context, Item, Method, check
                           recommended_options)
 from mgd3.run.profile import StageProfile
 from mgd3.run.settings import DistillConfig, check_distill_run, shipped_model, validate_distill  # noqa: F401
-from mgd3.run.ranks import Ranks
+from mgd3.run.ranks import Ranks, classes_of_rank
 from mgd3.run.bookkeeping import NOT_IN_RUN_KEY  # noqa: F401  (re-exported: the fields a run key leaves out)
 from mgd3.core.sampling import REPRODUCIBILITY, UPDATE_RULES
 
@@ -185,7 +185,7 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     t = time.perf_counter()
     backend, cfg = _backend(cfg, ranks, backend)
     check_recommendations(backend)  # the method options its mgd3.json recommends, before any data loads
-    prof = StageProfile.attach(backend)
+    prof, backend = StageProfile.observe(backend)  # the run's view; the caller's backend stays as it is
     options, recommended = _options(cfg, backend, method_cls)
     if cfg.sampler.steps is None:  # what _options took from the model (methods that sample), else 50
         steps = ((recommended or {}).get("taken") or {}).get("--steps", DEFAULT_STEPS)
@@ -205,6 +205,7 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
                   cache_dir=cfg.cache_dir, progress=cfg.progress and ranks.rank == 0,
                   max_real_per_class=cfg.max_real_per_class, method=cfg.method)
     method = method_cls(options) if method_cls.Options else method_cls()
+    options = method.options = method.resolve_options(ctx)  # final: the run key and manifest read these
     method.validate(ctx)
     run = _Run(cfg, ranks, backend, data, classes, method, options, ctx, Path(cfg.out).expanduser(), "new",
                t_start, timing, prof, recommended)
@@ -270,7 +271,7 @@ def _generate(run: _Run) -> tuple[dict[int, runs.ClassOutput], int, int]:
     """Generate (or take from an interrupted run) this process's classes r, r+N, ...; returns
     {class index: ClassOutput}, the images generated and the images resumed."""
     cfg, ctx, method = run.cfg, run.ctx, run.method
-    ctx.classes = [c for c in run.classes if c.index % run.ranks.world == run.ranks.rank]
+    ctx.classes = classes_of_rank(run.classes, run.ranks.world, run.ranks.rank)
     t = time.perf_counter()
     run.prof.enter("prepare")
     method.prepare(ctx)  # deterministic (and encodings are cached), so also run on resume
@@ -316,10 +317,11 @@ def _generate_batch(run: _Run, items: list[Item]) -> dict:
     images = result.images if result.images is not None else run.backend.decode(result.latents)
     images = resize_for_saving(images, run.cfg.save_resolution)  # no-op when None
     folders = [store.class_folder(it.cls.index, it.cls.class_id, len(run.classes)) for it in items]
-    paths = store.write_images(run.out, folders, [it.index for it in items], images)
+    pixels = store.to_pixels(images)  # (B, R, R[, 3]) uint8: the PNGs' and the shard's, converted once
+    paths = store.write_images(run.out, folders, [it.index for it in items], images, pixels)
     run.timing["decode_write"] += time.perf_counter() - t
     latents = result.latents.detach().cpu() if result.latents is not None else None
-    shard = runs.make_shard(items, paths, latents, store.to_pixels(images), result.mode_ids, result.extra)
+    shard = runs.make_shard(items, paths, latents, pixels, result.mode_ids, result.extra)
     store.save_shard(run.out, items[0].cls.index, items[0].index, shard)
     return shard
 

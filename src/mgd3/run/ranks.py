@@ -22,6 +22,12 @@ class PeerFailed(Mgd3Error):
     reported = True
 
 
+def classes_of_rank(classes: list, world: int, rank: int) -> list:
+    """The classes process `rank` of `world` distills: class indices rank, rank + world, ... (every
+    class once over the ranks, the same share however the run was interrupted)."""
+    return [c for c in classes if c.index % world == rank]
+
+
 class Ranks:
     """The processes of one torchrun launch (WORLD_SIZE, RANK, LOCAL_RANK in the environment), or
     a single process when WORLD_SIZE is absent or 1 (then torch.distributed is not touched).

@@ -110,9 +110,8 @@ def distill_config(values: dict, source: str = "--config"):
     for req in ("data", "out"):
         if req not in top:
             raise Mgd3Error(f"--{req} is required")
-    cfg = DistillConfig(**top, progress=not quiet, sampler=SamplerConfig(**sampler), options=options)
-    validate_distill(cfg)
-    return cfg
+    # the rest of the checks (validate_distill) is the driver's first step, for the CLI and the API alike
+    return DistillConfig(**top, progress=not quiet, sampler=SamplerConfig(**sampler), options=options)
 
 
 def validate_distill(cfg) -> None:
