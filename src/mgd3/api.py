@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+from mgd3.config import resolve_device
 from mgd3.errors import Mgd3Error
 from mgd3.io.store import DistilledSet, load_set
 
@@ -21,11 +22,11 @@ __all__ = ["distill", "evaluate", "load_set", "load_model", "DistilledSet"]
 def load_model(model: str | os.PathLike, device: str = "auto", precision: str = "fp32"):
     """A model loaded once, to pass as `model=` to many `distill` calls: a local pipeline folder,
     a Hugging Face repo id, or the name of a data set mgd3 ships a model for ("fashion-mnist")."""
-    from mgd3.backends import default_device, load_backend
+    from mgd3.backends import load_backend
     from mgd3.run.driver import shipped_model
 
     shipped = shipped_model(str(model)) if not Path(model).expanduser().exists() else None
-    return load_backend(shipped or model, device=default_device() if device == "auto" else device,
+    return load_backend(shipped or model, device=resolve_device(device),
                         precision=precision)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from mgd3.errors import Mgd3Error
+from mgd3.errors import Mgd3Error, first_line
 
 SEED_MAX = 2**63 - 1  # torch and the per-image seeds take 64-bit seeds
 RANDOM_STATE_MAX = 2**32 - 1  # numpy RandomState / scikit-learn random_state
@@ -53,7 +53,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
     except OSError as e:
         raise Mgd3Error(f"cannot read config file {path} ({e.strerror or e})") from None
     except yaml.YAMLError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise Mgd3Error(f"config file {path} is not valid YAML ({first})") from None
     except RecursionError:
         raise Mgd3Error(f"config file {path} is nested too deeply") from None
@@ -218,6 +218,18 @@ def check_rules(obj, rules: dict[str, Rule]) -> None:
     for name, rule in rules.items():
         if hasattr(obj, name):
             rule.check(flag(name), getattr(obj, name))
+
+
+def default_device() -> str:
+    """What `--device auto` means: the first CUDA device when there is one, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(name: str | None) -> str:
+    """A --device value with "auto" (or None) resolved (`default_device`); others as given."""
+    return default_device() if name is None or str(name).lower() == "auto" else str(name)
 
 
 def check_device(name: str | None, flag_name: str = "--device") -> None:

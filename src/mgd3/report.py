@@ -45,7 +45,7 @@ from typing import Callable
 import numpy as np
 
 from mgd3.version import __version__
-from mgd3.config import POSITIVE, Rule, check_cache_dir, check_device, check_rules, check_types, convert, fill
+from mgd3.config import POSITIVE, Rule, check_cache_dir, check_device, check_rules, check_types, convert, fill, resolve_device
 from mgd3.errors import Mgd3Error
 from mgd3.evaluation.core import ddrs
 from mgd3.files import write_text_atomic
@@ -362,10 +362,10 @@ class LatentSource:
         self._real: dict[tuple, tuple] = {}  # key -> (backend, data, real latents)
 
     def backend(self, model: str):
-        from mgd3.backends import default_device, load_backend
+        from mgd3.backends import load_backend
 
         if model not in self._backends:
-            device = default_device() if self.cfg.device == "auto" else self.cfg.device
+            device = resolve_device(self.cfg.device)
             self._backends[model] = load_backend(model, device=device)
         return self._backends[model]
 

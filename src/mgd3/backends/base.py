@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from mgd3.backends.recommended import SAMPLER_RECOMMENDATIONS
+from mgd3.config import default_device  # noqa: F401  (re-exported)
 from mgd3.errors import Mgd3Error
 from mgd3.files import read_json_object  # noqa: F401  (re-exported: every backend reads its configs with it)
 from mgd3.registry import Registry
@@ -198,7 +199,3 @@ def check_model_size(config_file: Path, estimate, what: str) -> None:
                         "that is not a model mgd3 can load")
     check_memory(n * 4 * 2, f"{config_file.parent} ({what}, about {n / 1e6:.0f} M parameters by its config)",
                  "it does not fit; use a machine with more memory")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from mgd3.backends.base import BACKENDS, PIPELINE_CLASSES, Backend, read_recommendations
 from mgd3.backends.dit import KLVaeMixin, check_sizes, estimate_vae_params, read_config, train_betas
-from mgd3.errors import Mgd3Error
+from mgd3.errors import Mgd3Error, first_line
 from mgd3.core.sampling import ModelOutput
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class StableDiffusionBackend(KLVaeMixin, Backend):
                 tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
                 tokenizer(["probe"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
         except Exception as e:  # noqa: BLE001  (tokenizers fail in many ways: all are a broken folder)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise Mgd3Error(f"could not load the Stable Diffusion pipeline in {path}: {first}") from None
         uc, vc = unet.config, vae.config
         c = vc.latent_channels

@@ -29,9 +29,10 @@ from mgd3.run import bookkeeping as runs
 from mgd3.io import store
 from mgd3.allocator import keep_freed_memory
 from mgd3.files import save_torch_atomic
-from mgd3.backends import Backend, default_device, load_backend
+from mgd3.backends import Backend, load_backend
 from mgd3.backends.labels import class_labels
 from mgd3.backends.recommended import SAMPLER_RECOMMENDATIONS
+from mgd3.config import resolve_device
 from mgd3.errors import Mgd3Error
 from mgd3.methods import (DEFAULT_STEPS, ClassInfo, Context, Item, Method, check_finite, get_method,
                           check_recommendations, item_seed, method_options, option_flag, options_by_field,
@@ -220,7 +221,7 @@ def _backend(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> tuple
     model = cfg.model or shipped_model(cfg.data)
     if model is None:
         raise Mgd3Error(f"no --model given and mgd3 ships no model for {cfg.data!r}; pass --model PATH")
-    device = default_device() if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     if ranks.world > 1 and device == "cuda":
         device = f"cuda:{ranks.local_rank}"  # one GPU per process of the node
     return load_backend(model, device=device, precision=cfg.precision), cfg

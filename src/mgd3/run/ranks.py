@@ -11,7 +11,7 @@ import os
 import time
 from datetime import timedelta
 
-from mgd3.errors import Mgd3Error
+from mgd3.errors import Mgd3Error, first_line
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Ranks:
             dist.init_process_group("gloo", store=base, rank=rank, world_size=world,
                                     timeout=timedelta(minutes=30))
         except (RuntimeError, ValueError, KeyError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise Mgd3Error(f"cannot join the torchrun process group: {first}") from None
         if rank > 0:  # progress and info lines come from rank 0 only
             logging.getLogger("mgd3").setLevel(logging.WARNING)

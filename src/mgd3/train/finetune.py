@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mgd3.config import resolve_device
 from mgd3.errors import Mgd3Error
 
 log = logging.getLogger(__name__)
@@ -200,14 +201,14 @@ def _sample_latents(backend, x: Tensor, gen: torch.Generator) -> Tensor:
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune `cfg.model` on `cfg.data` with `cfg.objective`; writes cfg.out; returns a summary."""
-    from mgd3.backends import default_device, load_backend
+    from mgd3.backends import load_backend
     from mgd3.io.data import load_data
     from mgd3.backends.labels import map_labels
     from mgd3.evaluation.train import tensor_set
 
     t_start = time.perf_counter()
     _validate(cfg)
-    device = default_device() if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     backend = load_backend(cfg.model, device=device)
     if backend.name != "dit":
         raise Mgd3Error(f"mgd3 finetune fine-tunes class-conditional DiT folders; {backend.path} is a "

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mgd3.config import FINITE_NON_NEGATIVE, POSITIVE, RANDOM_STATE_MAX, Rule, check_device, check_rules, check_types, convert, fill
+from mgd3.config import FINITE_NON_NEGATIVE, POSITIVE, RANDOM_STATE_MAX, Rule, check_device, check_rules, check_types, convert, fill, resolve_device
 from mgd3.errors import Mgd3Error
 from mgd3.files import to_uint8, write_atomic
 from mgd3.machine import cpu_name
@@ -127,9 +127,7 @@ class PretrainConfig:
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        from mgd3.backends import default_device
-
-        return torch.device(default_device())
+        return torch.device(resolve_device(name))
     try:
         return torch.device(name)
     except RuntimeError:
