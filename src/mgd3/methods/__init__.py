@@ -91,21 +91,22 @@ class Batch:
 class Context:
     """Everything a method may use: backend, real data, classes, sampler, encodings."""
 
-    def __init__(self, backend: "Backend", data, classes: list[ClassInfo], ipc: int, seed: int,
+    def __init__(self, backend: "Backend | None", data, classes: list[ClassInfo], ipc: int, seed: int,
                  sampler: SamplerConfig, *, encode_batch_size: int = 64, encode_workers: int | None = None,
                  cache_dir=None, progress: bool = True, max_real_per_class: int | None = None,
                  method: str | None = None):
         self.backend, self.data, self.classes = backend, data, classes
         # every class of the run; `classes` is this process's share when several run (torchrun)
         self.all_classes = list(classes)
-        if sampler.steps is None:  # `distill` resolves it first; a Context made directly does it here
+        if sampler.steps is None and backend is not None:  # `distill` resolves it first; here for a Context made directly
             sampler = dataclasses.replace(sampler, steps=recommended_steps(backend, ipc, method))
         self.ipc, self.seed, self.sampler = ipc, seed, sampler
         self.encode_batch_size, self.cache_dir, self.progress = encode_batch_size, cache_dir, progress
         self.encode_workers = encode_workers  # DataLoader workers for encoding; None: 0 on CPU, else up to 16
-        self.plan = Plan.from_betas(backend.betas, sampler.steps)
+        # no model (a method that needs none, `Method.needs`): no plan and no CFG scale
+        self.plan = Plan.from_betas(backend.betas, sampler.steps) if backend is not None else None
         # --cfg, else the model's recommendation for this IPC and method (mgd3.json), else DiT-XL/2's 4.0
-        self.cfg_scale = (sampler.cfg if sampler.cfg is not None
+        self.cfg_scale = (sampler.cfg if sampler.cfg is not None or backend is None
                           else float(backend.defaults_at(ipc, method)[0].get("cfg", 4.0)))
         self.max_real_per_class = max_real_per_class
         self._latents = None  # a CachedLatents of `classes` once encoded
@@ -137,6 +138,11 @@ class Context:
             n = len(self.data.indices(c.index))
             if n < self.ipc:
                 raise Mgd3Error(f"IPC {self.ipc} is larger than class {c.class_id!r} ({n} images)")
+
+    def latents_of(self, images: Tensor) -> Tensor | None:
+        """(B, C, R, R) images in [-1, 1] -> their latents through the model's VAE (what latents.pt
+        holds for methods that make images), or None when the run has no model."""
+        return self.backend.encode(images).cpu() if self.backend is not None else None
 
     def generators(self, items: Sequence[Item]) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(it.seed) for it in items]
@@ -173,6 +179,11 @@ class Method:
 
     name: ClassVar[str] = ""
     generative: ClassVar[bool] = True  # uses the diffusion sampler
+    # what the method needs of a model: "sampler" (a diffusion model to sample), "vae" (its VAE's
+    # encodings of the real data) or "nothing" (it makes images without a model; given one, its VAE
+    # encodes them for latents.pt). With "nothing", a run without --model on data mgd3 ships no
+    # model for loads none.
+    needs: ClassVar[str] = "sampler"
     Options: ClassVar[type] = None  # a dataclass of options, or None
     # True when an image depends on the images of its class generated before it (then the batch
     # size is part of a run's resume key, and a resumed class is replayed in order)

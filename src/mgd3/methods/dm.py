@@ -147,6 +147,7 @@ class DM(Method):
 
     name = "dm"
     generative = False
+    needs = "nothing"
     training_free = False
     Options = DMOptions
 
@@ -292,7 +293,7 @@ class DM(Method):
             self._optimise(ctx, c)
         images = self.result[c.index][[it.index for it in items]]  # (B, C, R, R) in [-1, 1]
         # latents.pt as for the real-image baselines: the written images through the model's VAE
-        return Batch(ctx.backend.encode(images).cpu(), images=images, mode_ids=[None] * len(items))
+        return Batch(ctx.latents_of(images), images=images, mode_ids=[None] * len(items))
 
     def manifest_info(self):
         o = self.options

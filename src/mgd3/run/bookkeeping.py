@@ -63,8 +63,9 @@ def run_key(config, backend, data, classes: list[ClassInfo], cfg_scale: float, o
                  "data": {"fingerprint": data.fingerprint(), "resolution": data.resolution,
                           "channels": data.channels},
                  "classes": [[c.class_id, c.label] for c in classes],
-                 "model": {"backend": backend.name, "fingerprint": folder_fingerprint(backend.path),
-                           "latent_shape": list(backend.latent_shape)}}
+                 "model": None if backend is None else {
+                     "backend": backend.name, "fingerprint": folder_fingerprint(backend.path),
+                     "latent_shape": list(backend.latent_shape)}}
     for k, v in resolved_config(config, cfg_scale, options).items():
         if k not in NOT_IN_RUN_KEY and k not in key:
             key[k] = v
@@ -209,8 +210,9 @@ def manifest(config, backend, data, classes: list[ClassInfo], resolved: dict, me
         "data": {"name": config.data, "classes": config.classes, "data_root": config.data_root,
                  "resolution": config.save_resolution or data.resolution,
                  "channels": data.channels, "fingerprint": data.fingerprint()},
-        "model": {"path": str(backend.path), "backend": backend.name, "latent_shape": list(backend.latent_shape),
-                  "learned_sigma": backend.learned_sigma},
+        "model": None if backend is None else {
+            "path": str(backend.path), "backend": backend.name, "latent_shape": list(backend.latent_shape),
+            "learned_sigma": backend.learned_sigma},
         "classes": [class_record(c) for c in classes],
         "method_info": method_info,
         "config": resolved,

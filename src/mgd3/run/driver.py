@@ -35,7 +35,7 @@ from mgd3.backends.recommended import SAMPLER_RECOMMENDATIONS
 from mgd3.config import resolve_device
 from mgd3.errors import Mgd3Error
 from mgd3.methods import (DEFAULT_STEPS, ClassInfo, Context, Item, Method, check_finite, get_method,
-                          check_recommendations, item_seed, method_options, option_flag, options_by_field,
+                          check_recommendations, item_seed, load_methods, method_options, option_flag, options_by_field,
                           recommended_options)
 from mgd3.run.profile import StageProfile
 from mgd3.run.settings import DistillConfig, check_distill_run, shipped_model, validate_distill  # noqa: F401
@@ -184,20 +184,28 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     method_cls = get_method(cfg.method)
     method_options(method_cls, cfg.options)  # a bad option stops the run before anything loads
     t = time.perf_counter()
-    backend, cfg = _backend(cfg, ranks, backend)
-    check_recommendations(backend)  # the method options its mgd3.json recommends, before any data loads
-    prof, backend = StageProfile.observe(backend)  # the run's view; the caller's backend stays as it is
-    options, recommended = _options(cfg, backend, method_cls)
-    if cfg.sampler.steps is None:  # what _options took from the model (methods that sample), else 50
-        steps = ((recommended or {}).get("taken") or {}).get("--steps", DEFAULT_STEPS)
-        cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=steps))
-    _set_resolution(backend, cfg)
-    if cfg.sampler.cfg_channels is not None and cfg.sampler.cfg_channels > backend.latent_shape[0]:
-        raise Mgd3Error(f"--cfg-channels {cfg.sampler.cfg_channels} > latent channels {backend.latent_shape[0]}")
-    data = load_data(cfg.data, "train", resolution=backend.resolution, channels=backend.image_channels,
-                     classes=cfg.classes, data_root=cfg.data_root, class_map=cfg.class_map,
-                     bad_files="strict" if cfg.strict else "skip")
-    labels = class_labels(data, backend, cfg.prompt, cfg.negative_prompt)
+    backend, cfg = _backend(cfg, ranks, backend, method_cls)
+    if backend is None:  # a method that needs no model, and none given (Method.needs)
+        prof, options, recommended = StageProfile(), method_options(method_cls, cfg.options), None
+        if cfg.sampler.steps is None:
+            cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=DEFAULT_STEPS))
+        data = load_data(cfg.data, "train", resolution=cfg.resolution, classes=cfg.classes, data_root=cfg.data_root,
+                         class_map=cfg.class_map, bad_files="strict" if cfg.strict else "skip")
+        labels = list(range(len(data.class_ids)))  # no model: a class's label is its index
+    else:
+        check_recommendations(backend)  # the method options its mgd3.json recommends, before any data loads
+        prof, backend = StageProfile.observe(backend)  # the run's view; the caller's backend stays as it is
+        options, recommended = _options(cfg, backend, method_cls)
+        if cfg.sampler.steps is None:  # what _options took from the model (methods that sample), else 50
+            steps = ((recommended or {}).get("taken") or {}).get("--steps", DEFAULT_STEPS)
+            cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=steps))
+        _set_resolution(backend, cfg)
+        if cfg.sampler.cfg_channels is not None and cfg.sampler.cfg_channels > backend.latent_shape[0]:
+            raise Mgd3Error(f"--cfg-channels {cfg.sampler.cfg_channels} > latent channels {backend.latent_shape[0]}")
+        data = load_data(cfg.data, "train", resolution=backend.resolution, channels=backend.image_channels,
+                         classes=cfg.classes, data_root=cfg.data_root, class_map=cfg.class_map,
+                         bad_files="strict" if cfg.strict else "skip")
+        labels = class_labels(data, backend, cfg.prompt, cfg.negative_prompt)
     classes = [ClassInfo(i, cid, data.class_names[i], labels[i]) for i, cid in enumerate(data.class_ids)]
     timing = {"load": time.perf_counter() - t}
 
@@ -214,17 +222,31 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     return run
 
 
-def _backend(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> tuple[Backend, DistillConfig]:
-    """The model of the run (`backend` when given: the config then names its path and precision)."""
+def _backend(cfg: DistillConfig, ranks: Ranks, backend: Backend | None,
+             method_cls: type[Method]) -> tuple[Backend | None, DistillConfig]:
+    """The model of the run (`backend` when given: the config then names its path and precision);
+    None for a method that needs no model (`Method.needs`) when none is given or shipped."""
     if backend is not None:
         return backend, dataclasses.replace(cfg, model=str(backend.path), precision=backend.precision)
     model = cfg.model or shipped_model(cfg.data)
+    if model is None and method_cls.needs == "nothing":
+        return None, cfg
     if model is None:
-        raise Mgd3Error(f"no --model given and mgd3 ships no model for {cfg.data!r}; pass --model PATH")
+        raise Mgd3Error(f"no --model given and mgd3 ships no model for {cfg.data!r}; pass --model PATH "
+                        f"(methods that need no model: {', '.join(_model_free_methods())})")
     device = resolve_device(cfg.device)
     if ranks.world > 1 and device == "cuda":
         device = f"cuda:{ranks.local_rank}"  # one GPU per process of the node
     return load_backend(model, device=device, precision=cfg.precision), cfg
+
+
+def _model_free_methods() -> list[str]:
+    reg = load_methods()
+    return [n for n in reg.names() if reg.get(n).needs == "nothing"]
+
+
+def _device_name(run: "_Run") -> str:
+    return str(run.backend.device) if run.backend is not None else "cpu"
 
 
 def _options(cfg: DistillConfig, backend: Backend, method_cls):
@@ -257,7 +279,7 @@ def _open_output(run: _Run) -> str:
     state = None
     if ranks.rank == 0:
         info = {"batch_size": cfg.batch_size, "encode_batch_size": cfg.encode_batch_size,
-                "device": str(run.backend.device), "processes": ranks.world}
+                "device": _device_name(run), "processes": ranks.world}
         out, state = store.open_run(cfg.out, cfg.overwrite, key, info)
         if state == "resume":
             runs.warn_resume_differences(out, info)
@@ -373,9 +395,9 @@ def _write_set(run: _Run, parts: list[dict]) -> int:
     if world > 1:
         timing["ranks"] = [{k: round(v, 3) for k, v in part["timing"].items()} for part in parts]
     timing["total"] = time.perf_counter() - run.t_start
-    device = str(run.backend.device).split(":")[0] if world > 1 else str(run.backend.device)
+    device = _device_name(run).split(":")[0] if world > 1 else _device_name(run)
     config = runs.resolved_config(cfg, run.ctx.cfg_scale, run.options)
-    config.update(model=str(run.backend.path), device=device)
+    config.update(model=str(run.backend.path) if run.backend is not None else None, device=device)
     info = runs.merge_info([part["method_info"] for part in parts])
     resumed = sum(part["resumed"] for part in parts)
     manifest = runs.manifest(cfg, run.backend, run.data, run.classes, config, info, timing, device, world, resumed,

@@ -148,6 +148,8 @@ def check_distill_run(cfg, backend, classes, cfg_scale: float) -> None:
     """Checks once the model is loaded and the classes are known, before the output folder is
     touched: every class label is one of the model's, the CFG scale (possibly from the model's
     mgd3.json) is a finite number >= 0, and a batch of generated images fits in memory."""
+    if backend is None:  # no model (Method.needs): the images are the data's
+        return
     n = int(getattr(backend, "num_classes", 0) or 0)
     if n > 0:
         bad = [c for c in classes if not 0 <= int(c.label) < n]
