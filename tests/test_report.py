@@ -185,8 +185,17 @@ def test_cli_report_end_to_end(two_sets, tmp_path):
     for text in ("## 1. Accuracy", "60.00 ± 0.50", "+10.00", "75.0 %", "not evaluated", "## 5. Mode coverage",
                  "representativeness", "diversity", "![", "distill generate", "dc/convnet3: 9.0"):
         assert text in md, text
+    # grids read from the sets' images: one row per class named on the left, cells of at least 64 px;
+    # three sets side by side in one figure under their labels
+    from PIL import Image
+
+    with Image.open(out / e_mgd3["figures"]["grid"]) as g, Image.open(out / rep["figures"]["comparison"]) as c:
+        cell = (g.size[1] - 2) // 2 - 2  # two classes
+        assert cell >= 64 and g.size[0] > 2 * (cell + 2) + 2  # two images per class and a label column
+        assert c.size[0] > 3 * 2 * (cell + 2) and c.size[1] > g.size[1]  # three blocks, a title line
+    assert "side by side" in md
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 + 3 + 1 and "not evaluated" in html
+    assert html.count("data:image/png;base64,") == 3 + 3 + 1 + 1 and "not evaluated" in html
     assert "src='grid" not in html  # self-contained: no file references
 
 

@@ -387,7 +387,8 @@ def _write_set(run: _Run, parts: list[dict]) -> int:
     if lost:  # several nodes, each writing to its own disk
         raise Mgd3Error(f"{len(lost)} images written by other processes are not in {out} (e.g. {lost[0]}); "
                         "with several nodes --out must be a folder every node sees")
-    store.write_grid(out / "grid.png", rows)
+    names = [c.name for c in run.classes if c.index in outputs and outputs[c.index].grid]  # the rows' classes
+    store.write_grid(out / "grid.png", rows, labels=names)
     if latents is not None:
         store.save_torch({"latents": latents, "paths": [r["path"] for r in records],
                           "labels": [r["label"] for r in records]}, out / "latents.pt")
