@@ -243,6 +243,9 @@ def _backend(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> tuple
         return backend, dataclasses.replace(cfg, model=str(backend.path), precision=backend.precision)
     model = cfg.model or shipped_model(cfg.data)
     if model is None:
+        from mgd3.data import check_data_name
+
+        check_data_name(cfg.data)  # an unknown name is said as such, not as a missing model
         raise Mgd3Error(f"no --model given and mgd3 ships no model for {cfg.data!r}; pass --model PATH")
     device = default_device() if cfg.device == "auto" else cfg.device
     if ranks.world > 1 and device == "cuda":
