@@ -98,6 +98,8 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--config", help="YAML file with any of these options (flag names without --); "
                                     "flags given on the command line win")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: every core; on a busy shared CPU, "
+                                               "1 can be several times faster)")
     g = p.add_argument_group("sampler")
     g.add_argument("--sampler", choices=UPDATE_RULES.names(), help="DDPM ancestral or DDIM (default ddpm)")
     g.add_argument("--steps", type=int, help="sampling steps, respaced from the training schedule (default: "

@@ -299,6 +299,7 @@ DISTILL_RULES: dict[str, Rule] = {
     "batch_size": Rule(minimum=1, maximum=1_000_000), "encode_batch_size": Rule(minimum=1, maximum=1_000_000),
     "encode_workers": Rule(minimum=0, maximum=1024), "max_real_per_class": POSITIVE,
     "precision": Rule(choices=("fp32", "bf16", "fp16")), "resolution": RESOLUTION, "save_resolution": RESOLUTION,
+    "threads": Rule(minimum=1, maximum=4096),
 }
 SAMPLER_RULES: dict[str, Rule] = {
     "sampler": Rule(choices=_sampler_names, what="sampler"), "steps": Rule(minimum=1, maximum=100_000),

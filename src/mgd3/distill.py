@@ -32,6 +32,7 @@ from mgd3.backends import Backend, default_device, load_backend
 from mgd3.backends.labels import class_labels
 from mgd3.config import SAMPLER_RECOMMENDATIONS
 from mgd3.errors import Mgd3Error
+from mgd3.machine import cpu_threads
 from mgd3.methods import (DEFAULT_STEPS, ClassInfo, Context, Item, Method, SamplerConfig, check_finite, get_method,
                           item_seed, method_options, option_flag, options_by_field, recommended_options)
 from mgd3.profile import StageProfile
@@ -65,6 +66,7 @@ class DistillConfig:
     overwrite: bool = False
     strict: bool = False  # an unreadable or missing image file in an image folder stops the run
     cache_dir: str | None = None
+    threads: int | None = None  # torch CPU threads (None: torch's default, every core)
     progress: bool = True
     # text-to-image backends (Stable Diffusion); None: the backend's default
     prompt: str | None = None  # template, {name} = the class name line ("{name}")
@@ -178,7 +180,8 @@ def distill(cfg: DistillConfig, backend: Backend | None = None) -> DistillResult
     process calls this; see `mgd3.ranks.Ranks`."""
     ranks = Ranks.from_env()
     try:
-        return _distill(cfg, ranks, backend)
+        with cpu_threads(cfg.threads):
+            return _distill(cfg, ranks, backend)
     except BaseException as e:
         ranks.abort(e)
         raise
