@@ -128,6 +128,27 @@ def test_accuracy_rows_ior_recovery_hlr():
     assert accuracy_rows(s) == []
 
 
+def test_accuracy_rows_take_a_reference_trained_later_from_the_cache(tmp_path):
+    from mgd3.evaluate.references import cache_root, write_json_atomic
+
+    protocol = {"name": "dc", "arch": "convnet-3", "resolution": 28, "epochs": 300}
+    ev = {**_eval(60.0), "protocol": protocol, "data": {"train_fingerprint": "fp1"}}
+    s = SetInfo(Path("x"), "x", {"method": "mgd3", "ipc": 2, "seed": 0}, [ev])
+    assert accuracy_rows(s, tmp_path)[0]["ior"] is None  # nothing cached
+    refs = cache_root(tmp_path) / "references"
+    write_json_atomic(refs / "random-real-fp1-dc-convnet-3-r28" / "k1" / "result.json",
+                      {"mean": 55.0, "ipc": 2, "protocol": protocol})
+    write_json_atomic(refs / "random-real-fp1-dc-convnet-3-r28" / "k2" / "result.json",
+                      {"mean": 70.0, "ipc": 10, "protocol": protocol})  # another IPC: not this set's
+    write_json_atomic(refs / "full-fp1-dc-convnet-3-r28" / "k3" / "result.json",
+                      {"mean": 90.0, "protocol": {**protocol, "epochs": 6}})  # full: any epochs
+    (row,) = accuracy_rows(s, tmp_path)
+    assert (row["random_real"], row["ior"], row["full"], row["hlr"]) == (55.0, 5.0, 90.0, 30.0)
+    assert row["ddrs"] is not None
+    s.evals = [{**ev, "data": {"train_fingerprint": "other"}}]  # other data: no reference
+    assert accuracy_rows(s, tmp_path)[0]["ior"] is None
+
+
 # --------------------------------------------------------------------------- CLI end to end
 
 

@@ -320,11 +320,30 @@ def _r2(v) -> float | None:
     return None if v is None else round(float(v), 2)
 
 
-def accuracy_rows(s: SetInfo) -> list[dict]:
-    """One row per evaluation of the set (SPEC §3.4 numbers); [] when it was never evaluated."""
+def _cached_references(r: dict, ipc, cache_dir=None) -> dict:
+    """The references an evaluation lacked when it ran, from the evaluation cache (`mgd3 evaluate`
+    of a later set, or `--reference`, may have trained them since): same data, protocol and IPC."""
+    from mgd3.evaluate.references import find_cached
+
+    refs = dict(r.get("references") or {})
+    fp = (r.get("data") or {}).get("train_fingerprint")
+    p = r.get("protocol")
+    if not isinstance(fp, str) or not isinstance(p, dict):
+        return refs
+    for kind, key, want_ipc in (("random-real", "random_real", ipc), ("full", "full", None)):
+        if refs.get(key) is None:
+            d = find_cached(kind, fp, p, ipc=want_ipc, cache_dir=cache_dir)
+            if d is not None and isinstance(d.get("mean"), (int, float)) and not isinstance(d.get("mean"), bool):
+                refs[key] = {"mean": float(d["mean"]), "ipc": d.get("ipc"), "cache_file": d.get("cache_file")}
+    return refs
+
+
+def accuracy_rows(s: SetInfo, cache_dir=None) -> list[dict]:
+    """One row per evaluation of the set (SPEC §3.4 numbers); [] when it was never evaluated.
+    A reference missing from an eval.json is looked up in the evaluation cache."""
     rows = []
     for r in s.evals:
-        refs = r.get("references") or {}
+        refs = _cached_references(r, (r.get("set") or {}).get("ipc", s.ipc), cache_dir)
         rr = (refs.get("random_real") or {}).get("mean")
         rr_ipc = (refs.get("random_real") or {}).get("ipc")
         ipc = (r.get("set") or {}).get("ipc", s.ipc)
@@ -780,7 +799,8 @@ def _report(cfg: ReportConfig) -> dict:
         entry = {"label": s.label, "path": str(s.path), "method": s.method, "ipc": s.ipc,
                  "seed": s.manifest.get("seed"), "data": s.manifest.get("data"), "model": s.manifest.get("model"),
                  "num_images": len(s.manifest.get("images") or []), "num_classes": len(s.manifest["classes"]),
-                 "timing_s": s.manifest.get("timing_s") or {}, "accuracy": accuracy_rows(s), "figures": {}}
+                 "timing_s": s.manifest.get("timing_s") or {}, "accuracy": accuracy_rows(s, cfg.cache_dir),
+                 "figures": {}}
         write_set_grid(s, out / f"grid-{slug}.png")
         entry["figures"]["grid"] = f"grid-{slug}.png"
         backend, real, n_max = source.real(s)
@@ -835,7 +855,8 @@ def _document(r: dict, out: Path) -> Doc:
     doc.p("Mean ± std over evaluation seeds (from each set's `eval.json` / `evals/`). IOR = mean − random-real "
           "reference (same protocol and IPC); recovery = mean / full-data reference; HLR = full − mean; "
           "DDRS = DD-Ranking's score (e^α − e^−1) / (e − e^−1), α = ½ IOR − ½ HLR in fractions of 1. "
-          "References appear when they were cached when the set was evaluated (`mgd3 evaluate --reference`).")
+          "`mgd3 evaluate` trains the random-real reference of a set's IPC when none is cached; a reference "
+          "missing from an eval.json is taken from the evaluation cache (full: `mgd3 evaluate --reference full`).")
     rows = []
     for e in sets:
         if not e["accuracy"]:
