@@ -1,4 +1,4 @@
-"""The Python API (mgd3.run.driver / evaluate / load_set / load_model), including the README's example
+"""The Python API (mgd3.distill / evaluate / load_set / load_model), including the README's example
 exactly as the README prints it."""
 
 import json

@@ -235,20 +235,64 @@ def test_image_folder_indices_agree_with_the_manifest_on_an_unsorted_imagenet_su
     assert sorted(p.name for p in (out / "images").iterdir())[0] == f"000-{IMAGEIDC[0]}"
 
 
-def test_shipped_model_in_diffusers_dit_pipeline_as_its_card_says():
-    """DiTPipeline samples without CFG; with CFG its hard-coded null class 1000 is out of range."""
+def test_shipped_model_in_diffusers_dit_pipeline_at_guidance_4():
+    """diffusers' DiTPipeline passes label 1000 as the null class: the shipped model keeps it there
+    (1001-row class tables), names its classes both ways in id2label, and samples the classes asked
+    for at guidance 4, as judged by a real-data ConvNet-3 of mgd3.train.quality."""
     from diffusers import DiTPipeline
 
+    from mgd3.backends import load_backend
+    from mgd3.backends.labels import map_labels
+    from mgd3.io.data import load_data
     from mgd3.run.driver import shipped_model
+    from mgd3.evaluation.train import TensorSet, tensor_set
+    from mgd3.methods import ClassInfo, Context, Item, get_method
+    from mgd3.train.quality import classifier_accuracy, per_class_subset, train_classifier
+    from mgd3.core.sampling import Plan
 
     folder = shipped_model("fashion-mnist")
     card = (folder / "MODEL_CARD.md").read_text()
-    assert "hard-codes the null class as label 1000" in card and "null class is label 10" in card
+    assert "null class at label 1000" in card and "any guidance scale" in card
     pipe = DiTPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.transformer.config.num_embeds_ada_norm == 10
-    out = pipe(class_labels=[0], num_inference_steps=1, guidance_scale=1.0, output_type="np",
-               generator=torch.Generator().manual_seed(0))
-    assert out.images.shape == (1, 28, 28, 1)
-    with pytest.raises(IndexError, match="index out of range"):
-        pipe(class_labels=[0], num_inference_steps=1, guidance_scale=4.0, output_type="np")
+    assert pipe.transformer.config.num_embeds_ada_norm == 1000
+    assert pipe.get_label_ids(["Ankle_boot", "Ankle boot", "T-shirt/top", "T-shirt_top", "Bag"]) == [9, 9, 0, 0, 8]
+    asked = list(range(10)) + [9, 0]
+    items = [Item(ClassInfo(y, str(y), str(y), y), k, 1000 + k) for k, y in enumerate(asked)]
+    seen = {}
+    decode = pipe.vae.decode
+
+    def record(z, *a, **kw):
+        seen["latents"] = z * pipe.vae.config.scaling_factor
+        return decode(z, *a, **kw)
+
+    pipe.vae.decode = record
+    out = pipe(class_labels=asked, guidance_scale=4.0, num_inference_steps=15, output_type="np",
+               generator=[torch.Generator().manual_seed(it.seed) for it in items])
+    made = torch.from_numpy((out.images * 255).round().astype(np.uint8)).permute(0, 3, 1, 2)  # (12, 1, 28, 28)
+
+    # mgd3 reads the same folder as 10 classes with the null class at 1000
+    backend = load_backend(folder)
+    assert (backend.num_classes, backend.null_label) == (10, 1000)
+    train_data = load_data("fashion-mnist", "train", resolution=28, channels=1)
+    assert map_labels(train_data, backend) == list(range(10))
+    # ... and samples what DiTPipeline samples: plain DDIM, CFG 4 on all channels, the pipeline's timesteps
+    classes = list({it.cls.index: it.cls for it in items}.values())
+    ctx = Context(backend, None, classes, len(items), 0, SamplerConfig(sampler="ddim", steps=15, cfg=4.0),
+                  progress=False)
+    ctx.plan = Plan.from_timesteps(backend.betas, [int(t) for t in pipe.scheduler.timesteps])
+    ours = get_method("plain")().generate(ctx, items).latents
+    assert (ours - seen["latents"]).abs().max().item() <= 1e-5
+
+    targets = torch.as_tensor(np.asarray(train_data.targets))
+    idx = per_class_subset(targets, 15, seed=0)  # a weak classifier (about 60 %), cheap on one thread
+    real = tensor_set(train_data.dataset(idx.tolist()))
+    test_data = load_data("fashion-mnist", "test", resolution=28, channels=1)
+    test_targets = torch.as_tensor(np.asarray(test_data.targets))
+    held = tensor_set(test_data.dataset(per_class_subset(test_targets, 10, seed=0).tolist()))
+    net, real_acc = train_classifier(real, held, 10, epochs=5, seed=0)
+    assert real_acc > 45  # better than chance (10 %) by far
+    acc = classifier_accuracy(net, TensorSet(made, torch.as_tensor(asked)))
+    assert acc >= 200 / 3, f"only {acc:.0f} % of the guided samples are the class asked for"
+
+

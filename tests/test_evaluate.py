@@ -304,6 +304,32 @@ def test_references_are_cached_and_give_ior(digits_set, monkeypatch):
     assert d["references"]["full"]["epochs"] == 1 and "hlr" in d
 
 
+def test_a_set_gets_its_random_real_baseline_trained_and_cached(digits_set, caplog):
+    """No reference cached: evaluating a set trains the random-real reference of its IPC, protocol
+    and seeds once (logged with its time), so eval.json has IOR; --no-reference skips it."""
+    import logging
+
+    from mgd3.cli import main
+
+    assert main(["evaluate", str(digits_set), "--protocol", "dc", "--seeds", "0", "--epochs", "1", "--device",
+                 "cpu", "--quiet", "--no-reference"]) == 0
+    d0 = json.loads((digits_set / "eval.json").read_text())
+    assert "ior" not in d0 and "references" not in d0
+    base = dict(protocol="dc", seeds=[0, 1], epochs=1, device="cpu", progress=False)
+    with caplog.at_level(logging.INFO, logger="mgd3"):
+        d = evaluate(EvalConfig(set_dir=str(digits_set), **base))
+    assert any("training it now on 2 seeds (about" in r.getMessage() for r in caplog.records)
+    rr = d["references"]["random_real"]
+    assert rr["ipc"] == 3 and rr["seeds"] == [0, 1] and Path(rr["cache_file"]).is_file()
+    ref = evaluate(EvalConfig(reference="random-real", ipc=3, data="digits", **base))  # what it trained
+    assert ref["mean"] == rr["mean"] and d["ior"] == pytest.approx(d["mean"] - ref["mean"], abs=0.01)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mgd3"):
+        again = evaluate(EvalConfig(set_dir=str(digits_set), **base))  # cached now: not trained again
+    assert not any("training it now" in r.getMessage() for r in caplog.records)
+    assert again["references"]["random_real"]["mean"] == rr["mean"]
+
+
 def test_random_real_subsets_are_fixed_by_seed():
     from mgd3.evaluation.references import random_real_indices
 

@@ -97,3 +97,64 @@ def test_line_and_peak():
          "generate": {"seconds": 36.0, "flops": 2.7e12, "forwards": 10000, "gflop_per_s": 75.0}}
     assert StageProfile.line(s) == "load: 1.2 s; generate: 10 000 forwards, 2.7 TFLOP, 36.0 s, 75 GFLOP/s"
     assert matmul_peak(n=128, repeats=2) > 0
+
+
+def _stages(generate_gflops: float, seconds: float = 30.0) -> dict:
+    return {"load": {"seconds": 2.0, "flops": 0.0, "gflop_per_s": 0.0},
+            "generate": {"seconds": seconds, "flops": generate_gflops * 1e9 * seconds, "gflop_per_s": generate_gflops}}
+
+
+def test_busy_note_needs_a_slow_long_stage_and_a_busy_cpu():
+    from mgd3.run.profile import busy_note
+
+    peak = 186e9  # benchmarks/results/stage_profile.md: 2 threads, generate at 104 GFLOP/s when quiet
+    note = busy_note(_stages(9.65), peak, 40e9, 7.2, 2, 2)  # the run: 9.65 GFLOP/s under load
+    assert note.startswith("the CPU looks busy: generate ran at 9.65 GFLOP/s, 5 % of") and "--threads 1" in note
+    assert "186 GFLOP/s" in note and "40 now" in note and "load average 7.2 on 2 cores" in note
+    assert busy_note(_stages(104.0), peak, 40e9, 7.2, 2, 2) is None  # the usual rate: nothing to say
+    assert busy_note(_stages(9.65), peak, 180e9, 1.0, 2, 2) is None  # slow on a quiet CPU (tiny batches)
+    assert busy_note(_stages(9.65, seconds=2.0), peak, 40e9, 7.2, 2, 2) is None  # too short to judge
+    assert busy_note(_stages(9.65), peak, 180e9, 4.0, 2, 2) is not None  # a full matmul, but twice the load
+    assert "load average" not in busy_note(_stages(9.65), peak, 40e9, None, 2, 2)
+
+
+def test_best_peak_is_cached_per_cpu_and_threads(tmp_path):
+    from mgd3.run.profile import PEAK_FILE, best_peak
+
+    assert best_peak(100e9, 2, tmp_path) == 100e9
+    assert best_peak(50e9, 2, tmp_path) == 100e9  # a busy moment keeps the best
+    assert best_peak(30e9, 1, tmp_path) == 30e9  # another thread count: its own entry
+    assert best_peak(120e9, 2, tmp_path) == 120e9
+    seen = json.loads((tmp_path / PEAK_FILE).read_text())
+    assert sorted(seen.values()) == [30e9, 120e9]
+    (tmp_path / PEAK_FILE).write_text("[not json")
+    assert best_peak(10e9, 2, tmp_path) == 10e9  # a broken cache is started again
+
+
+def test_a_busy_run_logs_one_warning(monkeypatch, caplog):
+    import mgd3.run.profile as prof
+
+    monkeypatch.setattr(prof, "matmul_peak", lambda *a, **k: 40e9)
+    monkeypatch.setattr(prof, "best_peak", lambda now, threads, cache=None: 186e9)
+    with caplog.at_level(logging.WARNING, logger="mgd3"):
+        prof.warn_if_busy(_stages(9.65))
+        prof.warn_if_busy(_stages(9.65, seconds=1.0))  # short: no measurement, no warning
+    assert [r.getMessage()[:20] for r in caplog.records] == ["the CPU looks busy: "]
+
+
+def test_distill_threads_are_used_and_restored(digits_model, tmp_path, capsys):
+    from clitools import refused
+    from conftest import run_cli
+
+    before = torch.get_num_threads()
+    out = tmp_path / "o"
+    r = run_cli("distill", "--data", "digits", "--model", digits_model, "--classes", "0", "1", "--ipc", "1",
+                "--steps", "2", "--threads", before + 1, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["machine"]["threads"] == before + 1 and m["config"]["threads"] == before + 1
+    distill(DistillConfig(data="digits", model=str(digits_model), out=str(tmp_path / "api"), ipc=1, progress=False,
+                          classes=["0", "1"], threads=before + 1, sampler=SamplerConfig(steps=2)))
+    assert torch.get_num_threads() == before  # the caller's setting comes back
+    refused(capsys, ["distill", "--data", "digits", "--model", digits_model, "--threads", "0", "--out",
+                     tmp_path / "bad"], "threads")

@@ -128,6 +128,27 @@ def test_accuracy_rows_ior_recovery_hlr():
     assert accuracy_rows(s) == []
 
 
+def test_accuracy_rows_take_a_reference_trained_later_from_the_cache(tmp_path):
+    from mgd3.evaluation.references import cache_root, write_json_atomic
+
+    protocol = {"name": "dc", "arch": "convnet-3", "resolution": 28, "epochs": 300}
+    ev = {**_eval(60.0), "protocol": protocol, "data": {"train_fingerprint": "fp1"}}
+    s = SetInfo(Path("x"), "x", {"method": "mgd3", "ipc": 2, "seed": 0}, [ev])
+    assert accuracy_rows(s, tmp_path)[0]["ior"] is None  # nothing cached
+    refs = cache_root(tmp_path) / "references"
+    write_json_atomic(refs / "random-real-fp1-dc-convnet-3-r28" / "k1" / "result.json",
+                      {"mean": 55.0, "ipc": 2, "protocol": protocol})
+    write_json_atomic(refs / "random-real-fp1-dc-convnet-3-r28" / "k2" / "result.json",
+                      {"mean": 70.0, "ipc": 10, "protocol": protocol})  # another IPC: not this set's
+    write_json_atomic(refs / "full-fp1-dc-convnet-3-r28" / "k3" / "result.json",
+                      {"mean": 90.0, "protocol": {**protocol, "epochs": 6}})  # full: any epochs
+    (row,) = accuracy_rows(s, tmp_path)
+    assert (row["random_real"], row["ior"], row["full"], row["hlr"]) == (55.0, 5.0, 90.0, 30.0)
+    assert row["ddrs"] is not None
+    s.evals = [{**ev, "data": {"train_fingerprint": "other"}}]  # other data: no reference
+    assert accuracy_rows(s, tmp_path)[0]["ior"] is None
+
+
 # --------------------------------------------------------------------------- CLI end to end
 
 
@@ -185,8 +206,17 @@ def test_cli_report_end_to_end(two_sets, tmp_path):
     for text in ("## 1. Accuracy", "60.00 ± 0.50", "+10.00", "75.0 %", "not evaluated", "## 5. Mode coverage",
                  "representativeness", "diversity", "![", "distill generate", "dc/convnet3: 9.0"):
         assert text in md, text
+    # grids read from the sets' images: one row per class named on the left, cells of at least 64 px;
+    # three sets side by side in one figure under their labels
+    from PIL import Image
+
+    with Image.open(out / e_mgd3["figures"]["grid"]) as g, Image.open(out / rep["figures"]["comparison"]) as c:
+        cell = (g.size[1] - 2) // 2 - 2  # two classes
+        assert cell >= 64 and g.size[0] > 2 * (cell + 2) + 2  # two images per class and a label column
+        assert c.size[0] > 3 * 2 * (cell + 2) and c.size[1] > g.size[1]  # three blocks, a title line
+    assert "side by side" in md
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 + 3 + 1 and "not evaluated" in html
+    assert html.count("data:image/png;base64,") == 3 + 3 + 1 + 1 and "not evaluated" in html
     assert "src='grid" not in html  # self-contained: no file references
 
 

@@ -13,3 +13,19 @@ def first_line(e: BaseException) -> str:
     if not lines:
         return type(e).__name__
     return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+RESUMING_COMMANDS = {  # what re-running the same command does after Ctrl-C
+    "distill": "resumes: the finished batches are kept",
+    "pretrain": "continues from the last checkpoint",
+}
+
+
+def interrupted_message(command: str | None, argv: list) -> str:
+    """The one line after Ctrl-C: the command to re-run and what re-running it does."""
+    import shlex
+
+    again = "mgd3 " + shlex.join(str(a) for a in argv)
+    if command in RESUMING_COMMANDS:
+        return f"mgd3: interrupted; re-running the same command {RESUMING_COMMANDS[command]}: {again}"
+    return f"mgd3: interrupted; to run it again: {again}"

@@ -7,7 +7,7 @@ the PNG figures:
 1. accuracy per set and evaluation (mean ± std over evaluation seeds), improvement over random
    real images (IOR = acc − random-real acc, same protocol and IPC) and recovery of full-data
    accuracy (acc / full-data acc; HLR = full − acc as in DD-Ranking, docs/METHODS.md §6.1);
-2. each set's sample grid;
+2. each set's sample grid (class names on the left) and, for several sets, the grids side by side;
 3. a 2-D embedding (t-SNE, or PCA) of distilled vs real latents per class (MGD³ Fig. 5);
 4. diversity vs representativeness per class (MGD³ Fig. 8, docs/METHODS.md §6.2);
 5. mode coverage: how many of the IPC k-means modes of the real latents the distilled set hits;
@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -322,11 +321,30 @@ def _r2(v) -> float | None:
     return None if v is None else round(float(v), 2)
 
 
-def accuracy_rows(s: SetInfo) -> list[dict]:
-    """One row per evaluation of the set (docs/METHODS.md §6.1 numbers); [] when it was never evaluated."""
+def _cached_references(r: dict, ipc, cache_dir=None) -> dict:
+    """The references an evaluation lacked when it ran, from the evaluation cache (`mgd3 evaluate`
+    of a later set, or `--reference`, may have trained them since): same data, protocol and IPC."""
+    from mgd3.evaluation.references import find_cached
+
+    refs = dict(r.get("references") or {})
+    fp = (r.get("data") or {}).get("train_fingerprint")
+    p = r.get("protocol")
+    if not isinstance(fp, str) or not isinstance(p, dict):
+        return refs
+    for kind, key, want_ipc in (("random-real", "random_real", ipc), ("full", "full", None)):
+        if refs.get(key) is None:
+            d = find_cached(kind, fp, p, ipc=want_ipc, cache_dir=cache_dir)
+            if d is not None and isinstance(d.get("mean"), (int, float)) and not isinstance(d.get("mean"), bool):
+                refs[key] = {"mean": float(d["mean"]), "ipc": d.get("ipc"), "cache_file": d.get("cache_file")}
+    return refs
+
+
+def accuracy_rows(s: SetInfo, cache_dir=None) -> list[dict]:
+    """One row per evaluation of the set (docs/METHODS.md §6.1 numbers); [] when it was never evaluated.
+    A reference missing from an eval.json is looked up in the evaluation cache."""
     rows = []
     for r in s.evals:
-        refs = r.get("references") or {}
+        refs = _cached_references(r, (r.get("set") or {}).get("ipc", s.ipc), cache_dir)
         rr = (refs.get("random_real") or {}).get("mean")
         rr_ipc = (refs.get("random_real") or {}).get("ipc")
         ipc = (r.get("set") or {}).get("ipc", s.ipc)
@@ -676,28 +694,80 @@ def report(cfg: ReportConfig) -> dict:
         torch.set_num_threads(before)
 
 
-def _set_file(root: Path, name: str) -> Path | None:
-    """A file of the set (grid.png) if it is a real image inside the set folder; a symlink out of
-    the folder, or a file that is not a PNG of sane size, is left out with a warning."""
+GRID_PER_CLASS = 10  # images per class in a set's grid
+COMPARE_PER_CLASS = 5  # images per class and set in the side-by-side comparison
+
+
+def set_grid_rows(s: SetInfo, per_class: int = GRID_PER_CLASS) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(class names in the manifest's order, {class id: the first `per_class` images (n, R, R[, 3])
+    uint8 of the class by index}) read from the set's own checked image files (never its grid.png,
+    which may be of any size, or older and unlabelled). Images of another size than the class's
+    first are brought to its size (nearest)."""
+    from mgd3.io.data import read_image
+
+    chosen: dict[str, list] = {}
+    for im in sorted(s.manifest["images"], key=lambda r: (str(r["class_id"]), _index(r.get("index")))):
+        fs = chosen.setdefault(str(im["class_id"]), [])
+        if len(fs) < per_class and str(im["path"]) in s.files:
+            fs.append(s.files[str(im["path"])])
+    channels = 3 if any(_is_color(fs[0]) for fs in chosen.values() if fs) else 1
+    names, rows = [], {}
+    for c in s.manifest["classes"]:
+        cid = str(c["class_id"])
+        if not chosen.get(cid):
+            continue
+        imgs = [read_image(f, channels).permute(1, 2, 0).numpy() for f in chosen[cid]]  # (R, R, C) uint8
+        h, w = imgs[0].shape[:2]
+        imgs = [a if a.shape[:2] == (h, w) else _nearest(a, h, w) for a in imgs]
+        arr = np.stack(imgs)
+        rows[cid] = arr[..., 0] if channels == 1 else arr
+        names.append(str(c.get("name", cid)))
+    return names, rows
+
+
+def _index(v) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 1 << 62
+
+
+def _is_color(f: Path) -> bool:
     from PIL import Image
 
-    from mgd3.io.store import MAX_IMAGE_PIXELS, inside
-
-    f = root / name
-    if not f.is_file():
-        return None
     try:
-        real = inside(root, name, name)
-        with Image.open(real) as im:
-            if im.format != "PNG" or im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
-                raise Mgd3Error(f"{f} is not a PNG of at most {MAX_IMAGE_PIXELS} pixels")
-    except Mgd3Error as e:
-        log.warning("left out of the report: %s", e)
-        return None
-    except Exception:  # noqa: BLE001  (not an image)
-        log.warning("left out of the report: %s is not a readable PNG", f)
-        return None
-    return real
+        with Image.open(f) as im:
+            return im.mode not in ("L", "LA", "I", "I;16", "F", "1")
+    except Exception:  # noqa: BLE001  (read_image reports an unreadable file with its name)
+        return False
+
+
+def _nearest(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    ys = (np.arange(h) * a.shape[0]) // h
+    xs = (np.arange(w) * a.shape[1]) // w
+    return a[ys][:, xs]
+
+
+def write_set_grid(s: SetInfo, path: Path) -> None:
+    """The set's grid: one row per class, named on the left, cells of at least 64 px."""
+    from mgd3.io.grid import grid_image
+
+    names, rows = set_grid_rows(s)
+    grid_image([rows[cid] for cid in rows], names).save(path, format="PNG")
+
+
+def write_comparison(sets: list[SetInfo], path: Path, per_class: int = COMPARE_PER_CLASS) -> None:
+    """Several sets side by side: one row per class (of the first set, then the classes only the
+    others have), one block of columns per set under its label."""
+    from mgd3.io.grid import compare_image
+
+    read = [set_grid_rows(s, per_class) for s in sets]
+    order: dict[str, str] = {}
+    for names, rows in read:
+        for name, cid in zip(names, rows):
+            order.setdefault(cid, name)
+    blocks = []
+    for _, rows in read:
+        some = next(iter(rows.values()))
+        blocks.append([rows.get(cid, some[:0]) for cid in order])
+    compare_image(blocks, [s.label for s in sets], list(order.values())).save(path, format="PNG")
 
 
 def _report(cfg: ReportConfig) -> dict:
@@ -728,11 +798,10 @@ def _report(cfg: ReportConfig) -> dict:
         entry = {"label": s.label, "path": str(s.path), "method": s.method, "ipc": s.ipc,
                  "seed": s.manifest.get("seed"), "data": s.manifest.get("data"), "model": s.manifest.get("model"),
                  "num_images": len(s.manifest.get("images") or []), "num_classes": len(s.manifest["classes"]),
-                 "timing_s": s.manifest.get("timing_s") or {}, "accuracy": accuracy_rows(s), "figures": {}}
-        grid = _set_file(s.path, "grid.png")
-        if grid is not None:
-            shutil.copyfile(grid, out / f"grid-{slug}.png")
-            entry["figures"]["grid"] = f"grid-{slug}.png"
+                 "timing_s": s.manifest.get("timing_s") or {}, "accuracy": accuracy_rows(s, cfg.cache_dir),
+                 "figures": {}}
+        write_set_grid(s, out / f"grid-{slug}.png")
+        entry["figures"]["grid"] = f"grid-{slug}.png"
         backend, real, n_max = source.real(s)
         distilled = source.distilled(s, backend)
         entry["max_real_per_class"] = n_max
@@ -743,6 +812,10 @@ def _report(cfg: ReportConfig) -> dict:
                                             f"{s.label} ({s.method}, IPC {s.ipc})", cfg.plot_real_per_class)
         entry["figures"]["embedding"] = f.name
         entries.append(entry)
+    figures = {"diversity_representativeness": "diversity_representativeness.png"}
+    if len(sets) > 1:
+        write_comparison(sets, out / "grids-side-by-side.png")
+        figures["comparison"] = "grids-side-by-side.png"
     plot_div_rep(out / "diversity_representativeness.png",
                  [(e["label"], {**e["metrics"], "method": e["method"]}) for e in entries])
 
@@ -750,7 +823,7 @@ def _report(cfg: ReportConfig) -> dict:
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "data": cfg.data or sets[0].data_name, "definitions": {**DEFINITIONS, "k_neighbors": cfg.neighbors},
               "config": asdict(cfg), "sets": entries,
-              "figures": {"diversity_representativeness": "diversity_representativeness.png"}}
+              "figures": figures}
     doc = _document(result, out)
     _write_text(out / "report.md", doc.markdown())
     _write_text(out / "report.html", doc.html(f"mgd3 report — {result['data']}"))
@@ -781,7 +854,8 @@ def _document(r: dict, out: Path) -> Doc:
     doc.p("Mean ± std over evaluation seeds (from each set's `eval.json` / `evals/`). IOR = mean − random-real "
           "reference (same protocol and IPC); recovery = mean / full-data reference; HLR = full − mean; "
           "DDRS = DD-Ranking's score (e^α − e^−1) / (e − e^−1), α = ½ IOR − ½ HLR in fractions of 1. "
-          "References appear when they were cached when the set was evaluated (`mgd3 evaluate --reference`).")
+          "`mgd3 evaluate` trains the random-real reference of a set's IPC when none is cached; a reference "
+          "missing from an eval.json is taken from the evaluation cache (full: `mgd3 evaluate --reference full`).")
     rows = []
     for e in sets:
         if not e["accuracy"]:
@@ -796,9 +870,13 @@ def _document(r: dict, out: Path) -> Doc:
                "random real %", "IOR", "full %", "recovery", "HLR", "DDRS"], rows)
 
     doc.h(2, "2. Sample grids")
+    if "comparison" in r["figures"]:
+        doc.img(out / r["figures"]["comparison"],
+                f"side by side: the first {COMPARE_PER_CLASS} images of each class (by index) of every set")
     for e in sets:
         if "grid" in e["figures"]:
-            doc.img(out / e["figures"]["grid"], f"{e['label']}: {e['method']}, IPC {e['ipc']} (one row per class)")
+            doc.img(out / e["figures"]["grid"], f"{e['label']}: {e['method']}, IPC {e['ipc']} (one row per class, "
+                    f"the first {GRID_PER_CLASS} images by index)")
         else:
             doc.p(f"{e['label']}: no grid.png")
 

@@ -89,6 +89,56 @@ def read_config(f: Path) -> dict:
     return read_json_object(f) if f.is_file() else {}
 
 
+def classes_in_use(id2label: dict[int, str], num_embeds: int) -> int:
+    """The model's classes: labels 0..n-1 when id2label names exactly those and n < num_embeds
+    (a small model stored in diffusers' DiTPipeline layout, its table padded to the null class at
+    1000: `null_class_at_1000`), else every label of the table (num_embeds_ada_norm)."""
+    n = len(id2label)
+    if 0 < n < num_embeds and set(id2label) == set(range(n)):
+        return n
+    return num_embeds
+
+
+CLASS_TABLE = "class_embedder.embedding_table.weight"  # every block's label embedding (rows, hidden)
+DIFFUSERS_NULL = 1000  # diffusers' DiTPipeline passes label 1000 as the unconditional class
+
+
+def null_class_at_1000(folder: Path) -> None:
+    """Rewrite a DiT folder of n < 1000 classes (class tables of n + 1 rows, the null class last)
+    into the layout diffusers' `DiTPipeline` assumes at any guidance scale: every block's table
+    gets 1001 rows — rows 0..n-1 the classes, row 1000 the null class, rows n..999 zeros (never
+    used: mgd3 refuses labels >= n, and zeros compress to nothing in git and in a wheel) — and
+    `num_embeds_ada_norm` becomes 1000. Every row mgd3 looks up keeps its values, so every sampled
+    latent stays the same; mgd3 reads the n classes from id2label (`classes_in_use`)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from mgd3.files import write_atomic, write_text_atomic
+
+    tdir = Path(folder) / "transformer"
+    cfg = read_json_object(tdir / "config.json")
+    n = int(cfg["num_embeds_ada_norm"])
+    if n >= DIFFUSERS_NULL:
+        raise Mgd3Error(f"{tdir}: num_embeds_ada_norm is {n}; the null class is already at {n}")
+    f = tdir / "diffusion_pytorch_model.safetensors"
+    state = load_file(f)
+    tables = [k for k in state if k.endswith(CLASS_TABLE)]
+    if not tables:
+        raise Mgd3Error(f"{f} has no class tables ({CLASS_TABLE})")
+    for k in tables:
+        old = state[k]  # (n + 1, hidden)
+        if old.shape[0] != n + 1:
+            raise Mgd3Error(f"{f}: {k} has {old.shape[0]} rows, expected {n + 1}")
+        new = torch.zeros(DIFFUSERS_NULL + 1, old.shape[1], dtype=old.dtype)  # (1001, hidden)
+        new[:n] = old[:n]
+        new[DIFFUSERS_NULL] = old[n]
+        state[k] = new
+    write_atomic(f, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    cfg["num_embeds_ada_norm"] = DIFFUSERS_NULL
+    write_text_atomic(tdir / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 class KLVaeMixin:
     """The VAE side of a backend built on a diffusers AutoencoderKL (DiT and Stable Diffusion):
     needs `vae`, `scaling_factor`, `shift_factor`, `_vae_dir` and `autocast()`. Latents are the
@@ -165,12 +215,14 @@ class DiTBackend(ClassLabelMixin, KLVaeMixin, Backend):
         defaults = read_recommendations(path)
         super().__init__(
             name="dit", path=path, latent_shape=(c_in, size, size), image_channels=vc.in_channels,
-            resolution=size * down, num_classes=int(tc.num_embeds_ada_norm), learned_sigma=c_out == 2 * c_in,
+            resolution=size * down, num_classes=classes_in_use(id2label, int(tc.num_embeds_ada_norm)),
+            learned_sigma=c_out == 2 * c_in,
             betas=train_betas(path / "scheduler"), id2label=id2label, defaults=defaults,
             device=device, precision=precision,
         )
-        # The null (unconditional) class is the extra row of every label embedder:
-        # index num_embeds_ada_norm (1000 for DiT-XL/2), never a literal.
+        # The null (unconditional) class is the extra row of every label embedder: index
+        # num_embeds_ada_norm (1000 for DiT-XL/2 and for the shipped model's diffusers layout),
+        # never a literal.
         self.null_label = int(tc.num_embeds_ada_norm)
         for m in transformer.modules():
             if m.__class__.__name__ == "LabelEmbedding":

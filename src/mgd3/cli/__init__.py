@@ -12,7 +12,7 @@ import logging
 import sys
 
 from mgd3.version import __version__
-from mgd3.errors import Mgd3Error
+from mgd3.errors import Mgd3Error, interrupted_message
 
 log = logging.getLogger("mgd3")
 
@@ -98,6 +98,8 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--config", help="YAML file with any of these options (flag names without --); "
                                     "flags given on the command line win")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: every core; on a busy shared CPU, "
+                                               "1 can be several times faster)")
     g = p.add_argument_group("sampler")
     g.add_argument("--sampler", choices=UPDATE_RULES.names(), help="DDPM ancestral or DDIM (default ddpm)")
     g.add_argument("--steps", type=int, help="sampling steps, respaced from the training schedule (default: "
@@ -109,7 +111,8 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--eta", type=float, help="DDIM eta (default 0)")
     g = p.add_argument_group("method options")
     for flag, (f, methods) in _method_option_fields().items():
-        kw = {"help": f"{f.metadata['help']} (default {f.default}; methods: {', '.join(methods)})",
+        default = "" if f.default is None else f"default {f.default}; "  # None: the help says what happens
+        kw = {"help": f"{f.metadata['help']} ({default}methods: {', '.join(methods)})",
               "dest": "opt_" + f.name}
         choices = option_choices(f)
         if f.metadata.get("choices"):
@@ -147,11 +150,10 @@ def run_distill(args) -> int:
 
 
 class Parser(argparse.ArgumentParser):
-    """Usage errors are the house's one line too: `mgd3: error: ...` (after the usage), exit 2."""
+    """Usage errors are the house's one line too: `mgd3: error: ...` with where to find the usage, exit 2."""
 
     def error(self, message: str):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"mgd3: error: {message}\n")
+        self.exit(2, f"mgd3: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="mgd3: %(message)s", stream=sys.stderr)
-    for noisy in ("diffusers", "huggingface_hub", "PIL"):
+    for noisy in ("diffusers", "huggingface_hub", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     func = getattr(args, "func", None)
     if func is None:
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print("mgd3: error: out of memory (try a smaller --batch-size or resolution)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mgd3: interrupted", file=sys.stderr)
+        print(interrupted_message(args.command, sys.argv[1:] if argv is None else argv), file=sys.stderr)
         return 130
 
 

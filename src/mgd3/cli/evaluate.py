@@ -4,6 +4,7 @@ protocol of the field and test them on the real test split. See `mgd3 evaluate -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 from typing import TYPE_CHECKING
@@ -43,6 +44,9 @@ def add_parser(subparsers) -> None:
                    help="evaluate a real-data reference instead of a set: random-real (IPC random real images "
                         "per class, subset i drawn with seed i) or full (the whole train split)")
     g.add_argument("--ipc", type=int, help="images per class of the random-real reference")
+    g.add_argument("--no-reference", action="store_true",
+                   help="a set: do not train its random-real reference (same data, IPC, protocol and seeds) when "
+                        "none is cached; without it IOR and DDRS stay empty")
     g.add_argument("--classes", nargs="+", metavar="CLASS", help="references: only these classes (ids or names)")
     g.add_argument("--data-root", help="ImageNet-1K root for the named ImageNet subsets "
                                        "(default: the manifest's)")
@@ -114,9 +118,11 @@ def config_from_args(args) -> "EvalConfig":
         options["dsa_same_params"] = True
     quiet = convert("quiet", values.pop("quiet", False), "bool", source)
     no_cache = convert("no_cache", values.pop("no_cache", False), "bool", source)
+    no_reference = convert("no_reference", values.pop("no_reference", False), "bool", source)
     if isinstance(values.get("seeds"), int) and not isinstance(values.get("seeds"), bool):
         values["seeds"] = [values["seeds"]]
-    return eval_config(values, options, source, progress=not quiet, use_cache=not no_cache)
+    cfg = eval_config(values, options, source, progress=not quiet, use_cache=not no_cache)
+    return dataclasses.replace(cfg, random_real=False) if no_reference else cfg
 
 
 def summary_line(r: dict) -> str:

@@ -189,6 +189,9 @@ def evaluate_set(cfg: EvalConfig) -> dict:
     }
     if teacher_rec:
         result["teacher"] = teacher_rec
+    if cfg.random_real and R.find_reference("random-real", train_data.fingerprint(), p, ipc=s.ipc,
+                                            cache_dir=cfg.cache_dir) is None:
+        _random_real_baseline(cfg, str(name), s, p, runs)
     _attach_references(result, p, train_data.fingerprint(), s.ipc, cfg)
     out = Path(cfg.out) if cfg.out else s.path / "eval.json"
     R.write_json_atomic(out, result)
@@ -288,6 +291,19 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _random_real_baseline(cfg: EvalConfig, name: str, s: DistilledSet, p: Protocol, runs: list[dict]) -> None:
+    """Train and cache the random-real reference a set's IOR needs (`mgd3 evaluate --reference
+    random-real` with the set's data, classes, IPC, protocol and seeds): as many images as the
+    set, so about the set's own training time again."""
+    est = sum(float(r.get("train_seconds") or 0.0) for r in runs)
+    log.info("no random-real reference for IPC %d under %s/%s is cached: training it now on %d seeds "
+             "(about %.0f s, the time the set took; cached for every later set; --no-reference skips it)",
+             s.ipc, p.name, p.arch, len(cfg.seeds), est)
+    ref = dataclasses.replace(cfg, set_dir=None, reference="random-real", ipc=s.ipc, data=name,
+                              classes=list(s.class_ids), out=None, random_real=False)
+    evaluate_reference(ref)
 
 
 def _attach_references(result: dict, p: Protocol, train_fp: str, ipc: int, cfg: EvalConfig) -> None:

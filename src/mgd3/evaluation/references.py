@@ -115,17 +115,26 @@ def run_reference(kind: str, *, p: Protocol, seeds, ipc: int | None, train_fp: s
 def find_reference(kind: str, train_fp: str, p: Protocol, *, ipc: int | None, cache_dir=None) -> dict | None:
     """The newest cached reference result for this data and protocol (any seeds; for `full`,
     any epochs); None if there is none."""
-    base = reference_dir(kind, train_fp, p, cache_dir)
+    return find_cached(kind, train_fp, to_dict(p), ipc=ipc, cache_dir=cache_dir)
+
+
+def find_cached(kind: str, train_fp: str, protocol: dict, *, ipc: int | None, cache_dir=None) -> dict | None:
+    """`find_reference` for a protocol as eval.json records it (a dict)."""
+    try:
+        base = (cache_root(cache_dir) / "references"
+                / f"{kind}-{train_fp}-{protocol['name']}-{protocol['arch']}-r{protocol['resolution']}")
+    except (KeyError, TypeError):
+        return None
     if not base.is_dir():
         return None
-    want = {k: v for k, v in to_dict(p).items() if k not in ("epochs", "eval_every", "batch_size")}
+    want = {k: v for k, v in protocol.items() if k not in ("epochs", "eval_every", "batch_size")}
     best = None
     for f in base.glob("*/result.json"):
         d = read_json(f)
         if not d or (kind == "random-real" and d.get("ipc") != ipc):
             continue
         got = {k: v for k, v in d.get("protocol", {}).items() if k not in ("epochs", "eval_every", "batch_size")}
-        if kind == "random-real" and d.get("protocol") != to_dict(p):
+        if kind == "random-real" and d.get("protocol") != protocol:
             continue
         if got != want:
             continue

@@ -39,6 +39,7 @@ class EvalConfig:
     workers: int = 0  # image-loading processes for file data sets
     threads: int | None = None  # torch CPU threads while evaluating (None: torch's default)
     progress: bool = True
+    random_real: bool = True  # a set: train its missing random-real reference (same protocol, IPC, seeds)
 
 
 def _network_names():

@@ -709,6 +709,18 @@ def read_class_map(path: str | os.PathLike) -> dict[str, int]:
 # --------------------------------------------------------------------------- entry point
 
 
+def check_data_name(name: str) -> None:
+    """A name `load_data` takes (a registered dataset, `NAME:/root`, or a path), else one line
+    naming the known datasets and the image-folder alternative."""
+    head, sep, _ = name.partition(":")
+    if name in DATASETS or (sep and head in DATASETS):
+        return
+    if Path(name).expanduser().exists() or os.sep in name or name.startswith((".", "~")):
+        return
+    raise Mgd3Error(f"unknown dataset {name!r} (and no such folder); mgd3 knows {', '.join(DATASETS.names())}, "
+                    "or give an image folder (one sub-folder of images per class)")
+
+
 def load_data(name_or_path: str, split: str = "train", *, resolution: int | None = None,
               channels: int | None = None, classes: Sequence[str] | None = None,
               data_root: str | None = None, class_map: str | None = None, bad_files: str = "lazy") -> RealData:
@@ -738,7 +750,7 @@ def load_data(name_or_path: str, split: str = "train", *, resolution: int | None
         ids, names, labels, targets, source = image_folder(name, split, classes=classes)
         identity = "image-folder"  # content-addressed (file listing), not by where it lies
     else:
-        raise Mgd3Error(f"unknown dataset {name!r} (and no such folder); known: {', '.join(DATASETS.names())}")
+        check_data_name(name)
     if bad_files not in ("lazy", "skip", "strict"):
         raise ValueError(f"bad_files must be lazy, skip or strict, got {bad_files!r}")
     if isinstance(source, _FileSource) and bad_files != "lazy":

@@ -3,7 +3,7 @@
     OUT/images/<NNN>-<class_id>/<index>.png  NNN = the class index, zero-padded: torchvision's
                                         ImageFolder sorts the folders into the manifest's order
     OUT/latents.pt                      {"latents": (N, C, h, w), "paths": [...], ...}
-    OUT/grid.png                        a few images per class, one row per class
+    OUT/grid.png                        a few images per class, one row per class named on the left
     OUT/manifest.json                   written last: its presence means the set is complete
     OUT/.mgd3-run.json                  the settings that determine the images (resume key)
     OUT/.partial/<class>-<first>-<n>.pt one per finished batch: its latents and records, so an
@@ -255,21 +255,14 @@ def write_images(out: Path, folders: list[str], indices: list[int], images: Tens
     return paths
 
 
-def write_grid(path: Path, rows: list[np.ndarray], pad: int = 2) -> None:
-    """rows: per class an array (n, R, R[, 3]) uint8; one row per class, padded to the widest."""
+def write_grid(path: Path, rows: list[np.ndarray], pad: int = 2, labels: list[str] | None = None) -> None:
+    """rows: per class an array (n, R, R[, 3]) uint8; one row per class, its name on the left when
+    `labels` are given, images under 64 px enlarged (nearest neighbour; `mgd3.grid`)."""
     if not rows:
         return
-    n = max(len(r) for r in rows)
-    r0 = rows[0]
-    h, w = r0.shape[1:3]
-    color = r0.ndim == 4
-    shape = (len(rows) * (h + pad) + pad, n * (w + pad) + pad) + ((3,) if color else ())
-    grid = np.full(shape, 255, dtype=np.uint8)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            grid[y:y + h, x:x + w] = img
-    save_png(grid, path)
+    from mgd3.io.grid import grid_image
+
+    save_png(np.asarray(grid_image(rows, labels, pad=pad)), path)
 
 
 def write_manifest(out: Path, manifest: dict) -> None:

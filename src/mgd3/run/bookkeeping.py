@@ -34,7 +34,7 @@ GRID_PER_CLASS = 10  # images per class row in grid.png
 # real images are batched and cached; data, model and classes enter the key resolved (below).
 # Any other field, including ones added later, is part of the run key.
 NOT_IN_RUN_KEY = ("out", "overwrite", "progress", "device", "cache_dir", "batch_size", "encode_batch_size",
-                  "encode_workers", "strict", "data", "data_root", "class_map", "model", "classes")
+                  "encode_workers", "strict", "data", "data_root", "class_map", "model", "classes", "threads")
 
 
 def git_commit() -> str | None:

@@ -34,6 +34,7 @@ from mgd3.backends.labels import class_labels
 from mgd3.backends.recommended import SAMPLER_RECOMMENDATIONS
 from mgd3.config import resolve_device
 from mgd3.errors import Mgd3Error
+from mgd3.machine import cpu_threads
 from mgd3.methods import (DEFAULT_STEPS, ClassInfo, Context, Item, Method, check_finite, get_method,
                           check_recommendations, item_seed, load_methods, method_options, option_flag, options_by_field,
                           recommended_options)
@@ -153,7 +154,8 @@ def distill(cfg: DistillConfig, backend: Backend | None = None) -> DistillResult
     process calls this; see `mgd3.run.ranks.Ranks`."""
     ranks = Ranks.from_env()
     try:
-        return _distill(cfg, ranks, backend)
+        with cpu_threads(cfg.threads):
+            return _distill(cfg, ranks, backend)
     except BaseException as e:
         ranks.abort(e)
         raise
@@ -232,6 +234,9 @@ def _backend(cfg: DistillConfig, ranks: Ranks, backend: Backend | None,
     if model is None and method_cls.needs == "nothing":
         return None, cfg
     if model is None:
+        from mgd3.io.data import check_data_name
+
+        check_data_name(cfg.data)  # an unknown name is said as such, not as a missing model
         raise Mgd3Error(f"no --model given and mgd3 ships no model for {cfg.data!r}; pass --model PATH "
                         f"(methods that need no model: {', '.join(_model_free_methods())})")
     device = resolve_device(cfg.device)
@@ -387,7 +392,8 @@ def _write_set(run: _Run, parts: list[dict]) -> int:
     if lost:  # several nodes, each writing to its own disk
         raise Mgd3Error(f"{len(lost)} images written by other processes are not in {out} (e.g. {lost[0]}); "
                         "with several nodes --out must be a folder every node sees")
-    store.write_grid(out / "grid.png", rows)
+    names = [c.name for c in run.classes if c.index in outputs and outputs[c.index].grid]  # the rows' classes
+    store.write_grid(out / "grid.png", rows, labels=names)
     if latents is not None:
         save_torch_atomic({"latents": latents, "paths": [r["path"] for r in records],
                           "labels": [r["label"] for r in records]}, out / "latents.pt")

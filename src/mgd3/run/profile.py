@@ -93,11 +93,13 @@ class StageProfile:
         self.work = {s: _Work() for s in STAGES}
         self._usage = _rusage()
         self.per_row: dict[str, float] = {}  # FLOPs per batch row of each network
+        self.device = "cpu"
 
     @classmethod
     def observe(cls, backend) -> tuple["StageProfile", "ObservedBackend"]:
         """A new profile and the view of `backend` that books its work (the backend is unchanged)."""
         prof = cls()
+        prof.device = str(getattr(backend, "device", "cpu"))
         if getattr(backend, "name", None) == "dit" and hasattr(backend, "transformer"):
             prof.per_row["denoiser"] = dit_forward_flops(backend.transformer.config)
         return prof, ObservedBackend(backend, prof)
@@ -141,6 +143,8 @@ class StageProfile:
         self._book_usage()
         summary = self.summary(timing)
         log.info("profile: %s", self.line(summary))
+        if self.device.startswith("cpu"):
+            warn_if_busy(summary)
         return summary
 
     def summary(self, timing: dict) -> dict:
@@ -218,8 +222,9 @@ def matmul_peak(n: int = 2048, repeats: int = 5, device: str | torch.device = "c
     """The best FLOP/s of a timed n×n×n `torch.mm` in this process (one warm-up call first): the
     practical compute limit the stage rates are compared with."""
     dev = torch.device(device)
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
+    g = torch.Generator(device=dev).manual_seed(0)  # its own: the global random state stays as it was
+    a = torch.randn(n, n, device=dev, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=dev, dtype=dtype, generator=g)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.mm(a, b)
     sync()
@@ -259,3 +264,80 @@ class ObservedBackend:
 
     def __repr__(self) -> str:
         return f"ObservedBackend({self._backend!r})"
+
+
+# --------------------------------------------------------------------------- a busy CPU
+
+BUSY_MIN_SECONDS = 5.0  # stages shorter than this are not judged (start-up noise, tiny runs)
+BUSY_FRACTION = 0.15  # a stage below this fraction of the best matmul rate is "far below" (quiet: 0.36-0.72)
+BUSY_PEAK_DROP = 0.5  # the matmul now below half the best seen: other processes hold the cores
+PEAK_FILE = "cpu-matmul-peak.json"  # in the mgd3 cache: the best rate per (CPU, threads)
+
+
+def busy_note(summary: dict, best_peak: float, now_peak: float, load: float | None, cores: int,
+              threads: int) -> str | None:
+    """The warning for a run whose network stages ran far below this machine's matmul rate while
+    the CPU was busy, else None. Far below: a stage of at least BUSY_MIN_SECONDS at less than
+    BUSY_FRACTION of `best_peak` (the best `matmul_peak` seen at this thread count; on a quiet
+    machine mgd3's stages reach 36-72 % of it, benchmarks/results/stage_profile.md). Busy: the
+    matmul measured now is below BUSY_PEAK_DROP of the best, or the 1-minute load average is at
+    least twice the cores. A slow stage on a quiet CPU (tiny batches) is no busy CPU: no note."""
+    slow = [(s, st["gflop_per_s"]) for s, st in summary.items()
+            if s in STAGES and isinstance(st, dict) and st.get("flops", 0) > 0
+            and st.get("seconds", 0) >= BUSY_MIN_SECONDS and st["gflop_per_s"] * 1e9 < BUSY_FRACTION * best_peak]
+    busy = now_peak < BUSY_PEAK_DROP * best_peak or (load is not None and load >= 2 * cores)
+    if not slow or not busy:
+        return None
+    stage, rate = min(slow, key=lambda x: x[1])
+    load_text = f"; load average {load:.1f} on {cores} cores" if load is not None else ""
+    return (f"the CPU looks busy: {stage} ran at {rate:.3g} GFLOP/s, {100 * rate * 1e9 / best_peak:.0f} % of "
+            f"this machine's best matmul rate at {threads} threads ({best_peak / 1e9:.0f} GFLOP/s; "
+            f"{now_peak / 1e9:.0f} now{load_text}); other processes share the cores: expect this run's "
+            "time to vary, and try --threads 1 on a busy shared machine")
+
+
+def best_peak(now: float, threads: int, cache=None) -> float:
+    """max(now, the best rate cached for this CPU and thread count); caches the new best."""
+    import json
+    from pathlib import Path
+
+    from mgd3.files import cache_root, write_text_atomic
+    from mgd3.machine import cpu_name
+
+    f = Path(cache or cache_root()) / PEAK_FILE
+    key = f"{cpu_name()} | {threads} threads"
+    try:
+        seen = json.loads(f.read_text()) if f.is_file() and f.stat().st_size < 1_000_000 else {}
+        seen = seen if isinstance(seen, dict) else {}
+    except (OSError, ValueError):
+        seen = {}
+    old = seen.get(key)
+    old = float(old) if isinstance(old, (int, float)) and 0 < old < 1e18 else 0.0
+    if now > old:
+        seen[key] = now
+        try:
+            write_text_atomic(f, json.dumps(seen, indent=1))
+        except OSError:
+            pass  # a read-only cache: judge by this run's measurement
+    return max(now, old)
+
+
+def warn_if_busy(summary: dict) -> None:
+    """Log `busy_note` once, when a CPU stage was long enough to be judged (a cheap 1024³ matmul,
+    best of 3, a fraction of a second, measured after the run)."""
+    import os
+
+    from mgd3.machine import cores
+
+    if not any(isinstance(st, dict) and st.get("seconds", 0) >= BUSY_MIN_SECONDS and st.get("flops", 0) > 0
+               for st in summary.values()):
+        return
+    threads = torch.get_num_threads()
+    now = matmul_peak(1024, repeats=3)
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    note = busy_note(summary, best_peak(now, threads), now, load, cores(), threads)
+    if note:
+        log.warning("%s", note)

@@ -37,6 +37,7 @@ class DistillConfig:
     overwrite: bool = False
     strict: bool = False  # an unreadable or missing image file in an image folder stops the run
     cache_dir: str | None = None
+    threads: int | None = None  # torch CPU threads (None: torch's default, every core)
     progress: bool = True
     # text-to-image backends (Stable Diffusion); None: the backend's default
     prompt: str | None = None  # template, {name} = the class name line ("{name}")
@@ -70,6 +71,7 @@ DISTILL_RULES: dict[str, Rule] = {
     "batch_size": Rule(minimum=1, maximum=1_000_000), "encode_batch_size": Rule(minimum=1, maximum=1_000_000),
     "encode_workers": Rule(minimum=0, maximum=1024), "max_real_per_class": POSITIVE,
     "precision": Rule(choices=("fp32", "bf16", "fp16")), "resolution": RESOLUTION, "save_resolution": RESOLUTION,
+    "threads": Rule(minimum=1, maximum=4096),
 }
 SAMPLER_RULES: dict[str, Rule] = {
     "sampler": Rule(choices=_sampler_names, what="sampler"), "steps": STEPS,

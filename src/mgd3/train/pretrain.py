@@ -692,10 +692,23 @@ def _init_dir(model: str | Path) -> Path:
     return d
 
 
+def _own_class_rows(table, own):
+    """A class table stored in diffusers' DiTPipeline layout (1001 rows, the null class at 1000;
+    `null_class_at_1000`) as this DiT's (n + 1, hidden): rows 0..n-1, then the null class."""
+    from mgd3.backends.dit import DIFFUSERS_NULL
+
+    n = own.shape[0] - 1
+    if table.shape[0] == DIFFUSERS_NULL + 1 and n < DIFFUSERS_NULL and table.shape[1:] == own.shape[1:]:
+        return torch.cat([table[:n], table[DIFFUSERS_NULL:]])  # (n + 1, hidden)
+    return table
+
+
 def init_from(dit, model: str | Path) -> None:
     """Copy the weights of `model`'s DiT transformer into `dit` (same architecture required: the
     size preset, patch size, latent channels and class count must match)."""
     from diffusers import DiTTransformer2DModel
+
+    from mgd3.backends.dit import CLASS_TABLE
 
     d = _init_dir(model)
     try:
@@ -704,6 +717,7 @@ def init_from(dit, model: str | Path) -> None:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise Mgd3Error(f"--init {model}: could not load the DiT in {d} ({first})") from None
     own = dit.state_dict()
+    src = {k: _own_class_rows(v, own[k]) if k.endswith(CLASS_TABLE) and k in own else v for k, v in src.items()}
     for key, value in own.items():
         if key not in src or src[key].shape != value.shape:
             got = "missing" if key not in src else f"{tuple(src[key].shape)}"
