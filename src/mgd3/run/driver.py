@@ -152,6 +152,7 @@ def distill(cfg: DistillConfig, backend: Backend | None = None) -> DistillResult
     """Run one distillation. `backend`: an already-loaded model to use instead of loading
     `cfg.model` (its path, device and precision win over the config's). Under torchrun every
     process calls this; see `mgd3.run.ranks.Ranks`."""
+    _validate(cfg)  # every check that needs no model, before threads are set or processes join
     ranks = Ranks.from_env()
     try:
         with cpu_threads(cfg.threads):
@@ -182,7 +183,6 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
 
     t_start = time.perf_counter()
     keep_freed_memory()  # no page-fault churn in the sampling loop (allocator.py)
-    _validate(cfg)
     method_cls = get_method(cfg.method)
     method_options(method_cls, cfg.options)  # a bad option stops the run before anything loads
     t = time.perf_counter()
