@@ -92,3 +92,37 @@ def test_hugging_face_cache_offline(tmp_path, monkeypatch, digits_model):
     assert b.num_classes == 10 and b.path == snap
     with pytest.raises(Mgd3Error, match="HF_HUB_OFFLINE"):
         load_backend("someone/not-cached")
+
+
+def test_null_class_at_1000_keeps_every_sample(digits_model, tmp_path):
+    """The DiTPipeline layout (1001-row class tables, null at 1000) samples the same bits in mgd3,
+    and pretrain --init reads it back as the model's own (n + 1)-row tables."""
+    from mgd3.backends.dit import null_class_at_1000
+    from mgd3.run.driver import DistillConfig, distill
+    from mgd3.methods import SamplerConfig
+    from mgd3.train.pretrain import _own_class_rows
+
+    moved = tmp_path / "model"
+    shutil.copytree(digits_model, moved)
+    null_class_at_1000(moved)
+    b = load_backend(moved)
+    assert (b.num_classes, b.null_label) == (10, 1000)
+    tables = [m.embedding_table.weight for m in b.label_embedders()]
+    old = [m.embedding_table.weight for m in load_backend(digits_model).label_embedders()]
+    assert all(t.shape[0] == 1001 and torch.equal(t[:10], o[:10]) and torch.equal(t[1000], o[10])
+               and not t[10:1000].any() for t, o in zip(tables, old))
+    assert all(torch.equal(_own_class_rows(t, o), o) for t, o in zip(tables, old))
+    with pytest.raises(Mgd3Error, match="class label 10 is outside"):
+        b.cond([10])
+    with pytest.raises(Mgd3Error, match="already at 1000"):
+        null_class_at_1000(moved)
+    sets = []
+    for model in (digits_model, moved):  # CFG 2: the null class is used at every step
+        out = tmp_path / f"set-{len(sets)}"
+        distill(DistillConfig(data="digits", model=str(model), out=str(out), ipc=2, classes=["3", "8"],
+                              progress=False, sampler=SamplerConfig(steps=3, cfg=2.0)))
+        sets.append(out)
+    a, c = (torch.load(s / "latents.pt", weights_only=True)["latents"] for s in sets)
+    assert torch.equal(a, c)
+    assert [p.read_bytes() for p in sorted((sets[0] / "images").rglob("*.png"))] == \
+        [p.read_bytes() for p in sorted((sets[1] / "images").rglob("*.png"))]

@@ -78,7 +78,7 @@ def _distill_opts(ws: dict) -> list[Opt]:
         Opt("--encode-batch-size", [4, 64]), Opt("--encode-workers", [0]),
         Opt("--device", ["cpu", "auto", "cuda", "cuda:9", "tpu"]), Opt("--precision", ["fp32", "bf16"]),
         Opt("--cache-dir", [str(ws["cache"]), str(ws["file"])]), Opt("--quiet", [], "switch"),
-        Opt("--sampler", ["ddpm", "ddim"]), Opt("--steps", [1, 2, 3]), Opt("--cfg", [0.0, 1.0, 4.0]),
+        Opt("--threads", [1, 2]), Opt("--sampler", ["ddpm", "ddim"]), Opt("--steps", [1, 2, 3]), Opt("--cfg", [0.0, 1.0, 4.0]),
         Opt("--cfg-channels", [1, 3, 4, 9]), Opt("--eta", [0.0, 1.0]),
     ]
     for f in method_option_fields().values():
@@ -110,7 +110,7 @@ def _evaluate_opts(ws: dict) -> list[Opt]:
                          "eval_every=1", "milestones=[0.5]", "lr=abc", "nope=1", "dsa={'bogus': 1}",
                          "rrc_scale=[0.5, 1.0]", "loss=kl", "temperature=0"]),
         Opt("--device", ["cpu", "auto", "cuda", "x"]), Opt("--bf16", [], "switch"),
-        Opt("--threads", [1, 2]), Opt("--workers", [0]),
+        Opt("--threads", [1, 2]), Opt("--workers", [0]), Opt("--no-reference", [], "switch"),
         Opt("--out", [str(ws["dir"] / "e.json"), str(ws["dir"])]),
         Opt("--cache-dir", [str(ws["cache"]), str(ws["file"])]), Opt("--no-cache", [], "switch"),
         Opt("--quiet", [], "switch"),

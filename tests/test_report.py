@@ -220,6 +220,30 @@ def test_cli_report_end_to_end(two_sets, tmp_path):
     assert "src='grid" not in html  # self-contained: no file references
 
 
+def test_report_trains_the_random_real_reference_an_evaluation_lacks(two_sets, tmp_path):
+    root, env, sets = two_sets
+    s = tmp_path / "evaluated"
+    shutil.copytree(sets["mgd3"], s)
+    (s / "eval.json").unlink(missing_ok=True)
+    r = run_cli("evaluate", s, "--seeds", "0", "--epochs", "1", "--device", "cpu", "--quiet", "--no-reference",
+                "--threads", "1", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "references" not in json.loads((s / "eval.json").read_text())
+    out = tmp_path / "rep"
+    args = ("report", s, "--out", out, "--embedding", "pca", "--threads", "1", "--quiet")
+    r = run_cli(*args, "--no-reference", env=env)
+    assert r.returncode == 0, r.stderr
+    (acc,) = json.loads((out / "report.json").read_text())["sets"][0]["accuracy"]
+    assert acc["random_real"] is None and acc["ior"] is None
+    r = run_cli(*args, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "no random-real reference for its dc evaluation at IPC 2 is cached: training it now" in r.stderr
+    (acc,) = json.loads((out / "report.json").read_text())["sets"][0]["accuracy"]
+    assert acc["random_real"] is not None and acc["ior"] == pytest.approx(acc["mean"] - acc["random_real"], abs=0.02)
+    r = run_cli(*args, env=env)  # cached now
+    assert "training it now" not in r.stderr
+
+
 def test_bad_input_is_one_line(two_sets, tmp_path, capsys):
     _, _, sets = two_sets
     assert main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2

@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import re
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -186,6 +187,7 @@ class ReportConfig:
     cache_dir: str | None = None
     threads: int | None = None  # CPU threads for encoding, k-means and t-SNE (None: the libraries' default)
     progress: bool = True
+    references: bool = True  # train an evaluation's missing random-real reference (as `mgd3 evaluate` does)
 
 
 @dataclass
@@ -337,6 +339,34 @@ def _cached_references(r: dict, ipc, cache_dir=None) -> dict:
             if d is not None and isinstance(d.get("mean"), (int, float)) and not isinstance(d.get("mean"), bool):
                 refs[key] = {"mean": float(d["mean"]), "ipc": d.get("ipc"), "cache_file": d.get("cache_file")}
     return refs
+
+
+def train_missing_random_real(s: SetInfo, cfg: ReportConfig) -> None:
+    """An evaluation of the set without its random-real reference (an older mgd3, `--no-reference`):
+    train and cache it with the evaluation's own settings (`mgd3 evaluate --reference random-real`
+    with its data, classes, IPC, protocol and seeds). A failure is a warning: the row stays empty."""
+    from mgd3.evaluation.core import EvalConfig, evaluate
+
+    names = {f.name for f in dataclasses.fields(EvalConfig)}
+    own = ("set_dir", "reference", "ipc", "data", "classes", "out", "progress", "random_real", "cache_dir")
+    for r in s.evals:
+        ipc = (r.get("set") or {}).get("ipc", s.ipc)
+        if r.get("kind", "distilled") != "distilled" or not isinstance(ipc, int) or isinstance(ipc, bool) \
+                or _cached_references(r, ipc, cfg.cache_dir).get("random_real") is not None:
+            continue
+        name, ids = (r.get("data") or {}).get("name"), (r.get("set") or {}).get("class_ids")
+        config = r.get("config") if isinstance(r.get("config"), dict) else {}
+        if not isinstance(name, str) or not isinstance(ids, list):
+            continue
+        values = {k: v for k, v in config.items() if k in names and k not in own}
+        log.info("%s: no random-real reference for its %s evaluation at IPC %d is cached: training it now "
+                 "(about %s s, the set's own training time; --no-reference skips it)", s.label,
+                 (r.get("protocol") or {}).get("name"), ipc, _fmt(r.get("train_seconds"), ".0f"))
+        try:
+            evaluate(EvalConfig(**values, reference="random-real", ipc=ipc, data=name, classes=[str(i) for i in ids],
+                                random_real=False, progress=cfg.progress, cache_dir=cfg.cache_dir))
+        except (Mgd3Error, TypeError, ValueError) as e:
+            log.warning("%s: its random-real reference could not be trained (%s)", s.label, str(e)[:200])
 
 
 def accuracy_rows(s: SetInfo, cache_dir=None) -> list[dict]:
@@ -795,6 +825,8 @@ def _report(cfg: ReportConfig) -> dict:
     entries = []
     for i, s in enumerate(tqdm(sets, desc="report", unit="set", disable=not cfg.progress)):
         slug = f"{i + 1:02d}-{_slug(s.label)}"
+        if cfg.references:
+            train_missing_random_real(s, cfg)
         entry = {"label": s.label, "path": str(s.path), "method": s.method, "ipc": s.ipc,
                  "seed": s.manifest.get("seed"), "data": s.manifest.get("data"), "model": s.manifest.get("model"),
                  "num_images": len(s.manifest.get("images") or []), "num_classes": len(s.manifest["classes"]),
@@ -989,6 +1021,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--config", help="YAML file with any of these options (flag names without --); "
                                     "flags given on the command line win")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-reference", action="store_true",
+                   help="do not train the random-real reference an evaluated set lacks (same data, IPC, protocol "
+                        "and seeds as its evaluation; cached, as `mgd3 evaluate` trains it)")
     from mgd3.config import suppress_defaults
 
     suppress_defaults(p)
@@ -996,10 +1031,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from mgd3.config import merged
+    from mgd3.config import convert, merged
 
     values, source = merged(args)
+    no_reference = convert("no_reference", values.pop("no_reference", False), "bool", source)
     cfg = report_config(values, source)
+    if no_reference:
+        cfg = dataclasses.replace(cfg, references=False)
     r = report(cfg)
     evaluated = sum(1 for e in r["sets"] if e["accuracy"])
     cov = ", ".join(f"{e['label']} {100 * e['metrics']['coverage']:.0f} %" for e in r["sets"])

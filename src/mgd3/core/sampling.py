@@ -241,7 +241,11 @@ class CFGDenoiser:
 # tests/test_batch_invariance.py); every manifest quotes it.
 REPRODUCIBILITY = {
     "processes": "bit-identical: a torchrun launch of N processes writes the set one process writes "
-                 "(same --batch-size)",
+                 "with the same --batch-size and the same torch threads per process (torchrun starts each "
+                 "process at 1 thread, a single process uses every core: give it --threads 1)",
+    "threads": "CPU matrix products round differently at another thread count: latents may differ in the "
+               "last float bits (measured 5e-7 relative, 1 vs 2 threads, 10 steps) and a PNG by 1 gray level "
+               "in rare pixels (1 pixel of 20 images)",
     "batch_size": "every image gets the same noise at any --batch-size, but batched matrix products round "
                   "differently: latents may differ in the last float bits (measured up to 3e-5 relative "
                   "after 50 steps) and a PNG by at most 1 gray level in rare pixels",
