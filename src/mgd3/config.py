@@ -537,6 +537,7 @@ EVAL_RULES: dict[str, Rule] = {
     "reference": Rule(choices=("random-real", "full")), "ipc": Rule(minimum=1, maximum=100_000),
     "teacher_epochs": Rule(minimum=1, maximum=1_000_000), "workers": Rule(minimum=0, maximum=1024),
     "threads": Rule(minimum=1, maximum=4096),
+    "dist_mode": Rule(choices=("auto", "seeds", "ddp")), "checkpoint_s": Rule(minimum=0.0, maximum=1e9),
 }
 
 

@@ -123,3 +123,14 @@ class Ranks:
         parts = [None] * self.world if self.rank == 0 else None
         dist.gather_object(obj, parts, dst=0)
         return parts
+
+    def broadcast(self, obj=None):
+        """Rank 0's `obj` (any picklable value, e.g. a state dict) on every process, over the
+        process group: it needs no file system shared between nodes."""
+        if self.store is None:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
