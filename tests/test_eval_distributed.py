@@ -251,3 +251,48 @@ def test_failures_under_torchrun_are_one_line_and_leave_no_eval_json(tmp_path):
         "mgd3: error: --dist-mode seeds needs at least one seed per process: 1 seed(s) for 2 processes "
         "(give more --seeds, fewer processes, or --dist-mode ddp)"], r.stderr
     assert not (tmp_path / "f.json").exists() and not mgd3_frames(r.stderr)
+
+
+# --------------------------------------------------------------------------- two nodes on this machine
+
+
+def _two_nodes(argv, cache: Path) -> list[subprocess.CompletedProcess]:
+    """Two torchrun launches (one process each) that meet at a c10d rendezvous on 127.0.0.1:
+    what `--nnodes 2 --rdzv-endpoint HOST:PORT` does across machines."""
+    port = free_port()
+    procs = [torchrun(argv, cache, nproc=1, node=(i, 2, port)) for i in range(2)]
+    return [finish(p) for p in procs]
+
+
+@pytest.mark.slow
+def test_evaluate_on_two_nodes_writes_the_one_process_eval_json(tmp_path):
+    s = write_set(tmp_path / "set", ipc=2)
+    args = dict(set_dir=str(s), protocol="dc", epochs=3, seeds=[0, 1], device="cpu", threads=1, progress=False)
+    one = evaluate(EvalConfig(**args, out=str(tmp_path / "one.json")))
+    rs = _two_nodes(["evaluate", s, "--protocol", "dc", "--epochs", "3", "--seeds", "0", "1", "--threads", "1",
+                     "--device", "cpu", "--quiet", "--out", tmp_path / "two.json"], tmp_path / "cache")
+    for r in rs:
+        assert r.returncode == 0, r.stderr
+    assert sum(r.stdout.count(" -> ") for r in rs) == 1  # the node with rank 0 reports
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert _comparable(two) == _comparable(one)
+    d = two["distributed"]
+    assert d["nodes"] == 2 and d["world_size"] == 2 and sorted(x["node"] for x in d["ranks"]) == [0, 1]
+
+
+@pytest.mark.slow
+def test_distill_on_two_nodes_writes_the_one_process_set(digits_model, tmp_path):
+    from test_distributed import ARGS, comparable, files_of, start
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    p1 = start(["distill", "--data", "digits", "--model", digits_model, "--out", one, *ARGS], tmp_path / "c1", None)
+    rs = _two_nodes(["distill", "--data", "digits", "--model", digits_model, "--out", two, *ARGS], tmp_path / "c2")
+    r1 = finish(p1)
+    assert r1.returncode == 0, r1.stderr
+    for r in rs:
+        assert r.returncode == 0, r.stderr
+    f1, f2 = files_of(one), files_of(two)
+    assert sorted(f1) == sorted(f2) and len([k for k in f1 if k.startswith("images/")]) == 9
+    assert all(f1[k] == f2[k] for k in f1 if k != ".mgd3-run.json")
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
+    assert m2["machine"]["processes"] == 2 and comparable(m1) == comparable(m2)

@@ -21,6 +21,7 @@ without images (batch < W) is an error, never N copies of the same training.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from dataclasses import dataclass, field
 
@@ -103,7 +104,7 @@ def gradient_group(device: torch.device):
 def record(p: Plan, *, backend: str, per_rank: list[dict]) -> dict:
     """The `distributed` block of eval.json: how the work was split and where it ran."""
     d = {"world_size": p.world, "mode": p.mode, "why": p.reason, "backend": backend,
-         "nodes": len({r["host"] for r in per_rank}),
+         "nodes": len({r["node"] for r in per_rank}),
          "ranks": per_rank}
     if p.mode == "seeds":
         d["seed_rule"] = "seed i of --seeds (0-based) is trained whole by rank i mod world_size"
@@ -115,5 +116,7 @@ def record(p: Plan, *, backend: str, per_rank: list[dict]) -> dict:
 
 
 def rank_info(rank: int, local_rank: int, device: torch.device, seeds: list[int], seconds: float) -> dict:
-    return {"rank": rank, "local_rank": local_rank, "host": socket.gethostname(), "device": str(device),
+    # GROUP_RANK: torchrun's node rank (its agents are the "nodes", also several on one host)
+    return {"rank": rank, "node": int(os.environ.get("GROUP_RANK") or 0), "local_rank": local_rank,
+            "host": socket.gethostname(), "device": str(device),
             "seeds": seeds, "train_seconds": round(seconds, 2)}
