@@ -296,3 +296,33 @@ def test_distill_on_two_nodes_writes_the_one_process_set(digits_model, tmp_path)
     assert all(f1[k] == f2[k] for k in f1 if k != ".mgd3-run.json")
     m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
     assert m2["machine"]["processes"] == 2 and comparable(m1) == comparable(m2)
+
+
+@pytest.mark.slow
+def test_a_killed_ddp_launch_resumes_bit_for_bit(tmp_path):
+    """SIGTERM to torchrun mid-training (as a scheduler's preemption); the same command again
+    continues from rank 0's checkpoint, sent to both processes, and writes the eval.json of an
+    uninterrupted DDP launch."""
+    import signal
+    import time
+
+    s = write_set(tmp_path / "set", ipc=2)
+    argv = ["evaluate", s, "--protocol", "dc", "--epochs", "150", "--batch-size", "10", "--seeds", "0",
+            "--threads", "1", "--device", "cpu", "--quiet", "--dist-mode", "ddp", "--checkpoint-s", "0"]
+    whole = torchrun([*argv, "--out", tmp_path / "whole.json"], tmp_path / "cache")
+    killed = torchrun([*argv, "--out", tmp_path / "k.json"], tmp_path / "cache")
+    ckpt, deadline = tmp_path / ".k.json.ckpt", time.monotonic() + 300
+    while not list(ckpt.glob("*/seed-0.pt")) and time.monotonic() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    assert list(ckpt.glob("*/seed-0.pt")), "no checkpoint appeared"
+    killed.send_signal(signal.SIGTERM)
+    r = finish(killed)
+    assert r.returncode != 0 and not (tmp_path / "k.json").exists()
+    r = finish(torchrun([*argv, "--out", tmp_path / "k.json"], tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr
+    assert "resuming after epoch" in r.stderr
+    w = finish(whole)
+    assert w.returncode == 0, w.stderr
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("whole.json", "k.json"))
+    assert _comparable(a) == _comparable(b)
+    assert not ckpt.exists()
