@@ -326,3 +326,16 @@ def test_a_killed_ddp_launch_resumes_bit_for_bit(tmp_path):
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("whole.json", "k.json"))
     assert _comparable(a) == _comparable(b)
     assert not ckpt.exists()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--checkpoint-s", "-1"], "--checkpoint-s must be a finite number >= 0, got -1.0"),
+    (["--checkpoint-s", "nan"], "--checkpoint-s must be a finite number"),
+])
+def test_bad_checkpoint_interval_is_one_line(tmp_path, capsys, argv, msg):
+    from mgd3.cli import main
+
+    s = write_set(tmp_path / "set", ipc=1)
+    assert main(["evaluate", s, "--device", "cpu", "--quiet", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mgd3: error:") and msg in err[0], err

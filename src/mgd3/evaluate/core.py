@@ -210,7 +210,7 @@ def evaluate_set(cfg: EvalConfig, ranks: Ranks | None = None) -> dict:
     log.info("evaluating %s: %d images, %d classes, protocol %s, %s at %dx%d, seeds %s%s", s.path, len(train),
              len(s.class_ids), p.name, p.arch, p.resolution, p.resolution, cfg.seeds,
              "" if plan.mode == "single" else f"; {ranks.world} processes, mode {plan.mode} ({plan.reason})")
-    key = R.key_of({"v": __version__, "protocol": to_dict(p), "train": _fp(train), "test": _fp(test),
+    key = R.key_of({"v": __version__, "protocol": to_dict(p), "train": _fp(train), "test": test_data.fingerprint(),
                     "norm": dataclasses.asdict(norm), "teacher": (teacher_rec or {}).get("cache_file"),
                     "device": device.type, "bf16": cfg.bf16, "compile": cfg.compile, "mode": plan.mode,
                     "world": ranks.world if plan.mode == "ddp" else 1})
