@@ -80,6 +80,46 @@ def test_shards_cover_each_global_batch_once_with_mean_weights(b, world):
     assert weight == pytest.approx(1.0)  # sum of weights x items / world = the global mean
 
 
+@pytest.mark.parametrize("loss", ["ce", "cutmix", "kl"])
+@pytest.mark.parametrize("b,world", [(7, 2), (10, 3), (2, 3)])
+def test_shard_losses_average_to_the_one_process_gradient(loss, b, world):
+    """DDP averages the processes' gradients: the mean over shards of `_shard_loss`'s gradient
+    is the gradient of the one-process batch loss (uneven shards and empty shards included)."""
+    import torch.nn.functional as F
+
+    from mgd3.evaluate.networks import build_network
+    from mgd3.evaluate.protocols import get_protocol
+    from mgd3.evaluate.train import _shard_loss
+
+    p = get_protocol("soft" if loss == "kl" else "dc")
+    net = build_network("convnet-3", 1, 4, 8, seed=0)
+    teacher = build_network("convnet-3", 1, 4, 8, seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(b, 1, 8, 8, generator=g), torch.randint(0, 4, (b,), generator=g)
+    perm_b, ratio = (torch.randperm(b, generator=g), 0.7) if loss == "cutmix" else (None, 1.0)
+
+    def grads(fn):
+        net.zero_grad()
+        fn().backward()
+        return [q.grad.clone() for q in net.parameters()]
+
+    def one_process():
+        out = net(x)
+        if loss == "kl":
+            soft = F.softmax(teacher(x) / p.temperature, dim=1)
+            return F.kl_div(F.log_softmax(out / p.temperature, dim=1), soft, reduction="batchmean")
+        if perm_b is not None:
+            return ratio * F.cross_entropy(out, y) + (1 - ratio) * F.cross_entropy(out, y[perm_b])
+        return F.cross_entropy(out, y)
+
+    ref = grads(one_process)
+    parts = [grads(lambda r=r: _shard_loss(p, net, teacher, x, y, perm_b, ratio, Shard(r, world), torch.device("cpu"),
+                                           False)) for r in range(world)]
+    for i, want in enumerate(ref):
+        got = sum(part[i] for part in parts) / world
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)  # float rounding of the sums
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -339,3 +379,11 @@ def test_bad_checkpoint_interval_is_one_line(tmp_path, capsys, argv, msg):
     assert main(["evaluate", s, "--device", "cpu", "--quiet", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mgd3: error:") and msg in err[0], err
+
+
+def test_a_reference_under_torchrun_is_refused_before_any_work():
+    from mgd3.evaluate.core import _evaluate
+    from mgd3.ranks import Ranks
+
+    with pytest.raises(Mgd3Error, match="--reference runs in one process"):
+        _evaluate(EvalConfig(reference="full", data="digits", device="cpu", progress=False), Ranks(0, 2))
