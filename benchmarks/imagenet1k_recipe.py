@@ -147,7 +147,7 @@ def resnet18_flops(resolution: int = 224) -> float:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from scale_flops import count
 
-    from mgd3.evaluate.networks import build_network
+    from mgd3.evaluation.networks import build_network
 
     with torch.device("meta"):
         net = build_network("resnet-18", 3, CLASSES, resolution)
@@ -178,7 +178,7 @@ def span(seconds: tuple[float, float]) -> str:
 
 
 def costs() -> str:
-    from mgd3.evaluate.protocols import get_protocol, rded_batch_size
+    from mgd3.evaluation.protocols import get_protocol, rded_batch_size
 
     f_r18 = resnet18_flops()
     f_dit, f_enc, f_dec = dit_flops()

@@ -1,4 +1,4 @@
-"""`mgd3 evaluate` under torchrun (mgd3.evaluate.dist): the rules that split the work, the DDP
+"""`mgd3 evaluate` under torchrun (mgd3.evaluation.dist): the rules that split the work, the DDP
 shard arithmetic, exact resumption from checkpoints, and real two-process gloo launches on the
 CPU — seeds over processes gives the one-process eval.json bit for bit, one DDP training
 matches it within the measured tolerance, failures give one error line and no eval.json.
@@ -22,10 +22,10 @@ from test_distributed import finish, free_port, mgd3_frames
 from test_evaluate import write_set
 
 from mgd3.errors import Mgd3Error
-from mgd3.evaluate import checkpoint as C
-from mgd3.evaluate import dist as D
-from mgd3.evaluate.core import EvalConfig, evaluate
-from mgd3.evaluate.train import Shard
+from mgd3.evaluation import checkpoint as C
+from mgd3.evaluation import dist as D
+from mgd3.evaluation.core import EvalConfig, evaluate
+from mgd3.evaluation.train import Shard
 
 # the tolerance of a DDP training against one process (points of test accuracy; see docs/SCALE.md)
 DDP_TOLERANCE = 1.0
@@ -87,9 +87,9 @@ def test_shard_losses_average_to_the_one_process_gradient(loss, b, world):
     is the gradient of the one-process batch loss (uneven shards and empty shards included)."""
     import torch.nn.functional as F
 
-    from mgd3.evaluate.networks import build_network
-    from mgd3.evaluate.protocols import get_protocol
-    from mgd3.evaluate.train import _shard_loss
+    from mgd3.evaluation.networks import build_network
+    from mgd3.evaluation.protocols import get_protocol
+    from mgd3.evaluation.train import _shard_loss
 
     p = get_protocol("soft" if loss == "kl" else "dc")
     net = build_network("convnet-3", 1, 4, 8, seed=0)
@@ -166,7 +166,7 @@ def test_a_killed_evaluation_resumes_bit_for_bit(tmp_path, monkeypatch, protocol
 
     monkeypatch.setattr(C.Checkpoint, "save", real_save)
     trained = []
-    import mgd3.evaluate.train as T
+    import mgd3.evaluation.train as T
 
     real_train = T.train_and_test
     monkeypatch.setattr(T, "train_and_test", lambda *a, **k: trained.append(k["seed"]) or real_train(*a, **k))
@@ -382,8 +382,10 @@ def test_bad_checkpoint_interval_is_one_line(tmp_path, capsys, argv, msg):
 
 
 def test_a_reference_under_torchrun_is_refused_before_any_work():
-    from mgd3.evaluate.core import _evaluate
-    from mgd3.ranks import Ranks
+    from mgd3.evaluation.core import _evaluate
+    from mgd3.evaluation.dist import OneProcess
 
+    two = OneProcess()
+    two.world = 2  # what _evaluate sees of a launch of two
     with pytest.raises(Mgd3Error, match="--reference runs in one process"):
-        _evaluate(EvalConfig(reference="full", data="digits", device="cpu", progress=False), Ranks(0, 2))
+        _evaluate(EvalConfig(reference="full", data="digits", device="cpu", progress=False), two)

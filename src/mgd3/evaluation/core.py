@@ -12,24 +12,23 @@ import datetime as _dt
 import logging
 import math
 import platform
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mgd3 import __version__
+from mgd3.version import __version__
 from mgd3.errors import Mgd3Error
-from mgd3.evaluate import checkpoint as C
-from mgd3.evaluate import dist as D
-from mgd3.evaluate import references as R
-from mgd3.evaluate.networks import NETWORKS
-from mgd3.evaluate.protocols import PROTOCOLS, Protocol, override, resolve, to_dict
-from mgd3.evaluate.train import (Normalization, RunOptions, TensorSet, center_crop, imagenet_normalization,
+from mgd3.evaluation import checkpoint as C
+from mgd3.evaluation import dist as D
+from mgd3.evaluation import references as R
+from mgd3.evaluation.networks import NETWORKS
+from mgd3.evaluation.settings import EvalConfig  # noqa: F401  (re-exported)
+from mgd3.evaluation.protocols import PROTOCOLS, Protocol, override, resolve, to_dict
+from mgd3.evaluation.train import (Normalization, RunOptions, TensorSet, center_crop, imagenet_normalization,
                                  resolve_device, tensor_set, to_uint8)
 from mgd3.machine import cpu_name
-from mgd3.ranks import Ranks
-from mgd3.store import DistilledSet, read_set  # noqa: F401  (the one reader of the set format)
+from mgd3.io.store import DistilledSet, read_set  # noqa: F401  (the one reader of the set format)
 
 log = logging.getLogger(__name__)
 
@@ -37,42 +36,10 @@ EVAL_FORMAT = "mgd3-eval/1"
 REFERENCES = ("random-real", "full")
 
 
-@dataclass
-class EvalConfig:
-    """Everything `mgd3 evaluate` takes; written (resolved) into eval.json."""
-
-    set_dir: str | None = None  # the distilled set; None with `reference`
-    data: str | None = None  # real data (default: the manifest's data name)
-    protocol: str = "dc"
-    arch: str | None = None  # default: the protocol's
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int | None = None  # override the protocol's
-    batch_size: int | None = None
-    resolution: int | None = None
-    device: str = "auto"
-    bf16: bool = False
-    compile: bool = False
-    reference: str | None = None  # "random-real" | "full"
-    ipc: int | None = None  # for random-real
-    classes: list[str] | None = None  # for references: a subset of the data's classes
-    data_root: str | None = None
-    class_map: str | None = None
-    out: str | None = None  # default: SET/eval.json; for references only the cache (+ this file if given)
-    cache_dir: str | None = None
-    use_cache: bool = True
-    teacher_epochs: int | None = None  # soft: override the teacher's epochs
-    options: dict = field(default_factory=dict)  # other protocol fields, e.g. {"dsa_same_params": True}
-    workers: int = 0  # image-loading processes for file data sets
-    threads: int | None = None  # torch CPU threads while evaluating (None: torch's default)
-    dist_mode: str = "auto"  # under torchrun: "seeds" (seeds over processes), "ddp" (one training over all) or auto
-    checkpoint_s: float = 60.0  # at most one training checkpoint per this many seconds (0: every epoch)
-    progress: bool = True
-
-
 def load_set_images(s: DistilledSet, resolution: int, channels: int) -> TensorSet:
     """The set's images as uint8 (N, channels, R, R): resized (shorter side) and centre-cropped
-    to R like the real data (mgd3.data's transform)."""
-    from mgd3.data import read_image, to_model_space
+    to R like the real data (mgd3.io.data's transform)."""
+    from mgd3.io.data import read_image, to_model_space
 
     xs = [to_uint8(to_model_space(read_image(f, channels), resolution, channels)) for f in s.files]
     return TensorSet(torch.stack(xs), torch.as_tensor(s.targets, dtype=torch.int64))
@@ -82,7 +49,7 @@ def load_set_images(s: DistilledSet, resolution: int, channels: int) -> TensorSe
 
 
 def _load_real(name: str, split: str, *, resolution: int, channels: int, classes, cfg: EvalConfig):
-    from mgd3.data import load_data
+    from mgd3.io.data import load_data
 
     return load_data(name, split, resolution=resolution, channels=channels, classes=classes,
                      data_root=cfg.data_root, class_map=cfg.class_map)
@@ -172,10 +139,10 @@ def _opts(cfg: EvalConfig) -> RunOptions:
 # --------------------------------------------------------------------------- entry points
 
 
-def evaluate_set(cfg: EvalConfig, ranks: Ranks | None = None) -> dict:
+def evaluate_set(cfg: EvalConfig, ranks=None) -> dict:
     """Train fresh networks on the distilled set `cfg.set_dir`; write and return eval.json.
     Under torchrun (`ranks`), every process calls this; rank 0 writes and returns the result."""
-    ranks = ranks or Ranks()
+    ranks = ranks or D.ONE
     if not cfg.seeds:
         raise Mgd3Error("give at least one evaluation seed")
     s = read_set(cfg.set_dir)
@@ -248,7 +215,7 @@ def evaluate_set(cfg: EvalConfig, ranks: Ranks | None = None) -> dict:
 
 
 def _prepare(p: Protocol, train_data, test: TensorSet, channels: int, opts: RunOptions, cfg: EvalConfig,
-             ranks: Ranks, num_classes: int):
+             ranks, num_classes: int):
     """Normalisation and teacher: made (or read from the cache) by rank 0 alone, then sent to
     the other processes over the process group (no shared cache needed, nothing trained twice)."""
     if ranks.world == 1:
@@ -263,8 +230,8 @@ def _prepare(p: Protocol, train_data, test: TensorSet, channels: int, opts: RunO
     norm, rec, state = ranks.broadcast((norm, rec, state) if ranks.rank == 0 else None)
     if ranks.rank == 0 or state is None:
         return norm, (teacher if ranks.rank == 0 else None), rec
-    from mgd3.evaluate.networks import build_network
-    from mgd3.evaluate.references import teacher_protocol
+    from mgd3.evaluation.networks import build_network
+    from mgd3.evaluation.references import teacher_protocol
 
     tp = teacher_protocol(p)
     teacher = build_network(tp.arch, channels, num_classes, p.resolution)
@@ -272,13 +239,13 @@ def _prepare(p: Protocol, train_data, test: TensorSet, channels: int, opts: RunO
     return norm, teacher.eval(), rec
 
 
-def _train_all(p: Protocol, train: TensorSet, test: TensorSet, cfg: EvalConfig, plan: D.Plan, ranks: Ranks,
+def _train_all(p: Protocol, train: TensorSet, test: TensorSet, cfg: EvalConfig, plan: D.Plan, ranks,
                num_classes: int, norm: Normalization, opts: RunOptions, teacher, ckpt_dir: Path, key: str,
                device: torch.device) -> tuple[list[dict], dict | None]:
     """Every seed's run (rank 0; [] elsewhere) and the `distributed` record (None in one process)."""
     import time
 
-    from mgd3.evaluate.train import Shard, train_and_test
+    from mgd3.evaluation.train import Shard, train_and_test
 
     shard = None
     if plan.mode == "ddp":
@@ -388,22 +355,16 @@ def evaluate_reference(cfg: EvalConfig) -> dict:
     return result
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """A distilled set (`cfg.set_dir`) or a reference (`cfg.reference`), per `cfg`. Under
-    torchrun every process calls this (see `mgd3.evaluate.dist`); rank 0 returns the result,
-    the others {}."""
-    ranks = Ranks.from_env()
-    try:
-        return _evaluate(cfg, ranks)
-    except BaseException as e:
-        ranks.abort(e)
-        raise
-    finally:
-        ranks.close()
+def evaluate(cfg: EvalConfig, ranks=None) -> dict:
+    """A distilled set (`cfg.set_dir`) or a reference (`cfg.reference`), per `cfg`. `ranks`: the
+    processes of a torchrun launch (`mgd3.run.ranks.Ranks`, made by the caller through
+    `mgd3.run.ranks.launched`; see `mgd3.evaluation.dist`), every one calling this; rank 0 returns
+    the result, the others {}. None: one process."""
+    return _evaluate(cfg, ranks or D.ONE)
 
 
-def _evaluate(cfg: EvalConfig, ranks: Ranks) -> dict:
-    from mgd3.config import validate_eval
+def _evaluate(cfg: EvalConfig, ranks) -> dict:
+    from mgd3.evaluation.settings import validate_eval
 
     validate_eval(cfg)
     if cfg.reference and cfg.set_dir:
@@ -429,7 +390,7 @@ def _evaluate(cfg: EvalConfig, ranks: Ranks) -> dict:
 
 
 def _attach_references(result: dict, p: Protocol, train_fp: str, ipc: int, cfg: EvalConfig) -> None:
-    """IOR / HLR (SPEC §3.4) from cached references under the same protocol, when present."""
+    """IOR / HLR (docs/METHODS.md §6.1) from cached references under the same protocol, when present."""
     refs = {}
     rr = R.find_reference("random-real", train_fp, p, ipc=ipc, cache_dir=cfg.cache_dir)
     full = R.find_reference("full", train_fp, p, ipc=None, cache_dir=cfg.cache_dir)

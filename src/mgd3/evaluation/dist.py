@@ -1,5 +1,7 @@
 """Stage: evaluation under torchrun — how `mgd3 evaluate` spreads its trainings over the
-processes of a launch (`mgd3.ranks.Ranks`: WORLD_SIZE, RANK, LOCAL_RANK; one or several nodes).
+processes of a launch (`mgd3.run.ranks.Ranks`: WORLD_SIZE, RANK, LOCAL_RANK; one or several nodes).
+The launch is made above this layer (the CLI and `mgd3.evaluate` call
+`mgd3.run.ranks.launched`) and comes in as `ranks`; `ONE` stands for a single process.
 
 Two modes, chosen by `plan` (or by `--dist-mode`):
 
@@ -7,7 +9,7 @@ Two modes, chosen by `plan` (or by `--dist-mode`):
   one process trains it; rank 0 gathers the runs in seed order. The result equals the
   sequential run's bit for bit on the same device kind with the same threads per process.
 * **ddp**: each seed is one DistributedDataParallel training over all W processes
-  (`mgd3.evaluate.train.Shard`): the same global batch, each process a 1/W shard of it,
+  (`mgd3.evaluation.train.Shard`): the same global batch, each process a 1/W shard of it,
   gradients averaged by DDP. Accuracy matches the one-process run up to the floating-point
   order of the gradient sums (see docs/SCALE.md for the measured spread).
 
@@ -33,6 +35,30 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "seeds", "ddp")
 MIN_SHARD = 16  # images of a global batch per process below which DDP is all communication
+
+
+class OneProcess:
+    """A single process: what evaluation uses of `mgd3.run.ranks.Ranks` when there is no launch."""
+
+    rank, world, local_rank = 0, 1, 0
+
+    def check(self) -> None:
+        pass
+
+    def wait_all(self, name: str) -> None:
+        pass
+
+    def share(self, name: str, value=None):
+        return value
+
+    def broadcast(self, obj=None):
+        return obj
+
+    def gather(self, obj) -> list:
+        return [obj]
+
+
+ONE = OneProcess()
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mgd3.config import default_device
 from mgd3.errors import Mgd3Error
 from mgd3.files import to_uint8
-from mgd3.evaluate import augment as A
-from mgd3.evaluate.networks import build_network
-from mgd3.evaluate.protocols import Protocol
+from mgd3.evaluation import augment as A
+from mgd3.evaluation.networks import build_network
+from mgd3.evaluation.protocols import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class Shard:
 def resolve_device(name: str | None) -> torch.device:
     name = (name or "auto").lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(default_device())
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -230,7 +231,7 @@ def train_and_test(p: Protocol, train: TensorSet, test: TensorSet, *, seed: int,
 
     `shard`: this process's part of a DistributedDataParallel training (see `Shard`); every
     process of the launch calls this with the same arguments and gets the same result.
-    `checkpoint` (`mgd3.evaluate.checkpoint.Checkpoint`): resume from its state and save one
+    `checkpoint` (`mgd3.evaluation.checkpoint.Checkpoint`): resume from its state and save one
     after epochs; the result is the uninterrupted run's.
 
     Returns {"seed", "final_acc", "best_acc", "best_epoch", "last_acc", "train_seconds",

@@ -11,7 +11,7 @@ import os
 import time
 from datetime import timedelta
 
-from mgd3.errors import Mgd3Error
+from mgd3.errors import Mgd3Error, first_line
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,12 @@ class PeerFailed(Mgd3Error):
     """Another process of the launch failed (it reports the error; this one exits quietly)."""
 
     reported = True
+
+
+def classes_of_rank(classes: list, world: int, rank: int) -> list:
+    """The classes process `rank` of `world` distills: class indices rank, rank + world, ... (every
+    class once over the ranks, the same share however the run was interrupted)."""
+    return [c for c in classes if c.index % world == rank]
 
 
 class Ranks:
@@ -50,7 +56,7 @@ class Ranks:
             dist.init_process_group("gloo", store=base, rank=rank, world_size=world,
                                     timeout=timedelta(minutes=30))
         except (RuntimeError, ValueError, KeyError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise Mgd3Error(f"cannot join the torchrun process group: {first}") from None
         if rank > 0:  # progress and info lines come from rank 0 only
             logging.getLogger("mgd3").setLevel(logging.WARNING)
@@ -134,3 +140,16 @@ class Ranks:
         box = [obj if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def launched(fn, *args):
+    """`fn(*args, ranks)` as one process of this torchrun launch (or alone): the first process to
+    fail reports its error once, the others stop (see `Ranks`)."""
+    ranks = Ranks.from_env()
+    try:
+        return fn(*args, ranks)
+    except BaseException as e:
+        ranks.abort(e)
+        raise
+    finally:
+        ranks.close()
