@@ -111,6 +111,7 @@ def _evaluate_opts(ws: dict) -> list[Opt]:
                          "rrc_scale=[0.5, 1.0]", "loss=kl", "temperature=0"]),
         Opt("--device", ["cpu", "auto", "cuda", "x"]), Opt("--bf16", [], "switch"),
         Opt("--threads", [1, 2]), Opt("--workers", [0]), Opt("--no-reference", [], "switch"),
+        Opt("--dist-mode", ["auto", "seeds", "ddp"]), Opt("--checkpoint-s", [0, 60, -1, "nan"]),
         Opt("--out", [str(ws["dir"] / "e.json"), str(ws["dir"])]),
         Opt("--cache-dir", [str(ws["cache"]), str(ws["file"])]), Opt("--no-cache", [], "switch"),
         Opt("--quiet", [], "switch"),

@@ -99,4 +99,6 @@ def evaluate(distilled: DistilledSet | str | os.PathLike | None = None, **settin
         raise Mgd3Error(f"evaluate() takes no setting {', '.join(map(repr, unknown))}; settings: "
                         f"{', '.join(sorted(names))}")
     set_dir = str(distilled.path if isinstance(distilled, DistilledSet) else distilled) if distilled else None
-    return run_evaluate(EvalConfig(set_dir=set_dir, **values))
+    from mgd3.run.ranks import launched
+
+    return launched(run_evaluate, EvalConfig(set_dir=set_dir, **values))  # under torchrun: rank 0's result

@@ -71,6 +71,13 @@ def add_parser(subparsers) -> None:
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; on a busy shared CPU, 1 "
                                                "can be several times faster than 2)")
     g.add_argument("--workers", type=int, help="image-loading processes for file data sets (default 0)")
+    g.add_argument("--dist-mode", choices=["auto", "seeds", "ddp"],
+                   help="under torchrun: seeds (each process trains whole seeds; same eval.json as one process), "
+                        "ddp (each seed is one DistributedDataParallel training over all processes) or auto "
+                        "(seeds when they divide evenly over the processes, else ddp for large batches)")
+    g.add_argument("--checkpoint-s", type=float, metavar="SECONDS",
+                   help="at most one training checkpoint per SECONDS (0: after every epoch); a killed run "
+                        "resumes from it (default 60)")
     g.add_argument("--out", help="result file (default: DISTILLED_DIR/eval.json; references: cache only)")
     g.add_argument("--cache-dir", help="cache for references, teachers and statistics "
                                        "(default $MGD3_CACHE_DIR or ~/.cache/mgd3)")
@@ -149,9 +156,11 @@ def summary_line(r: dict) -> str:
 
 def run(args) -> int:
     from mgd3.evaluation.core import evaluate
+    from mgd3.run.ranks import launched
 
-    cfg = config_from_args(args)
-    result = evaluate(cfg)
-    print(summary_line(result))
+    # every process of a torchrun launch checks the flags: inside the launch, so a bad one is one line
+    result = launched(lambda ranks: evaluate(config_from_args(args), ranks))
+    if result:  # under torchrun, rank 0 reports
+        print(summary_line(result))
     return 0
 

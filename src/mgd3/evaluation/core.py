@@ -19,6 +19,8 @@ import torch
 
 from mgd3.version import __version__
 from mgd3.errors import Mgd3Error
+from mgd3.evaluation import checkpoint as C
+from mgd3.evaluation import dist as D
 from mgd3.evaluation import references as R
 from mgd3.evaluation.networks import NETWORKS
 from mgd3.evaluation.settings import EvalConfig  # noqa: F401  (re-exported)
@@ -137,8 +139,10 @@ def _opts(cfg: EvalConfig) -> RunOptions:
 # --------------------------------------------------------------------------- entry points
 
 
-def evaluate_set(cfg: EvalConfig) -> dict:
-    """Train fresh networks on the distilled set `cfg.set_dir`; write and return eval.json."""
+def evaluate_set(cfg: EvalConfig, ranks=None) -> dict:
+    """Train fresh networks on the distilled set `cfg.set_dir`; write and return eval.json.
+    Under torchrun (`ranks`), every process calls this; rank 0 writes and returns the result."""
+    ranks = ranks or D.ONE
     if not cfg.seeds:
         raise Mgd3Error("give at least one evaluation seed")
     s = read_set(cfg.set_dir)
@@ -162,19 +166,27 @@ def evaluate_set(cfg: EvalConfig) -> dict:
     # the set as uint8 at the protocol resolution, plus a float copy of a batch per image
     check_memory(len(s.files) * channels * p.resolution**2 * 5, f"{len(s.files)} images at {p.resolution} px",
                  "use a smaller --resolution")
-    device = resolve_device(cfg.device)
-    opts = _opts(cfg)
+    plan = D.plan(cfg.dist_mode, world=ranks.world, seeds=list(cfg.seeds), batch_size=p.batch_size)
+    device = D.process_device(resolve_device(cfg.device), ranks.local_rank, ranks.world)
+    opts = dataclasses.replace(_opts(cfg), device=str(device), progress=cfg.progress and ranks.rank == 0)
+    out = Path(cfg.out) if cfg.out else s.path / "eval.json"
     test_data, test = _test_set(name, s.class_ids, p, channels, cfg)
     train_data = _load_real(name, "train", resolution=p.resolution, channels=channels, classes=s.class_ids, cfg=cfg)
-    norm = _normalization(p, train_data, channels, cfg)
-    teacher, teacher_rec = _teacher(p, train_data, test, norm, opts, cfg)
+    norm, teacher, teacher_rec = _prepare(p, train_data, test, channels, opts, cfg, ranks, len(s.class_ids))
     train = load_set_images(s, p.resolution, channels)
-    log.info("evaluating %s: %d images, %d classes, protocol %s, %s at %dx%d, seeds %s", s.path, len(train),
-             len(s.class_ids), p.name, p.arch, p.resolution, p.resolution, cfg.seeds)
-    from mgd3.evaluation.train import train_and_test
-
-    runs = [train_and_test(p, train, test, seed=sd, num_classes=len(s.class_ids), norm=norm, opts=opts,
-                           teacher=teacher) for sd in cfg.seeds]
+    log.info("evaluating %s: %d images, %d classes, protocol %s, %s at %dx%d, seeds %s%s", s.path, len(train),
+             len(s.class_ids), p.name, p.arch, p.resolution, p.resolution, cfg.seeds,
+             "" if plan.mode == "single" else f"; {ranks.world} processes, mode {plan.mode} ({plan.reason})")
+    key = R.key_of({"v": __version__, "protocol": to_dict(p), "train": _fp(train), "test": test_data.fingerprint(),
+                    "norm": dataclasses.asdict(norm), "teacher": (teacher_rec or {}).get("cache_file"),
+                    "device": device.type, "bf16": cfg.bf16, "compile": cfg.compile, "mode": plan.mode,
+                    "world": ranks.world if plan.mode == "ddp" else 1})
+    ckpt_dir = C.folder_for(out, key)
+    runs, distributed = _train_all(p, train, test, cfg, plan, ranks, len(s.class_ids), norm, opts, teacher,
+                                   ckpt_dir, key, device)
+    if ranks.rank != 0:
+        ranks.share("written", None)  # wait for rank 0's eval.json: its failure is this process's too
+        return {}
     result = {
         "format": EVAL_FORMAT, "mgd3_version": __version__, "kind": "distilled",
         "set": {"path": str(s.path), "method": (s.manifest or {}).get("method"), "ipc": s.ipc,
@@ -189,16 +201,93 @@ def evaluate_set(cfg: EvalConfig) -> dict:
     }
     if teacher_rec:
         result["teacher"] = teacher_rec
+    if distributed:
+        result["distributed"] = distributed
+        result["environment"]["device"] = device.type
     if cfg.random_real and R.find_reference("random-real", train_data.fingerprint(), p, ipc=s.ipc,
                                             cache_dir=cfg.cache_dir) is None:
         _random_real_baseline(cfg, str(name), s, p, runs)
     _attach_references(result, p, train_data.fingerprint(), s.ipc, cfg)
-    out = Path(cfg.out) if cfg.out else s.path / "eval.json"
-    R.write_json_atomic(out, result)
+    R.write_json_atomic(out, result)  # only now, every process's runs gathered: never a partial eval.json
     if not cfg.out:  # keep every protocol/arch's latest result too; eval.json is the last run
         R.write_json_atomic(s.path / "evals" / f"{p.name}-{p.arch}-e{p.epochs}.json", result)
+    C.remove(ckpt_dir)
+    ranks.share("written", True)
     result["out"] = str(out)
     return result
+
+
+def _prepare(p: Protocol, train_data, test: TensorSet, channels: int, opts: RunOptions, cfg: EvalConfig,
+             ranks, num_classes: int):
+    """Normalisation and teacher: made (or read from the cache) by rank 0 alone, then sent to
+    the other processes over the process group (no shared cache needed, nothing trained twice)."""
+    if ranks.world == 1:
+        norm = _normalization(p, train_data, channels, cfg)
+        return (norm, *_teacher(p, train_data, test, norm, opts, cfg))
+    if ranks.rank == 0:
+        norm = _normalization(p, train_data, channels, cfg)
+        teacher, rec = _teacher(p, train_data, test, norm, opts, cfg)
+        state = None if teacher is None else {k: v.detach().cpu() for k, v in
+                                              getattr(teacher, "_orig_mod", teacher).state_dict().items()}
+    ranks.wait_all("prepared")  # polls for failures: a long teacher training never times out the others
+    norm, rec, state = ranks.broadcast((norm, rec, state) if ranks.rank == 0 else None)
+    if ranks.rank == 0 or state is None:
+        return norm, (teacher if ranks.rank == 0 else None), rec
+    from mgd3.evaluation.networks import build_network
+    from mgd3.evaluation.references import teacher_protocol
+
+    tp = teacher_protocol(p)
+    teacher = build_network(tp.arch, channels, num_classes, p.resolution)
+    teacher.load_state_dict(state)
+    return norm, teacher.eval(), rec
+
+
+def _train_all(p: Protocol, train: TensorSet, test: TensorSet, cfg: EvalConfig, plan: D.Plan, ranks,
+               num_classes: int, norm: Normalization, opts: RunOptions, teacher, ckpt_dir: Path, key: str,
+               device: torch.device) -> tuple[list[dict], dict | None]:
+    """Every seed's run (rank 0; [] elsewhere) and the `distributed` record (None in one process)."""
+    import time
+
+    from mgd3.evaluation.train import Shard, train_and_test
+
+    shard = None
+    if plan.mode == "ddp":
+        shard = Shard(ranks.rank, ranks.world, D.gradient_group(device))
+    writer = shard is None or ranks.rank == 0
+
+    def one(sd: int) -> dict:
+        ck = C.Checkpoint(ckpt_dir, sd, key, every_s=cfg.checkpoint_s, writer=writer,
+                          share=ranks.broadcast if shard is not None else None, poll=ranks.check)
+        done = ck.finished() if writer else None
+        if shard is not None:
+            done = ranks.broadcast(done)
+        if done is not None:
+            log.info("seed %d: finished by an earlier run of this configuration (%s)", sd, ck.result_path)
+            return done
+        r = train_and_test(p, train, test, seed=sd, num_classes=num_classes, norm=norm, opts=opts,
+                           teacher=teacher, shard=shard, checkpoint=ck)
+        ck.finish(r)
+        return r
+
+    t0 = time.perf_counter()
+    if plan.mode == "single":
+        return [one(sd) for sd in cfg.seeds], None
+    mine = plan.mine(ranks.rank, cfg.seeds) if plan.mode == "seeds" else list(range(len(cfg.seeds)))
+    runs = {i: one(cfg.seeds[i]) for i in mine}
+    info = D.rank_info(ranks.rank, ranks.local_rank, device, [cfg.seeds[i] for i in mine],
+                       time.perf_counter() - t0)
+    ranks.wait_all("trained")
+    parts = ranks.gather({"runs": runs if (plan.mode == "seeds" or ranks.rank == 0) else {}, "info": info})
+    if ranks.rank != 0:
+        return [], None
+    gathered: dict[int, dict] = {}
+    for part in parts:
+        gathered.update(part["runs"])
+    if sorted(gathered) != list(range(len(cfg.seeds))):
+        raise Mgd3Error(f"internal: runs of seeds {sorted(gathered)} gathered, expected {len(cfg.seeds)}")
+    backend = "gloo" if shard is None or device.type != "cuda" else "nccl (gradients) + gloo"
+    return ([gathered[i] for i in range(len(cfg.seeds))],
+            D.record(plan, backend=backend, per_rank=[part["info"] for part in parts]))
 
 
 def evaluate_reference(cfg: EvalConfig) -> dict:
@@ -269,8 +358,15 @@ def evaluate_reference(cfg: EvalConfig) -> dict:
     return result
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """A distilled set (`cfg.set_dir`) or a reference (`cfg.reference`), per `cfg`."""
+def evaluate(cfg: EvalConfig, ranks=None) -> dict:
+    """A distilled set (`cfg.set_dir`) or a reference (`cfg.reference`), per `cfg`. `ranks`: the
+    processes of a torchrun launch (`mgd3.run.ranks.Ranks`, made by the caller through
+    `mgd3.run.ranks.launched`; see `mgd3.evaluation.dist`), every one calling this; rank 0 returns
+    the result, the others {}. None: one process."""
+    return _evaluate(cfg, ranks or D.ONE)
+
+
+def _evaluate(cfg: EvalConfig, ranks) -> dict:
     from mgd3.evaluation.settings import validate_eval
 
     validate_eval(cfg)
@@ -284,8 +380,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.threads:
         # on a shared CPU, fewer threads than cores avoids OpenMP oversubscription stalls
         torch.set_num_threads(cfg.threads)
+    if cfg.reference and ranks.world > 1:
+        raise Mgd3Error("--reference runs in one process (it is cached and reused by every later evaluation); "
+                        "run it without torchrun")
     try:
-        return evaluate_reference(cfg) if cfg.reference else evaluate_set(cfg)
+        return evaluate_reference(cfg) if cfg.reference else evaluate_set(cfg, ranks)
     finally:
         torch.set_num_threads(before)
 

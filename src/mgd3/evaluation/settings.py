@@ -38,6 +38,8 @@ class EvalConfig:
     options: dict = field(default_factory=dict)  # other protocol fields, e.g. {"dsa_same_params": True}
     workers: int = 0  # image-loading processes for file data sets
     threads: int | None = None  # torch CPU threads while evaluating (None: torch's default)
+    dist_mode: str = "auto"  # under torchrun: "seeds" (seeds over processes), "ddp" (one training over all) or auto
+    checkpoint_s: float = 60.0  # at most one training checkpoint per this many seconds (0: every epoch)
     progress: bool = True
     random_real: bool = True  # a set: train its missing random-real reference (same protocol, IPC, seeds)
 
@@ -54,6 +56,7 @@ EVAL_RULES: dict[str, Rule] = {
     "reference": Rule(choices=("random-real", "full")), "ipc": Rule(minimum=1, maximum=100_000),
     "teacher_epochs": Rule(minimum=1, maximum=1_000_000), "workers": Rule(minimum=0, maximum=1024),
     "threads": Rule(minimum=1, maximum=4096),
+    "dist_mode": Rule(choices=("auto", "seeds", "ddp")), "checkpoint_s": Rule(minimum=0.0, maximum=1e9),
 }
 
 

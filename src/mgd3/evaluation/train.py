@@ -118,6 +118,27 @@ class RunOptions:
     eval_batch_size: int | None = None  # None: by resolution (about 256 MB of first-layer activations)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of one training spread over a torchrun launch (DistributedDataParallel).
+
+    Every process draws the same batch order and augmentations from the run's seed, so each
+    global batch is the single process's batch; process `rank` keeps items rank, rank + world,
+    ... of it (DistributedSampler's split, applied per batch). The loss is the batch sum over the
+    shard x world / global batch, so DDP's gradient average is the single process's batch-mean
+    gradient. The test split is scored in `world` contiguous chunks and the correct counts summed."""
+
+    rank: int
+    world: int
+    group: object = None  # process group of the gradients and counts (None: the default one)
+
+    def items(self, b: int, device) -> tuple[Tensor, float]:
+        """(indices of this shard in a global batch of b, loss weight)."""
+        if self.rank >= b:  # a last batch smaller than the launch: join DDP's all-reduce with nothing
+            return torch.zeros(1, dtype=torch.int64, device=device), 0.0
+        return torch.arange(self.rank, b, self.world, device=device), self.world / b
+
+
 def resolve_device(name: str | None) -> torch.device:
     name = (name or "auto").lower()
     if name == "auto":
@@ -143,18 +164,28 @@ def _autocast(device: torch.device, bf16: bool):
 
 @torch.no_grad()
 def accuracy(model: nn.Module, test: TensorSet, norm: Normalization, *, device: torch.device,
-             batch_size: int = 512, bf16: bool = False) -> float:
-    """Top-1 accuracy (%) on `test` (uint8 images), in batches, under no_grad."""
+             batch_size: int = 512, bf16: bool = False, shard: Shard | None = None) -> float:
+    """Top-1 accuracy (%) on `test` (uint8 images), in batches, under no_grad. With `shard`,
+    this process scores its contiguous chunk and the correct counts are summed over the launch."""
     was_training = model.training
     model.eval()
     mean, std = norm.tensors(device)
     scale, shift = 1.0 / (255.0 * std), -mean / std
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for i in range(0, len(test), batch_size):
-        x = test.images[i:i + batch_size].to(device, non_blocking=True).float() * scale + shift
+    lo, hi = 0, len(test)
+    if shard is not None:
+        per = -(-len(test) // shard.world)
+        lo, hi = min(len(test), shard.rank * per), min(len(test), (shard.rank + 1) * per)
+    for i in range(lo, hi, batch_size):
+        j = min(hi, i + batch_size)
+        x = test.images[i:j].to(device, non_blocking=True).float() * scale + shift
         with _autocast(device, bf16):
             out = model(x)  # (b, classes)
-        correct += (out.argmax(1) == test.targets[i:i + batch_size].to(device)).sum()
+        correct += (out.argmax(1) == test.targets[i:j].to(device)).sum()
+    if shard is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(correct, group=shard.group)  # integer counts: exact in any order
     model.train(was_training)
     return 100.0 * float(correct) / max(1, len(test))
 
@@ -195,8 +226,13 @@ def _should_eval(p: Protocol, k: int, total: int) -> bool:
 
 def train_and_test(p: Protocol, train: TensorSet, test: TensorSet, *, seed: int, num_classes: int,
                    norm: Normalization, opts: RunOptions = RunOptions(), teacher: nn.Module | None = None,
-                   return_model: bool = False) -> dict:
+                   return_model: bool = False, shard: Shard | None = None, checkpoint=None) -> dict:
     """Train a fresh `p.arch` on `train` under protocol `p` (resolved) and test it on `test`.
+
+    `shard`: this process's part of a DistributedDataParallel training (see `Shard`); every
+    process of the launch calls this with the same arguments and gets the same result.
+    `checkpoint` (`mgd3.evaluation.checkpoint.Checkpoint`): resume from its state and save one
+    after epochs; the result is the uninterrupted run's.
 
     Returns {"seed", "final_acc", "best_acc", "best_epoch", "last_acc", "train_seconds",
     "epochs", "evaluations": [[epoch, acc], ...], "images_per_s"} (accuracies in %)."""
@@ -206,9 +242,12 @@ def train_and_test(p: Protocol, train: TensorSet, test: TensorSet, *, seed: int,
     if p.loss == "kl" and teacher is None:
         raise Mgd3Error(f"protocol {p.name} needs a teacher network (soft labels)")
     channels, resolution = int(train.images.shape[1]), int(train.images.shape[-1])
-    model = build_network(p.arch, channels, num_classes, resolution, seed=seed).to(device)
+    model = build_network(p.arch, channels, num_classes, resolution, seed=seed)
+    if shard is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        # batch statistics over the global batch, as one process computes them
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=shard.group)
+    model = model.to(device)
     model.train()
-    fwd = torch.compile(model) if opts.compile else model
     if teacher is not None:
         teacher = teacher.to(device).eval()
         for q in teacher.parameters():
@@ -224,8 +263,19 @@ def train_and_test(p: Protocol, train: TensorSet, test: TensorSet, *, seed: int,
     eval_bs = _eval_batch(resolution, opts)
     evaluations: list[list] = []
     train_seconds = 0.0
-    bar = tqdm(range(total), desc=f"{p.name}/{p.arch} seed {seed}", unit="epoch", disable=not opts.progress,
-               leave=False)
+    start = 0
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:  # continue exactly where the saved epoch ended
+        start, evaluations, train_seconds = restore(state, model, opt, gen, rng, p, total)
+    net = model
+    if shard is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      process_group=shard.group)
+    fwd = torch.compile(net) if opts.compile else net
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"{p.name}/{p.arch} seed {seed}",
+               unit="epoch", disable=not opts.progress, leave=False)
     for ep in bar:
         t0 = time.perf_counter()
         f = lr_factor(p, ep, total)
@@ -253,17 +303,20 @@ def train_and_test(p: Protocol, train: TensorSet, test: TensorSet, *, seed: int,
             perm_b, ratio = None, 1.0
             if p.cutmix_beta > 0 and x.shape[0] > 1:
                 x, perm_b, ratio = A.cutmix(x, p.cutmix_beta, gen, rng)
-            with _autocast(device, opts.bf16):
-                out = fwd(x)  # (b, classes)
-                if p.loss == "kl":
-                    with torch.no_grad():
-                        soft = F.softmax(teacher(x).float() / p.temperature, dim=1)
-                    loss = F.kl_div(F.log_softmax(out.float() / p.temperature, dim=1), soft, reduction="batchmean")
-                elif perm_b is not None:
-                    loss = ratio * F.cross_entropy(out.float(), yb) + \
-                        (1 - ratio) * F.cross_entropy(out.float(), yb.index_select(0, perm_b))
-                else:
-                    loss = F.cross_entropy(out.float(), yb)
+            if shard is not None:
+                loss = _shard_loss(p, fwd, teacher, x, yb, perm_b, ratio, shard, device, opts.bf16)
+            else:
+                with _autocast(device, opts.bf16):
+                    out = fwd(x)  # (b, classes)
+                    if p.loss == "kl":
+                        with torch.no_grad():
+                            soft = F.softmax(teacher(x).float() / p.temperature, dim=1)
+                        loss = F.kl_div(F.log_softmax(out.float() / p.temperature, dim=1), soft, reduction="batchmean")
+                    elif perm_b is not None:
+                        loss = ratio * F.cross_entropy(out.float(), yb) + \
+                            (1 - ratio) * F.cross_entropy(out.float(), yb.index_select(0, perm_b))
+                    else:
+                        loss = F.cross_entropy(out.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -271,10 +324,13 @@ def train_and_test(p: Protocol, train: TensorSet, test: TensorSet, *, seed: int,
         train_seconds += time.perf_counter() - t0
         k = ep + 1
         if _should_eval(p, k, total):
-            acc = accuracy(fwd, test_d, norm, device=device, batch_size=eval_bs, bf16=opts.bf16)
+            acc = accuracy(fwd if shard is None else model, test_d, norm, device=device, batch_size=eval_bs,
+                           bf16=opts.bf16, shard=shard)
             evaluations.append([k, round(acc, 2)])
             bar.set_postfix(loss=f"{float(loss_sum) / n:.3f}", acc=f"{acc:.1f}")
             log.debug("%s seed %d epoch %d: test accuracy %.2f", p.name, seed, k, acc)
+        if checkpoint is not None and k < total and checkpoint.due():
+            checkpoint.save(snapshot(k, model, opt, gen, rng, evaluations, train_seconds))
     best_epoch, best = max(evaluations, key=lambda e: (e[1], -e[0]))
     last = evaluations[-1][1]
     out = {"seed": int(seed), "final_acc": best if p.report == "best" else last, "best_acc": best,
@@ -284,3 +340,50 @@ def train_and_test(p: Protocol, train: TensorSet, test: TensorSet, *, seed: int,
     if return_model:
         out["model"] = model
     return out
+
+
+def _shard_loss(p: Protocol, fwd, teacher, x: Tensor, yb: Tensor, perm_b, ratio: float, shard: Shard,
+                device: torch.device, bf16: bool) -> Tensor:
+    """This process's share of the global batch's mean loss, weighted so that DDP's gradient
+    average over the launch is the gradient of the global batch mean (see `Shard`)."""
+    mine, w = shard.items(x.shape[0], device)
+    xs, ys = x.index_select(0, mine), yb.index_select(0, mine)  # (b / world, ...)
+    with _autocast(device, bf16):
+        out = fwd(xs)  # (b / world, classes)
+        if p.loss == "kl":
+            with torch.no_grad():  # the teacher's soft labels of this shard's augmented images
+                soft = F.softmax(teacher(xs).float() / p.temperature, dim=1)
+            loss = F.kl_div(F.log_softmax(out.float() / p.temperature, dim=1), soft, reduction="sum")
+        elif perm_b is not None:
+            y2 = yb.index_select(0, perm_b).index_select(0, mine)  # CutMix partners' labels
+            loss = ratio * F.cross_entropy(out.float(), ys, reduction="sum") + \
+                (1 - ratio) * F.cross_entropy(out.float(), y2, reduction="sum")
+        else:
+            loss = F.cross_entropy(out.float(), ys, reduction="sum")
+    return loss * w
+
+
+def snapshot(k: int, model: nn.Module, opt, gen: torch.Generator, rng: np.random.Generator,
+             evaluations: list, train_seconds: float) -> dict:
+    """The training state after pass k: what `restore` needs to continue bit for bit."""
+    import json
+
+    return {"epoch": int(k), "model": {n: v.detach().cpu() for n, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(), "generator": gen.get_state(),
+            "numpy_rng": json.dumps(rng.bit_generator.state), "evaluations": json.dumps(evaluations),
+            "train_seconds": float(train_seconds)}
+
+
+def restore(state: dict, model: nn.Module, opt, gen: torch.Generator, rng: np.random.Generator,
+            p: Protocol, total: int) -> tuple[int, list, float]:
+    """Load a `snapshot` into a fresh model / optimizer / generators; (next pass, evaluations, seconds)."""
+    import json
+
+    k = int(state["epoch"])
+    if not 1 <= k < total:
+        raise Mgd3Error(f"checkpoint after pass {k} does not fit a training of {total} passes")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    rng.bit_generator.state = json.loads(state["numpy_rng"])
+    return k, json.loads(state["evaluations"]), float(state["train_seconds"])

@@ -129,3 +129,27 @@ class Ranks:
         parts = [None] * self.world if self.rank == 0 else None
         dist.gather_object(obj, parts, dst=0)
         return parts
+
+    def broadcast(self, obj=None):
+        """Rank 0's `obj` (any picklable value, e.g. a state dict) on every process, over the
+        process group: it needs no file system shared between nodes."""
+        if self.store is None:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def launched(fn, *args):
+    """`fn(*args, ranks)` as one process of this torchrun launch (or alone): the first process to
+    fail reports its error once, the others stop (see `Ranks`)."""
+    ranks = Ranks.from_env()
+    try:
+        return fn(*args, ranks)
+    except BaseException as e:
+        ranks.abort(e)
+        raise
+    finally:
+        ranks.close()
