@@ -160,3 +160,86 @@ def dbscan_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
         labels = DBSCAN(eps=max(eps, 1e-6), min_samples=m).fit_predict(latents)
     modes, info = _cluster_means(latents, labels, k)
     return Modes(modes, labels, nearest(latents, modes), {"finder": "dbscan", "eps": eps, **info})
+
+
+def _sse(points: np.ndarray) -> float:
+    if len(points) <= 1:
+        return 0.0
+    return float(((points - points.mean(0, keepdims=True)) ** 2).sum())
+
+
+def _var(points: np.ndarray) -> float:
+    return float(np.var(points)) if len(points) > 1 else 0.0
+
+
+def divisive_tree(latents: np.ndarray, k: int, seed: int = 0, criterion: str = "sse") -> list[tuple[np.ndarray, int]]:
+    """ManifoldGD's hierarchy (Roy et al., CVPR 2026): split the leaf of largest SSE (or variance)
+    in two with KMeans(2, n_init=10) until there are k leaves. Returns the leaves in the order
+    they were made, as (member indices, depth). A leaf that k-means cannot split (one side empty)
+    is split in halves of a shuffled order; a leaf of one point is not split."""
+    from sklearn.cluster import KMeans
+
+    score = _sse if criterion == "sse" else _var
+    rng = np.random.RandomState(seed)
+    leaves: list[tuple[np.ndarray, int]] = [(np.arange(len(latents)), 0)]
+    while len(leaves) < k:
+        j = int(np.argmax([score(latents[idx]) for idx, _ in leaves]))
+        idx, depth = leaves.pop(j)
+        if len(idx) <= 1:  # nothing to split: back to the end, try the next
+            leaves.append((idx, depth))
+            if all(len(i) <= 1 for i, _ in leaves):
+                break
+            continue
+        labels = KMeans(n_clusters=2, n_init=10, random_state=rng.randint(1 << 31)).fit_predict(latents[idx])
+        left, right = idx[labels == 0], idx[labels == 1]
+        if len(left) == 0 or len(right) == 0:
+            rng.shuffle(idx)
+            left, right = idx[:len(idx) // 2], idx[len(idx) // 2:]
+        leaves += [(left, depth + 1), (right, depth + 1)]
+    return leaves
+
+
+def pick_by_levels(depths: list[int], k: int, level: int, seed: int = 0) -> list[int]:
+    """ManifoldGD's level-aware order of the leaves (positions into `depths`): one random leaf
+    from each depth, starting at depth `level` - 1 (level 1 = the root's depth), then the rest
+    from the deepest depth up, shuffled within a depth."""
+    rng = np.random.RandomState(seed)
+    by_depth: dict[int, list[int]] = {}
+    for pos, d in enumerate(depths):
+        by_depth.setdefault(d, []).append(pos)
+    deepest = max(by_depth) if by_depth else 0
+    picked: list[int] = []
+    for d in range(min(max(0, level - 1), deepest), deepest + 1):
+        pool = [p for p in by_depth.get(d, []) if p not in picked]
+        if pool:
+            picked.append(int(rng.choice(pool)))
+            if len(picked) >= k:
+                return picked[:k]
+    for d in range(deepest, -1, -1):
+        if len(picked) >= k:
+            break
+        pool = [p for p in by_depth.get(d, []) if p not in picked]
+        rng.shuffle(pool)
+        picked += pool[:k - len(picked)]
+    return picked[:k]
+
+
+def divisive_modes(latents: np.ndarray, k: int, seed: int = 0, level: int = 6, criterion: str = "sse") -> Modes:
+    """The multi-scale centroids of ManifoldGD: the means of the k leaves of `divisive_tree`
+    (leaves end at different depths: coarse and fine clusters), ordered by `pick_by_levels`."""
+    _check(latents, k)
+    leaves = divisive_tree(latents, k, seed, criterion)
+    order = pick_by_levels([d for _, d in leaves], k, level, seed)
+    modes = np.stack([latents[leaves[p][0]].mean(0) for p in order]).astype(np.float32)
+    labels = np.empty(len(latents), dtype=np.int64)
+    for j, p in enumerate(order):
+        labels[leaves[p][0]] = j
+    return Modes(modes, labels, nearest(latents, modes),
+                 {"finder": "divisive", "random_state": seed, "level": level, "criterion": criterion,
+                  "depths": [int(leaves[p][1]) for p in order]})
+
+
+@MODE_FINDERS.register("divisive")
+def divisive_default_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
+    """ManifoldGD's divisive hierarchy with its released setting (level 6, SSE)."""
+    return divisive_modes(latents, k, seed)
