@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mgd3 import runs, store
+from mgd3 import runs, selection, store
 from mgd3.api import callable_module
 from mgd3.allocator import keep_freed_memory
 from mgd3.backends import Backend, default_device, load_backend
@@ -60,6 +60,7 @@ class DistillConfig:
     encode_batch_size: int = 64
     encode_workers: int | None = None  # DataLoader workers for encoding (None: 0 on CPU, else up to 16)
     max_real_per_class: int | None = None  # None: modes from every real image (official)
+    select_from: int | None = None  # G > 1: keep IPC of G candidates per slot per class (mgd3.selection)
     device: str = "auto"
     precision: str = "fp32"
     overwrite: bool = False
@@ -111,6 +112,8 @@ def _validate(cfg: DistillConfig) -> None:
         raise Mgd3Error(f"--ipc must be at least 1, got {cfg.ipc}")
     if cfg.max_real_per_class is not None and cfg.max_real_per_class < cfg.ipc:
         raise Mgd3Error(f"--max-real-per-class ({cfg.max_real_per_class}) must be at least --ipc ({cfg.ipc})")
+    if cfg.select_from is not None and cfg.select_from < 1:
+        raise Mgd3Error(f"--select-from must be at least 1 (1: no selection), got {cfg.select_from}")
     if cfg.batch_size < 1 or cfg.encode_batch_size < 1:
         raise Mgd3Error("--batch-size must be at least 1")
     if cfg.encode_workers is not None and cfg.encode_workers < 0:
@@ -207,7 +210,8 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     keep_freed_memory()  # no page-fault churn in the sampling loop (allocator.py)
     _validate(cfg)
     method_cls = get_method(cfg.method)
-    method_options(method_cls, cfg.options)  # a bad option stops the run before anything loads
+    given = method_options(method_cls, cfg.options)  # a bad option stops the run before anything loads
+    selection.check(method_cls, given, cfg.select_from)
     t = time.perf_counter()
     backend, cfg = _backend(cfg, ranks, backend)
     prof = StageProfile.attach(backend)
@@ -334,7 +338,11 @@ def _generate_batch(run: _Run, items: list[Item]) -> dict:
     """Generate, decode and write one batch; its shard is saved after its images (the batch is done)."""
     t = time.perf_counter()
     run.prof.enter("generate", images=len(items))
-    result = run.method.generate(run.ctx, items)
+    if (run.cfg.select_from or 1) > 1:
+        run.__dict__.setdefault("selector", selection.Selector(run.cfg.select_from, run.cfg.batch_size))
+        result = run.selector.generate(run.ctx, run.method, items)
+    else:
+        result = run.method.generate(run.ctx, items)
     run.timing["generate"] += time.perf_counter() - t
     t = time.perf_counter()
     run.prof.enter("decode_write", images=len(items))
