@@ -68,7 +68,7 @@ class CoDAGuidance:
 
 @dataclass
 class CoDAOptions:
-    coda_modes: str = option("umap-hdbscan", "CoDA core samples: umap-hdbscan (the released code; needs "
+    coda_modes: str = option("umap-hdbscan", "CoDA (every backend: DiT, LDM UNet, SD) core samples: umap-hdbscan (the released code; needs "
                                              "umap-learn) or pooled-kmeans (k-means on 8×8-pooled latents)",
                              choices=CODA_MODES)
     coda_guidance_scale: float = option(0.05, "CoDA: guidance scale γ (released script 0.05)")

@@ -131,7 +131,8 @@ class ManifoldGuidance:
 
 @dataclass
 class ManifoldGDOptions:
-    mode_guidance_scale: float = option(0.1, "ManifoldGD: mode guidance scale λ (official --mode_guidance_scale)")
+    mode_guidance_scale: float = option(0.1, "ManifoldGD (every backend: DiT, LDM UNet, SD): mode guidance "
+                                             "scale λ (official --mode_guidance_scale)")
     manifold_guidance_scale: float = option(0.1, "ManifoldGD: manifold guidance scale η (0: mode guidance only)")
     t_stop: int | None = option(None, "stop guidance: guide while step index > t_stop (default steps // 2: "
                                       "25 of 50 guides the first 24 steps; -1 every step; steps none)")
