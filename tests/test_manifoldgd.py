@@ -391,3 +391,19 @@ def test_option_checks():
         ManifoldGDOptions(neighbors=400)
     with pytest.raises(Mgd3Error, match="--manifold-points"):
         ManifoldGDOptions(manifold_points=301)
+
+
+def test_conflicting_options_are_one_line_errors(digits_model, tmp_path, capsys):
+    """Before any data loads: a tangent plane of more dimensions than its neighbours span, or than
+    the latent has (digits: 4×4×4 = 64 values)."""
+    from inprocess import run_main
+
+    for extra, msg in ((["--tangent-dim", "12"], "--tangent-dim must be in 1..11"),
+                       (["--neighbors", "100", "--tangent-dim", "80"], "larger than the latent (64 values)"),
+                       (["--manifold-points", "7"], "--manifold-points must be even")):
+        r = run_main(capsys, "distill", "--data", "digits", "--model", digits_model, "--method", "manifoldgd",
+                     "--ipc", "1", "--out", tmp_path / "x", "--quiet", *extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("mgd3: error:") and msg in lines[0], \
+            r.stderr
+    assert not (tmp_path / "x").exists()
