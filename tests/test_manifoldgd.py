@@ -380,7 +380,9 @@ def test_divisive_leaves_equal_bisecting_kmeans_on_separated_clusters():
     ours_ = divisive_modes(x, 6, 0).modes
     lib = BisectingKMeans(n_clusters=6, bisecting_strategy="biggest_inertia", n_init=10,
                           random_state=0).fit(x).cluster_centers_
-    key = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731
+    def key(a):
+        return a[np.lexsort(a.T[::-1])]
+
     np.testing.assert_allclose(key(ours_), key(lib.astype(np.float32)), atol=1e-4)
 
 

@@ -341,10 +341,9 @@ class _CoreClusters:
             self._largest(k)
             return ["largest"]
         mcs = self.min_cluster_size
-        size = lambda cid: self.clusters[cid].size  # noqa: E731
         working = [cid for cid, c in self.clusters.items() if c.size >= mcs * 2]
         while len(self.clusters) < k and working:  # strategy 1: split the largest splittable cluster
-            working.sort(key=size, reverse=True)
+            working.sort(key=lambda cid: self.clusters[cid].size, reverse=True)
             self.split(working.pop(0), working, mcs)
             used.append("split")
         if len(self.clusters) > k:
@@ -360,7 +359,7 @@ class _CoreClusters:
             if len(noise) < need * factor and working:  # strategy 3: forced splits, smaller and smaller
                 used.append("forced-split")
                 while len(self.clusters) < k and working:
-                    working.sort(key=size, reverse=True)
+                    working.sort(key=lambda cid: self.clusters[cid].size, reverse=True)
                     before, m = self.next_id, float(mcs)
                     while before == self.next_id:
                         m *= 0.75

@@ -21,6 +21,7 @@ Models to Training-Free Dataset Distillation", ICLR 2026; released code github.c
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -107,12 +108,9 @@ class CoDA(Method):
         self.stop_t = -1
 
     def validate(self, ctx):
-        if self.options.coda_modes == "umap-hdbscan":
-            try:
-                import umap  # noqa: F401
-            except ImportError:
-                raise Mgd3Error("--coda-modes umap-hdbscan needs umap-learn (pip install umap-learn); "
-                                "--coda-modes pooled-kmeans does not") from None
+        if self.options.coda_modes == "umap-hdbscan" and importlib.util.find_spec("umap") is None:
+            raise Mgd3Error("--coda-modes umap-hdbscan needs umap-learn (pip install umap-learn); "
+                            "--coda-modes pooled-kmeans does not")
         noisiest_first = [int(t) for t in ctx.plan.timesteps[::-1]]
         self.stop_t = guided_until(noisiest_first, self.options.guide_fraction)
         ctx.check_class_sizes()
