@@ -54,6 +54,17 @@ VARIANTS = {
                                   "MGD³ with the model's mgd3.json settings for the IPC and 100 DDPM steps"),
     "mgd3-random-modes-steps100": (["--method", "mgd3", *PAPER, "--modes", "random", "--steps", "100"],
                                    "MGD³ with random real latents as modes and 100 DDPM steps"),
+    # the methods after MGD³ (issue 29), each with its released defaults, at the model's CFG 1.5 and 50 steps
+    "manifoldgd": (["--method", "manifoldgd", "--cfg", "1.5", "--steps", "50"],
+                   "ManifoldGD: divisive-hierarchy modes, mode + manifold guidance (released settings)"),
+    "coda": (["--method", "coda", "--cfg", "1.5", "--steps", "50"],
+             "CoDA: UMAP + HDBSCAN core samples, released guidance (γ 0.05, σ_t factor, first 90 %)"),
+    "coda-pooled": (["--method", "coda", "--coda-modes", "pooled-kmeans", "--cfg", "1.5", "--steps", "50"],
+                    "CoDA with k-means on pooled latents as core samples"),
+    "mgd3-select4": (["--method", "mgd3", *PAPER, "--select-from", "4"],
+                     "MGD³, IPC kept of 4 candidates per image (S3 subgroup selection)"),
+    "plain-select4": (["--method", "plain", "--cfg", "1.5", "--steps", "50", "--select-from", "4"],
+                      "plain sampling, IPC kept of 4 candidates per image (S3 subgroup selection)"),
 }
 # the recommended and the 100-step cells run on request (--methods)
 GRID = [v for v in VARIANTS if not v.startswith("mgd3-recommended") and not v.endswith("-steps100")]
@@ -183,7 +194,8 @@ def estimate(root: Path, cells: list[Cell], jobs: int) -> tuple[float, float]:
     cpu = 0.0
     for c in cells:
         if not distilled(root, c):
-            cpu += DISTILL_LOAD_S + DISTILL_S_PER_IMAGE * 10 * c.ipc * (0 if "real" in c.variant else 1)
+            candidates = 4 if "select4" in c.variant else 1
+            cpu += DISTILL_LOAD_S + DISTILL_S_PER_IMAGE * 10 * c.ipc * candidates * (0 if "real" in c.variant else 1)
         for p in c.protocols:
             if not evaluated(root, c, p):
                 cpu += EVAL_S_PER_SEED.get((p, c.ipc), 60 * c.ipc) * len(c.eval_seeds)

@@ -98,6 +98,8 @@ def test_the_run_key_holds_what_changes_an_image_and_nothing_else():
     assert _key(batch_size=7) == base and _key(out="elsewhere") == base and _key(device="cpu") == base
     assert _key(seed=1) != base and _key(ipc=3) != base
     assert _key(sampler=SamplerConfig(steps=10)) != base
+    # settings added later enter the key only when set: a folder started before them still resumes
+    assert "select_from" not in base and _key(select_from=4)["select_from"] == 4
     Opt = dataclasses.make_dataclass("Opt", [("lam", float)])
     assert _key(options=Opt(0.1)) != _key(options=Opt(0.3))
 

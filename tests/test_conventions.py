@@ -11,7 +11,7 @@ import torch
 from mgd3 import files
 from mgd3.io import store
 from mgd3.backends.hub import files_to_fetch
-from mgd3.evaluation.core import ddrs
+from mgd3.evaluation.core import ars, ddrs, lrs
 from mgd3.core.modes import MODE_FINDERS, find_modes, nearest
 
 SD15 = """.gitattributes README.md v1-5-pruned.ckpt v1-5-pruned-emaonly.safetensors model_index.json
@@ -56,6 +56,16 @@ def test_ddrs_is_dd_rankings_formula():
     assert ddrs(100.0, -100.0, w=0.5) == pytest.approx(1.0, abs=1e-4)  # alpha = 1: the top of the scale
     assert ddrs(10.0, 20.0, w=1.0) == pytest.approx(reference(0.1, 0.2, w=1.0), abs=1e-4)
     assert ddrs(5.0, 10.0) > ddrs(5.0, 20.0) and ddrs(6.0, 10.0) > ddrs(5.0, 10.0)
+    assert lrs is ddrs  # DD-Ranking 0.2 renamed DDRS to LRS
+
+
+def test_ars_is_dd_rankings_formula():
+    # DD-Ranking 0.2 aug_robust.py: beta = l (syn - random, aug) + (1 - l) (syn - random, no aug), l = 0.5
+    e = math.exp
+    assert ars(8.0, 10.0) == pytest.approx((e(0.09) - e(-1)) / (e(1) - e(-1)), abs=1e-4)
+    assert ars(0.0, 0.0) == pytest.approx(0.2689, abs=1e-4)
+    assert ars(10.0, 0.0, w=1.0) == pytest.approx((e(0.1) - e(-1)) / (e(1) - e(-1)), abs=1e-4)
+    assert ars(10.0, 2.0) > ars(2.0, 2.0)
 
 
 def test_nearest_is_exact_and_holds_no_k_by_n_by_d_array():

@@ -119,11 +119,12 @@ def test_accuracy_rows_ior_recovery_hlr():
     s = SetInfo(Path("x"), "x", {"method": "mgd3", "ipc": 2, "seed": 0}, [_eval(60.0, rr=50.0, full=80.0)])
     (row,) = accuracy_rows(s)
     assert (row["mean"], row["ior"], row["recovery"], row["hlr"]) == (60.0, 10.0, 0.75, 20.0)
-    assert row["ddrs"] == 0.2482  # DD-Ranking: (e^a - e^-1) / (e - e^-1), a = 0.5 * 0.10 - 0.5 * 0.20
+    assert row["lrs"] == 0.2482  # DD-Ranking: (e^a - e^-1) / (e - e^-1), a = 0.5 * 0.10 - 0.5 * 0.20
+    assert row["ars"] is None  # one protocol only
     assert row["eval_seconds"] == 9.0 and row["protocol"] == "dc" and row["arch"] == "convnet3"
     s.evals = [_eval(60.0, rr=50.0, rr_ipc=10)]  # a reference of another IPC is not used
     (row,) = accuracy_rows(s)
-    assert row["ior"] is None and row["recovery"] is None and row["hlr"] is None and row["ddrs"] is None
+    assert row["ior"] is None and row["recovery"] is None and row["hlr"] is None and row["lrs"] is None
     s.evals = []
     assert accuracy_rows(s) == []
 
@@ -147,6 +148,19 @@ def test_accuracy_rows_take_a_reference_trained_later_from_the_cache(tmp_path):
     assert row["ddrs"] is not None
     s.evals = [{**ev, "data": {"train_fingerprint": "other"}}]  # other data: no reference
     assert accuracy_rows(s, tmp_path)[0]["ior"] is None
+
+
+def test_ars_pairs_the_dc_and_dc_dsa_evaluations():
+    """DD-Ranking's ARS: b = 0.5 IOR with augmentation (dc-dsa) + 0.5 IOR without (dc), fractions."""
+    import math
+
+    dsa = _eval(70.0, rr=62.0, full=85.0)
+    dsa["protocol"] = {"name": "dc-dsa", "epochs": 1000}
+    s = SetInfo(Path("x"), "x", {"method": "mgd3", "ipc": 2, "seed": 0}, [_eval(60.0, rr=50.0, full=80.0), dsa])
+    rows = accuracy_rows(s)
+    b = 0.5 * 0.08 + 0.5 * 0.10
+    want = round((math.exp(b) - math.exp(-1)) / (math.e - math.exp(-1)), 4)
+    assert [r["ars"] for r in rows] == [want, want] == [0.309, 0.309]
 
 
 # --------------------------------------------------------------------------- CLI end to end

@@ -156,7 +156,7 @@ def test_cli_distill_mgd3_and_plain(sd_model, tmp_path):
     assert all(Image.open(out / rec["path"]).size == (8, 8) for rec in m["images"])
 
 
-@pytest.mark.parametrize("method", ["d4m", "dmgd", "random-real", "kmeans-real"])
+@pytest.mark.parametrize("method", ["d4m", "dmgd", "random-real", "kmeans-real", "manifoldgd", "coda"])
 def test_every_other_method_runs_on_sd(sd_model, tmp_path, method):
     cfg = DistillConfig(data="digits", out=str(tmp_path / "o"), model=str(sd_model), method=method, ipc=1,
                         classes=["0", "1"], progress=False, resolution=24, sampler=SamplerConfig(steps=3))

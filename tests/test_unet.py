@@ -83,7 +83,8 @@ def test_vq_first_stage_and_learned_sigma(vq_model):
 
 
 @pytest.mark.parametrize("method,sampler", [("mgd3", "ddpm"), ("plain", "ddim"), ("d4m", "ddpm"),
-                                            ("dmgd", "ddpm"), ("mgd3", "ddim")])
+                                            ("dmgd", "ddpm"), ("mgd3", "ddim"), ("manifoldgd", "ddpm"),
+                                            ("coda", "ddpm")])
 def test_cli_distill_every_generative_method_and_both_samplers(ldm_model, tmp_path, method, sampler):
     out = tmp_path / "o"
     assert main(["distill", "--model", str(ldm_model), "--data", "digits", "--classes", "3", "7", "--ipc", "2",

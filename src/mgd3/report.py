@@ -47,7 +47,7 @@ import numpy as np
 from mgd3.version import __version__
 from mgd3.config import POSITIVE, Rule, check_cache_dir, check_device, check_rules, check_types, convert, fill, resolve_device
 from mgd3.errors import Mgd3Error
-from mgd3.evaluation.core import ddrs
+from mgd3.evaluation.core import ars, lrs
 from mgd3.files import write_text_atomic
 from mgd3.registry import Registry
 
@@ -71,7 +71,10 @@ DEFINITIONS = {
     "ior": "improvement over random real = mean accuracy − random-real reference accuracy (same protocol, IPC)",
     "recovery": "recovery of full-data accuracy = mean accuracy / full-data reference accuracy",
     "hlr": "hard-label recovery gap (DD-Ranking) = full-data accuracy − mean accuracy",
-    "ddrs": "DD-Ranking score = (e^a - e^-1) / (e - e^-1), a = 0.5 IOR - 0.5 HLR (accuracies as fractions)",
+    "lrs": "DD-Ranking 0.2's label-robust score (0.1: DDRS) = (e^a - e^-1) / (e - e^-1), a = 0.5 IOR - 0.5 HLR "
+           "(accuracies as fractions)",
+    "ars": "DD-Ranking 0.2's augmentation-robust score = (e^b - e^-1) / (e - e^-1), b = 0.5 IOR with augmentation "
+           "(dc-dsa) + 0.5 IOR without (dc) (fractions); on every row of a set evaluated under both",
 }
 
 
@@ -392,9 +395,14 @@ def accuracy_rows(s: SetInfo, cache_dir=None) -> list[dict]:
             "random_real": _r2(rr), "ior": _r2(mean - rr) if rr is not None else None,
             "full": _r2(full), "recovery": round(mean / full, 4) if full else None,
             "hlr": _r2(full - mean) if full is not None else None,
-            "ddrs": ddrs(mean - rr, full - mean) if rr is not None and full is not None else None,
+            "lrs": lrs(mean - rr, full - mean) if rr is not None and full is not None else None,
             "eval_seconds": _r2(r.get("train_seconds")), "file": r.get("file"),
         })
+    # ARS pairs the set's IOR with augmentation (dc-dsa) and without (dc), same IPC and architecture
+    for row in rows:
+        pair = {x["protocol"]: x["ior"] for x in rows if x["ipc"] == row["ipc"] and x["arch"] == row["arch"]
+                and x["ior"] is not None}
+        row["ars"] = ars(pair["dc-dsa"], pair["dc"]) if "dc" in pair and "dc-dsa" in pair else None
     return rows
 
 
@@ -885,21 +893,23 @@ def _document(r: dict, out: Path) -> Doc:
     doc.h(2, "1. Accuracy")
     doc.p("Mean ± std over evaluation seeds (from each set's `eval.json` / `evals/`). IOR = mean − random-real "
           "reference (same protocol and IPC); recovery = mean / full-data reference; HLR = full − mean; "
-          "DDRS = DD-Ranking's score (e^α − e^−1) / (e − e^−1), α = ½ IOR − ½ HLR in fractions of 1. "
+          "LRS = DD-Ranking 0.2's label-robust score (0.1 called it DDRS) (e^α − e^−1) / (e − e^−1), α = ½ IOR − ½ HLR "
+          "in fractions of 1; ARS = its augmentation-robust score, the same with β = ½ IOR under dc-dsa + ½ IOR "
+          "under dc (a set evaluated under both). "
           "`mgd3 evaluate` trains the random-real reference of a set's IPC when none is cached; a reference "
           "missing from an eval.json is taken from the evaluation cache (full: `mgd3 evaluate --reference full`).")
     rows = []
     for e in sets:
         if not e["accuracy"]:
-            rows.append([e["label"], e["method"], e["ipc"], e["seed"], "not evaluated"] + [""] * 10)
+            rows.append([e["label"], e["method"], e["ipc"], e["seed"], "not evaluated"] + [""] * 11)
         for a in e["accuracy"]:
             rows.append([e["label"], a["method"], a["ipc"], a["seed"], a["protocol"], a["arch"], a["epochs"],
                          f"{_fmt(a['mean'])} ± {_fmt(a['std'])}", " ".join(map(str, a["eval_seeds"] or [])),
                          _fmt(a["random_real"]), _fmt(a["ior"], "+.2f"), _fmt(a["full"]),
                          _fmt(None if a["recovery"] is None else 100 * a["recovery"], ".1f") +
-                         (" %" if a["recovery"] is not None else ""), _fmt(a["hlr"]), _fmt(a["ddrs"], ".4f")])
+                         (" %" if a["recovery"] is not None else ""), _fmt(a["hlr"]), _fmt(a["lrs"], ".4f"), _fmt(a["ars"], ".4f")])
     doc.table(["set", "method", "IPC", "seed", "protocol", "arch", "epochs", "acc % (mean ± std)", "eval seeds",
-               "random real %", "IOR", "full %", "recovery", "HLR", "DDRS"], rows)
+               "random real %", "IOR", "full %", "recovery", "HLR", "LRS", "ARS"], rows)
 
     doc.h(2, "2. Sample grids")
     if "comparison" in r["figures"]:

@@ -88,6 +88,10 @@ def add_distill_parser(sub) -> None:
     g.add_argument("--max-real-per-class", type=int, metavar="N",
                    help="find modes (and nearest real images) among a fixed random subset of N real "
                         "images per class instead of all of them (faster encoding; default all)")
+    g.add_argument("--select-from", type=int, metavar="G",
+                   help="generate G candidates per image and keep, per class, the IPC whose subgroup is "
+                        "nearest the class's real latent centroid and farthest from the nearest other "
+                        "class's (IMS3's S3; any generating method; default 1: no selection)")
     g.add_argument("--encode-batch-size", type=int, help="images per VAE encoding batch (default 64)")
     g.add_argument("--encode-workers", type=int, metavar="N",
                    help="DataLoader processes that read and decode real images for encoding "

@@ -144,8 +144,8 @@ def summary_line(r: dict) -> str:
         extra += f"; IOR {r['ior']:+.2f}"
     if "hlr" in r:
         extra += f"; HLR {r['hlr']:.2f}"
-    if "ddrs" in r:
-        extra += f"; DDRS {r['ddrs']:.4f}"
+    if "lrs" in r or "ddrs" in r:  # evaluations written before DD-Ranking 0.2's rename say ddrs
+        extra += f"; LRS {r.get('lrs', r.get('ddrs')):.4f}"
     if "teacher" in r:
         extra += f"; teacher {r['teacher']['test_acc']:.2f} %"
     where = r.get("out") or r.get("cache_file")

@@ -35,6 +35,10 @@ GRID_PER_CLASS = 10  # images per class row in grid.png
 # Any other field, including ones added later, is part of the run key.
 NOT_IN_RUN_KEY = ("out", "overwrite", "progress", "device", "cache_dir", "batch_size", "encode_batch_size",
                   "encode_workers", "strict", "data", "data_root", "class_map", "model", "classes", "threads")
+# settings added after sets were made: in the run key only when set, so a run folder started before
+# they existed resumes (with them unset it makes the same images)
+IN_RUN_KEY_WHEN_SET = ("select_from",)
+SAMPLER_IN_RUN_KEY_WHEN_SET = ("cfg_interval",)
 
 
 def git_commit() -> str | None:
@@ -67,8 +71,10 @@ def run_key(config, backend, data, classes: list[ClassInfo], cfg_scale: float, o
                      "backend": backend.name, "fingerprint": folder_fingerprint(backend.path),
                      "latent_shape": list(backend.latent_shape)}}
     for k, v in resolved_config(config, cfg_scale, options).items():
-        if k not in NOT_IN_RUN_KEY and k not in key:
+        if k not in NOT_IN_RUN_KEY and k not in key and not (k in IN_RUN_KEY_WHEN_SET and v is None):
             key[k] = v
+    if isinstance(key.get("sampler"), dict):
+        key["sampler"] = {k: v for k, v in key["sampler"].items() if not (k in SAMPLER_IN_RUN_KEY_WHEN_SET and v is None)}
     if order_dependent:
         key["batch_size"] = config.batch_size
     return key

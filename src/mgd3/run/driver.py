@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from mgd3.run import bookkeeping as runs
 from mgd3.io import store
+from mgd3.run import selection
 from mgd3.allocator import keep_freed_memory
 from mgd3.files import save_torch_atomic
 from mgd3.backends import Backend, load_backend
@@ -74,6 +75,8 @@ def _validate(cfg: DistillConfig) -> None:
         raise Mgd3Error(f"--ipc must be at least 1, got {cfg.ipc}")
     if cfg.max_real_per_class is not None and cfg.max_real_per_class < cfg.ipc:
         raise Mgd3Error(f"--max-real-per-class ({cfg.max_real_per_class}) must be at least --ipc ({cfg.ipc})")
+    if cfg.select_from is not None and cfg.select_from < 1:
+        raise Mgd3Error(f"--select-from must be at least 1 (1: no selection), got {cfg.select_from}")
     if cfg.batch_size < 1 or cfg.encode_batch_size < 1:
         raise Mgd3Error("--batch-size must be at least 1")
     if cfg.encode_workers is not None and cfg.encode_workers < 0:
@@ -146,6 +149,7 @@ class _Run:
     timing: dict[str, float]
     prof: StageProfile  # work per stage: forwards, FLOPs (mgd3.run.profile)
     recommended: dict | None = None  # the settings taken from the model's mgd3.json (manifest)
+    selector: selection.Selector | None = None  # --select-from G > 1: the candidates' selector
 
 
 def distill(cfg: DistillConfig, backend: Backend | None = None) -> DistillResult:
@@ -184,7 +188,8 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     t_start = time.perf_counter()
     keep_freed_memory()  # no page-fault churn in the sampling loop (allocator.py)
     method_cls = get_method(cfg.method)
-    method_options(method_cls, cfg.options)  # a bad option stops the run before anything loads
+    given = method_options(method_cls, cfg.options)  # a bad option stops the run before anything loads
+    selection.check(method_cls, given, cfg.select_from)
     t = time.perf_counter()
     backend, cfg = _backend(cfg, ranks, backend, method_cls)
     if backend is None:  # a method that needs no model, and none given (Method.needs)
@@ -338,7 +343,12 @@ def _generate_batch(run: _Run, items: list[Item]) -> dict:
     """Generate, decode and write one batch; its shard is saved after its images (the batch is done)."""
     t = time.perf_counter()
     run.prof.enter("generate", images=len(items))
-    result = run.method.generate(run.ctx, items)
+    if (run.cfg.select_from or 1) > 1:
+        if run.selector is None:
+            run.selector = selection.Selector(run.cfg.select_from, run.cfg.batch_size)
+        result = run.selector.generate(run.ctx, run.method, items)
+    else:
+        result = run.method.generate(run.ctx, items)
     run.timing["generate"] += time.perf_counter() - t
     t = time.perf_counter()
     run.prof.enter("decode_write", images=len(items))

@@ -32,6 +32,7 @@ class DistillConfig:
     encode_batch_size: int = 64
     encode_workers: int | None = None  # DataLoader workers for encoding (None: 0 on CPU, else up to 16)
     max_real_per_class: int | None = None  # None: modes from every real image (official)
+    select_from: int | None = None  # G > 1: keep IPC of G candidates per slot per class (mgd3.run.selection)
     device: str = "auto"
     precision: str = "fp32"
     overwrite: bool = False
