@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from mgd3 import safeio
 from mgd3.errors import Mgd3Error
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,7 @@ VAE_PREFIX = "first_stage_model."
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The flat state dict of a .ckpt/.pt (torch.load, weights_only) or .safetensors file."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise Mgd3Error(f"checkpoint {path} does not exist")
+    safeio.check_regular(path, f"checkpoint {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -68,15 +68,8 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_config(path: str | Path) -> dict:
-    import yaml
-
     path = Path(path).expanduser()
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise Mgd3Error(f"cannot read --config {path} ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise Mgd3Error(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    cfg = safeio.read_yaml(path, 4 << 20, f"--config {path}", "latent-diffusion config")
     try:
         params = cfg["model"]["params"]
         for k in ("unet_config", "first_stage_config", "cond_stage_config"):

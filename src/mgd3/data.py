@@ -14,7 +14,6 @@ then [0, 1] -> [-1, 1]. Items already R x R skip the resize.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -31,6 +30,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from mgd3 import safeio
 from mgd3.errors import Mgd3Error
 from mgd3.registry import Registry
 
@@ -379,21 +379,22 @@ def _keep(targets: np.ndarray, keep: list[int], num_classes: int) -> tuple[np.nd
 # --------------------------------------------------------------------------- Fashion-MNIST
 
 _IDX_CACHE: dict[tuple, np.ndarray] = {}
+IDX_MAX_BYTES = 16 + 60_000 * 28 * 28  # the largest Fashion-MNIST file (train images), decompressed
 
 
-def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
-    """A (gzipped) IDX file of unsigned bytes as a read-only uint8 array; corrupt -> Mgd3Error."""
+def read_idx(path: str | os.PathLike, ndim: int | None = None, max_bytes: int = IDX_MAX_BYTES) -> np.ndarray:
+    """A (gzipped) IDX file of unsigned bytes as a read-only uint8 array; corrupt, or (once
+    decompressed) larger than `max_bytes` -> Mgd3Error."""
     path = Path(path)
-    st = path.stat()
+    st = safeio.check_regular(path)
     cache_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if cache_key in _IDX_CACHE:
         return _IDX_CACHE[cache_key]
     try:
         if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
+            raw = safeio.read_gzip(path, max_bytes, kind="Fashion-MNIST IDX file")
         else:
-            raw = path.read_bytes()
+            raw = safeio.read_bytes(path, max_bytes, kind="Fashion-MNIST IDX file")
         if len(raw) < 4:
             raise ValueError("too short")
         zero, dtype, nd = struct.unpack(">HBB", raw[:4])
@@ -584,8 +585,8 @@ def check_files(source: "_FileSource", targets: np.ndarray, class_ids: list[str]
 
     cache = cache_root() / "checked" / f"{hashlib.sha256(source.key.encode()).hexdigest()[:24]}.json"
     try:
-        bad = {int(k): v for k, v in json.loads(cache.read_text()).items()}
-    except (OSError, ValueError):
+        bad = {int(k): str(v) for k, v in safeio.read_json_object(cache, 64 << 20).items()}
+    except (Mgd3Error, ValueError):
         bad = {}
         for i, f in enumerate(tqdm(source.files, desc="checking images", unit="img", leave=False,
                                    disable=True if len(source.files) < 5000 else None)):
@@ -664,12 +665,9 @@ def read_class_map(path: str | os.PathLike) -> dict[str, int]:
     """A JSON object {class_id: label} or text lines 'CLASS_ID LABEL' (blank lines and # comments
     allowed; the id may contain spaces, the label is the last field)."""
     p = Path(path).expanduser()
-    if not p.is_file():
+    if not p.exists():
         raise Mgd3Error(f"class map {p} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise Mgd3Error(f"cannot read class map {p}: {e}") from None
+    text = safeio.read_text(p, 64 << 20, f"class map {p}", "class map")
 
     def label(v, where: str) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -686,7 +684,7 @@ def read_class_map(path: str | os.PathLike) -> dict[str, int]:
             return seen
 
         try:
-            obj = json.loads(text, object_pairs_hook=pairs)
+            obj = safeio.loads_json(text, f"class map {p}", object_pairs_hook=pairs, syntax_errors=True)
         except json.JSONDecodeError as e:
             raise Mgd3Error(f"class map {p}, line {e.lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
@@ -699,7 +697,9 @@ def read_class_map(path: str | os.PathLike) -> dict[str, int]:
             continue
         parts = line.rsplit(None, 1)
         if len(parts) != 2 or not re.fullmatch(r"\d+", parts[1]):
-            raise Mgd3Error(f"class map {p}, line {n}: expected 'CLASS_ID LABEL', got {line!r}")
+            raise Mgd3Error(f"class map {p}, line {n}: expected 'CLASS_ID LABEL', got {line[:80]!r}")
+        if len(parts[1]) > 18:
+            raise Mgd3Error(f"class map {p}, line {n}: label of {len(parts[1])} digits is no class label")
         if parts[0] in out:
             raise Mgd3Error(f"class map {p}, line {n}: class {parts[0]!r} is given twice")
         out[parts[0]] = int(parts[1])

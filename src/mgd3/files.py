@@ -4,7 +4,6 @@ file under the final name, and a cheap fingerprint of a folder of (possibly huge
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -79,19 +78,8 @@ def to_uint8(images):
 
 def read_json_object(f: Path, what: str | None = None, max_bytes: int = 64 << 20) -> dict:
     """A JSON file that must hold an object (a config, a manifest): one-line errors for a file
-    that is unreadable, too large, not UTF-8, not JSON, nested too deeply or another JSON value."""
-    try:
-        if f.stat().st_size > max_bytes:
-            raise Mgd3Error(f"{f} is larger than {max_bytes >> 20} MiB; it is not a {what or 'config'} file")
-        d = json.loads(f.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise Mgd3Error(f"cannot read {f} ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise Mgd3Error(f"{f} is not a text (UTF-8) file") from None
-    except json.JSONDecodeError as e:
-        raise Mgd3Error(f"{f} is not valid JSON ({e.msg})") from None
-    except RecursionError:
-        raise Mgd3Error(f"{f} is nested too deeply") from None
-    if not isinstance(d, dict):
-        raise Mgd3Error(f"{f} must hold a JSON object, not a {type(d).__name__}")
-    return d
+    that is missing, not a regular file, unreadable, too large, not UTF-8, not JSON, nested too
+    deeply, with an absurdly long integer or another JSON value (`mgd3.safeio`)."""
+    from mgd3 import safeio
+
+    return safeio.read_json_object(f, max_bytes, str(f), f"{what or 'config'} file")

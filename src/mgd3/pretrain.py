@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mgd3 import safeio
 from mgd3.errors import Mgd3Error
 from mgd3.files import to_uint8, write_atomic
 from mgd3.machine import cpu_name
@@ -281,8 +282,8 @@ class _Checkpoints:
         if not (f.is_file() and (self.folder / f"{stage}.pt").is_file()):
             return None
         try:
-            meta = json.loads(f.read_text())
-        except (OSError, ValueError):
+            meta = safeio.read_json(f, 1 << 20)
+        except Mgd3Error:
             meta = None
         if not isinstance(meta, dict) or not isinstance(meta.get("signature"), dict) \
                 or not isinstance(meta.get("epoch"), int):
@@ -309,8 +310,8 @@ class _Checkpoints:
     def add_run(self, run: dict) -> list[dict]:
         f = self.folder / "runs.json"
         try:
-            runs = json.loads(f.read_text()) if f.is_file() else []
-        except (OSError, ValueError):
+            runs = safeio.read_json(f, 16 << 20) if f.is_file() else []
+        except Mgd3Error:
             runs = []
         runs = (runs if isinstance(runs, list) else []) + [run]
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -352,8 +353,8 @@ def _check_signature(meta: dict | None, cfg: PretrainConfig, keys: tuple[str, ..
 
 def _written_by_pretrain(out: Path) -> bool:
     try:
-        info = json.loads((out / "mgd3.json").read_text())
-    except (OSError, ValueError):
+        info = safeio.read_json(out / "mgd3.json", 1 << 20)
+    except Mgd3Error:
         return False
     return isinstance(info, dict) and info.get("trained_by") == "mgd3 pretrain"
 

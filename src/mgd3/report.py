@@ -216,13 +216,9 @@ class SetInfo:
 
 
 def _read_json(f: Path) -> dict:
-    try:
-        d = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise Mgd3Error(f"{f} is not valid JSON ({e.msg})") from None
-    if not isinstance(d, dict):
-        raise Mgd3Error(f"{f} does not hold a JSON object")
-    return d
+    from mgd3 import safeio
+
+    return safeio.read_json_object(f, 16 << 20, str(f), "evaluation result")
 
 
 def _eval_key(r: dict) -> tuple:
@@ -265,8 +261,8 @@ def read_evals(root: Path) -> list[dict]:
     out, seen = [], set()
     files = [root / "eval.json"] + sorted((root / "evals").glob("*.json"))
     for f in files:
-        if not f.is_file():
-            continue
+        if not f.exists():
+            continue  # a FIFO or device is refused by the reader, not skipped
         r = _read_json(f)
         if not str(r.get("format", "")).startswith("mgd3-eval/") or "mean" not in r:
             raise Mgd3Error(f"{f} is not an mgd3 evaluation result (format {str(r.get('format'))[:40]!r})")

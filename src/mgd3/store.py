@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from mgd3 import safeio
 from mgd3.errors import Mgd3Error
 from mgd3.files import read_json_object, save_torch_atomic, to_uint8, write_atomic, write_text_atomic
 
@@ -64,8 +65,8 @@ def first_difference(old: dict, new: dict) -> str | None:
 def read_run(out: Path) -> dict | None:
     """The run file of an output folder, or None when there is none (or it is unreadable)."""
     try:
-        run = json.loads((out / RUN_FILE).read_text())
-    except (OSError, ValueError):
+        run = safeio.read_json(out / RUN_FILE, 16 << 20)
+    except Mgd3Error:
         return None
     if not (isinstance(run, dict) and run.get("format") == RUN_FORMAT and isinstance(run.get("key", {}), dict)
             and isinstance(run.get("info", {}), dict)):
@@ -120,8 +121,8 @@ def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | No
 def _is_set(out: Path) -> bool:
     """Whether `out` holds a distilled set mgd3 wrote (its manifest says the format)."""
     try:
-        m = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
+        m = safeio.read_json(out / "manifest.json", 1 << 30)
+    except Mgd3Error:
         return False
     return isinstance(m, dict) and str(m.get("format", "")).startswith(FORMAT_PREFIX)
 

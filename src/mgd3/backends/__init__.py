@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mgd3 import safeio
 from mgd3.config import SAMPLER_RECOMMENDATIONS
 from mgd3.errors import Mgd3Error
 from mgd3.files import read_json_object  # noqa: F401  (re-exported: every backend reads its configs with it)
@@ -148,6 +149,15 @@ def read_model_index(path: Path) -> dict:
     return read_json_object(f, "model_index")
 
 
+def check_json_files(path: Path) -> None:
+    """Read every JSON file of the folder's components (configs, scheduler and tokenizer files)
+    once through the bounded reader, so what diffusers and transformers parse after it cannot
+    hang, nest too deeply or hold an integer Python refuses to convert (one line instead)."""
+    for f in sorted(path.glob("*/*.json")):
+        if not f.name.startswith("."):
+            safeio.read_json(f, 64 << 20, kind="model file")
+
+
 def read_id2label(index: dict, where: Path) -> dict[int, str]:
     """model_index.json's id2label: {int label: name}; a key that is not an integer is an error."""
     raw = index.get("id2label") or {}
@@ -210,6 +220,7 @@ def load_backend(model: str | os.PathLike, device: str | torch.device = "cpu",
         raise Mgd3Error(f"unknown precision {precision!r}; known: bf16, fp16, fp32")
     path = resolve_model_path(model)
     index = read_model_index(path)
+    check_json_files(path)
     cls = index.get("_class_name")
     name = PIPELINE_CLASSES.get(cls) if isinstance(cls, str) else None
     if name is None:

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mgd3 import files
+from mgd3 import files, safeio
+from mgd3.errors import Mgd3Error
 from mgd3.evaluate.protocols import Protocol, to_dict
 from mgd3.evaluate.train import Normalization, RunOptions, TensorSet, dataset_normalization, train_and_test
 
@@ -47,10 +48,14 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    """A cache record, or None when it is missing or unusable (bounded: `mgd3.safeio`)."""
+    if not path.is_file():
         return None
+    try:
+        d = safeio.read_json(path, 16 << 20)
+    except Mgd3Error:
+        return None
+    return d if isinstance(d, dict) else None
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -157,7 +162,7 @@ def _load_teacher(f: Path, arch: str, num_classes: int, build_network):
     when the file is truncated, foreign or not plain tensors + JSON."""
     try:
         blob = torch.load(f, map_location="cpu", weights_only=True)
-        rec = json.loads(blob["record_json"])
+        rec = safeio.loads_json(blob["record_json"], str(f))
         model = build_network(arch, int(rec["channels"]), num_classes, int(rec["resolution"]))
         model.load_state_dict(blob["state_dict"])
         float(rec["test_acc"])
