@@ -60,15 +60,14 @@ class DistilledSet:
 def load_set(path: str | os.PathLike) -> DistilledSet:
     """Read the distilled set mgd3 wrote to `path`: its images as one uint8 tensor, class
     indices, class ids and names, the manifest and (when written) the latents."""
-    from PIL import Image
-
     from mgd3 import store
+    from mgd3.images import open_image
 
     s = store.read_set(path, allow_image_folder=False)  # containment and consistency checked there
     arrays = []
     for f in s.files:
         try:
-            with Image.open(f) as im:
+            with open_image(f) as im:  # a regular file within the pixel budget (mgd3.images)
                 a = np.asarray(im)
         except OSError as e:
             raise Mgd3Error(f"cannot read image {f} of set {s.path} ({e})") from None

@@ -220,7 +220,7 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
         raise Mgd3Error(f"--cfg-channels {cfg.sampler.cfg_channels} > latent channels {backend.latent_shape[0]}")
     data = load_data(cfg.data, "train", resolution=backend.resolution, channels=backend.image_channels,
                      classes=cfg.classes, data_root=cfg.data_root, class_map=cfg.class_map,
-                     bad_files="strict" if cfg.strict else "skip")
+                     bad_files="strict" if cfg.strict else "skip", cache_dir=cfg.cache_dir)
     labels = class_labels(data, backend, cfg.prompt, cfg.negative_prompt)
     classes = [ClassInfo(i, cid, data.class_names[i], labels[i]) for i, cid in enumerate(data.class_ids)]
     timing = {"load": time.perf_counter() - t}

@@ -420,7 +420,8 @@ class LatentSource:
             parts, bs = [], self.cfg.encode_batch_size
             with torch.no_grad():
                 for i in range(0, len(recs), bs):
-                    x = torch.stack([to_model_space(read_image(s.files[str(r["path"])], backend.image_channels),
+                    x = torch.stack([to_model_space(read_image(s.files[str(r["path"])], backend.image_channels,
+                                                               backend.resolution),
                                                     backend.resolution, backend.image_channels)
                                      for r in recs[i:i + bs]])  # (B, C, R, R) in [-1, 1]
                     parts.append(backend.encode(x).float().cpu().numpy())  # (B, c, h, w)

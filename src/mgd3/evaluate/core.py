@@ -69,7 +69,7 @@ def load_set_images(s: DistilledSet, resolution: int, channels: int) -> TensorSe
     to R like the real data (mgd3.data's transform)."""
     from mgd3.data import read_image, to_model_space
 
-    xs = [to_uint8(to_model_space(read_image(f, channels), resolution, channels)) for f in s.files]
+    xs = [to_uint8(to_model_space(read_image(f, channels, resolution), resolution, channels)) for f in s.files]
     return TensorSet(torch.stack(xs), torch.as_tensor(s.targets, dtype=torch.int64))
 
 
