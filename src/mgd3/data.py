@@ -642,7 +642,7 @@ def check_files(source: "_FileSource", targets: np.ndarray, class_ids: list[str]
     """Drop missing or unreadable image files (one warning with their count), or with `strict`
     stop at the first. The result is cached per file listing (under `cache_dir`, see
     `mgd3.files.cache_root`), so a second run checks nothing."""
-    from mgd3.files import cache_root, write_text_atomic
+    from mgd3.files import cache_root, cache_text
 
     key = f"{CHECK_VERSION}|{resolution}|{source.key}"
     cache = cache_root(cache_dir) / "checked" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
@@ -655,10 +655,7 @@ def check_files(source: "_FileSource", targets: np.ndarray, class_ids: list[str]
             why = _image_problem(f, resolution)
             if why is not None:
                 bad[i] = why
-        try:
-            write_text_atomic(cache, json.dumps(bad))
-        except OSError:
-            pass  # a read-only cache only costs the check next time
+        cache_text(cache, json.dumps(bad))  # a failed write warns once and only costs the check next time
     if not bad:
         return source, targets
     first = min(bad)

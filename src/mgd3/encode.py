@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mgd3.errors import Mgd3Error
-from mgd3.files import cache_root, save_torch_atomic
+from mgd3.files import cache_root, cache_torch
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,15 @@ class CachedLatents(Mapping):
     """{class index: (N_c, C, h, w) float32} read from the float16 cache files on access; only the
     class read last stays in memory."""
 
-    def __init__(self, files: dict[int, Path]):
+    def __init__(self, files: dict[int, Path | Tensor]):
         self.files = dict(files)
         self._last: tuple[int, Tensor] | None = None
 
     def __getitem__(self, c: int) -> Tensor:
         if self._last is None or self._last[0] != c:
             self._last = None  # drop the previous class before reading the next
-            self._last = (c, _load(self.files[c]))
+            f = self.files[c]
+            self._last = (c, f.float() if isinstance(f, Tensor) else _load(f))
         return self._last[1]
 
     def __iter__(self) -> Iterator[int]:
@@ -164,6 +165,7 @@ def encode_classes(
     name = f"{backend.vae_fingerprint()}-{data.fingerprint()}-{CACHE_VERSION}{amp}"
     folder = cache_root(cache_dir) / "latents" / name
     out: dict[int, Tensor] = {}
+    kept: dict[int, Tensor] = {}
     todo = []
     for c in class_indices:
         f = cache_file(c)
@@ -196,8 +198,8 @@ def encode_classes(
                     bar.update(len(images))
                 lat = torch.cat(parts)
                 del parts
-                if use_cache:
-                    save_torch_atomic(lat, cache_file(c))
+                if use_cache and not cache_torch(lat, cache_file(c)) and lazy:
+                    kept[c] = lat  # the cache could not be written: this class stays in memory (float16)
                 if not lazy:
                     out[c] = lat.float()
                 del lat
@@ -207,7 +209,7 @@ def encode_classes(
             bar.close()
             del batches  # shuts the workers down
     if lazy:
-        return CachedLatents({c: cache_file(c) for c in class_indices})
+        return CachedLatents({c: kept.get(c, cache_file(c)) for c in class_indices})
     return {c: out[c] for c in class_indices}
 
 

@@ -465,6 +465,26 @@ def set_metrics(distilled: dict[str, np.ndarray], real: dict[str, np.ndarray], i
 # --------------------------------------------------------------------------- figures
 
 
+def _matplotlib_home(cache_dir=None) -> None:
+    """matplotlib keeps its font cache and config in MPLCONFIGDIR, else ~/.config and ~/.cache:
+    put it under mgd3's cache (a temporary folder when that is not writable), unless set."""
+    import os
+    import tempfile
+
+    from mgd3.files import cache_root
+
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    d = cache_root(cache_dir) / "matplotlib"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if not os.access(d, os.W_OK):
+            raise PermissionError
+    except OSError:
+        d = Path(tempfile.mkdtemp(prefix="mgd3-matplotlib-"))
+    os.environ["MPLCONFIGDIR"] = str(d)
+
+
 def _plt():
     import matplotlib
 
@@ -711,6 +731,7 @@ def _report(cfg: ReportConfig) -> dict:
     if cfg.plot_real_per_class < 0:
         raise Mgd3Error(f"--plot-real-per-class must be at least 0, got {cfg.plot_real_per_class}")
     sets = read_sets(cfg.sets, cfg.data)
+    _matplotlib_home(cfg.cache_dir)
     out = Path(cfg.out).expanduser()
     if out.exists() and not out.is_dir():
         raise Mgd3Error(f"report output {out} exists and is not a folder")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,10 @@ def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | No
                 raise Mgd3Error(f"output folder {out} holds a run with other settings ({diff}: {old!r} there, "
                                 f"{new!r} now); use --overwrite to replace it, or another --out")
             state = "complete" if (out / "manifest.json").is_file() else "resume"
+    for name in ("images", PARTIAL):  # mgd3 writes only inside --out, never through a link
+        if (out / name).is_symlink():
+            raise Mgd3Error(f"{out / name} is a symbolic link; mgd3 writes only inside its output folder "
+                            "(remove the link, use --overwrite, or choose another --out)")
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
         probe = out / ".mgd3-write-test"
@@ -127,14 +132,42 @@ def _is_set(out: Path) -> bool:
     return isinstance(m, dict) and str(m.get("format", "")).startswith(FORMAT_PREFIX)
 
 
+_WRITTEN = {"images": re.compile(r"\d+\.png|\..+\.tmp"), PARTIAL: re.compile(r"\d{5}-\d{6}-\d{6}\.pt|\..+\.tmp")}
+
+
 def _clear(out: Path) -> None:
+    """Remove what mgd3 wrote in `out`, nothing else, and never through a symlink: a symlink at
+    one of mgd3's names is removed itself (what it points to stays); inside images/ and .partial/
+    only files named as mgd3 names them go (images/<class folder>/<index>.png, shards, its
+    temporary files), so a user's images/NOTES.txt stays, with one warning."""
     # the manifest goes first so a crash mid-clean never leaves a set that looks complete
+    kept: list[Path] = []
     for name in ("manifest.json",) + OUTPUTS:
         p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
             p.unlink()
+        elif p.is_dir():
+            kept += _clear_folder(p, _WRITTEN.get(name), depth=1 if name == "images" else 0)
+    if kept:
+        log.warning("--overwrite left %d file(s) that mgd3 did not write, e.g. %s", len(kept), kept[0])
+
+
+def _clear_folder(folder: Path, written: "re.Pattern | None", depth: int) -> list[Path]:
+    """Remove mgd3's files from `folder` (`depth` levels of real sub-folders, as images/<class>/),
+    then the folders left empty; returns the files kept."""
+    kept = []
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink():
+            p.unlink()  # the link only
+        elif p.is_dir() and depth > 0:
+            kept += _clear_folder(p, written, depth - 1)
+        elif p.is_file() and depth == 0 and written is not None and written.fullmatch(p.name):
+            p.unlink()
+        else:
+            kept.append(p)
+    if not kept:
+        folder.rmdir()
+    return kept
 
 
 def shard_name(class_index: int, first: int, count: int) -> str:

@@ -288,8 +288,8 @@ def evaluate_reference(cfg: EvalConfig) -> dict:
     }
     if teacher_rec:
         result["teacher"] = teacher_rec
-    R.write_json_atomic(folder / "result.json", result)
-    result["cache_file"] = str(folder / "result.json")
+    if R.cache_json(folder / "result.json", result):
+        result["cache_file"] = str(folder / "result.json")
     if cfg.out:
         R.write_json_atomic(Path(cfg.out), result)
         result["out"] = cfg.out
