@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mgd3 import safeio
 from mgd3.errors import Mgd3Error
 from mgd3.files import cache_root, cache_torch
 
@@ -67,6 +68,8 @@ def _cache_problem(path: Path, rows: int, shape: Sequence[int]) -> str | None:
         return f"not a {CACHE_DTYPE} tensor ({type(lat).__name__}{f' {lat.dtype}' if isinstance(lat, Tensor) else ''})"
     if tuple(lat.shape) != (rows, *shape):
         return f"shape {tuple(lat.shape)}, expected {(rows, *shape)}"
+    if safeio.view_problem(lat):
+        return safeio.view_problem(lat)
     if not torch.isfinite(lat).all():
         return "non-finite values"
     return None
@@ -193,7 +196,12 @@ def encode_classes(
                 parts, got = [], 0
                 while got < n:
                     images, _ = next(batches)
-                    parts.append(_encode_batch(backend, images).to("cpu", CACHE_DTYPE))  # (B, C, h, w)
+                    z = _encode_batch(backend, images).to("cpu", CACHE_DTYPE)  # (B, C, h, w)
+                    if not bool(torch.isfinite(z).all()):  # before k-means or any library sees it
+                        raise Mgd3Error(f"the VAE of {getattr(backend, 'path', 'the model')} encodes images of class "
+                                        f"{data.class_ids[c]!r} to NaN, inf or latents beyond float16's range; the "
+                                        "VAE (or its weights) is broken")
+                    parts.append(z)
                     got += len(images)
                     bar.update(len(images))
                 lat = torch.cat(parts)

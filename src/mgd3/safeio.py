@@ -138,6 +138,22 @@ def read_gzip(path: str | os.PathLike, max_bytes: int, name: str | None = None, 
     return data
 
 
+# --------------------------------------------------------------------------- tensors
+
+
+def view_problem(t) -> str | None:
+    """Why a tensor loaded from a file (`torch.load(weights_only=True)`) is not plain data: a view
+    that claims more elements than its stored bytes hold (a stride-0 broadcast: 1.7 KB on disk
+    that `.float()` or `.contiguous()` would turn into 100 GB), or None. Checked before anything
+    materialises it."""
+    numel = t.numel()
+    stored = t.untyped_storage().nbytes() // max(1, t.element_size())
+    if numel > stored or any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        return (f"holds a view of {numel} elements over {stored} stored ones (shape {tuple(t.shape)}, stride "
+                f"{tuple(t.stride())}); mgd3 writes plain tensors")
+    return None
+
+
 # --------------------------------------------------------------------------- JSON
 
 

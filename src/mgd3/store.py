@@ -205,7 +205,7 @@ def load_shards(out: Path, class_index: int, class_id: str) -> dict[int, dict]:
             ok = ok and all(r["class_id"] == class_id and image_ok(inside(out, r["path"], f.name)) for r in recs)
             lat = shard["latents"]
             ok = ok and (lat is None or (isinstance(lat, Tensor) and len(lat) == len(idx)
-                                         and bool(torch.isfinite(lat).all())))
+                                         and safeio.view_problem(lat) is None and bool(torch.isfinite(lat).all())))
         except Exception:  # a truncated or foreign file
             ok = False
         if ok:
@@ -334,6 +334,9 @@ def read_latents(root: Path) -> dict:
         raise Mgd3Error(f"{f} does not hold {{'latents': a float tensor (N, C, h, w), ...}}")
     if not isinstance(obj.get("paths", []), list):
         raise Mgd3Error(f"{f}: paths must be a list")
+    why = safeio.view_problem(obj["latents"])
+    if why:  # before .float() materialises it
+        raise Mgd3Error(f"{f} {why}")
     obj["latents"] = obj["latents"].float()
     if not bool(torch.isfinite(obj["latents"]).all()):
         raise Mgd3Error(f"{f} holds NaN or inf latents")

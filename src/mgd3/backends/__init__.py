@@ -186,15 +186,50 @@ def read_recommendations(path: Path) -> dict:
     return check_recommended(read_json_object(f, "mgd3.json").get("defaults"), str(f))
 
 
+# sizes in diffusers model configs that must be positive integers (a list: each entry), checked
+# before a network is built: `num_layers: -3` would build and then fail at the first forward
+POSITIVE_SIZES = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
+                  "sample_size", "patch_size", "num_embeds_ada_norm", "latent_channels", "layers_per_block",
+                  "block_out_channels", "norm_num_groups", "cross_attention_dim", "num_class_embeds",
+                  "num_vq_embeddings", "vq_embed_dim", "transformer_layers_per_block")
+MAX_SIZE = 1 << 20  # no size of a model mgd3 runs comes near this
+
+
+def check_config_sizes(config_file: Path, cfg: dict) -> None:
+    """Refuse a config whose sizes (POSITIVE_SIZES present in it) are not positive integers up to
+    MAX_SIZE, naming the key, before anything is built."""
+    for key in POSITIVE_SIZES:
+        v = cfg.get(key)
+        if v is None:
+            continue
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= MAX_SIZE:
+                raise Mgd3Error(f"{config_file}: {key} must be a positive integer (at most {MAX_SIZE}), got "
+                                f"{str(v)[:60]}")
+
+
+def check_vae_channels(config_file: Path) -> None:
+    """A VAE whose decoder gives back another number of channels than its encoder takes would
+    write images of the wrong kind (RGBA PNGs from an RGB model): refused at load."""
+    if not config_file.is_file():
+        return
+    cfg = read_json_object(config_file)
+    cin, cout = cfg.get("in_channels", 3), cfg.get("out_channels", 3)
+    if cin != cout:
+        raise Mgd3Error(f"{config_file}: the VAE takes {cin} image channels but gives back {cout} "
+                        "(in_channels must equal out_channels)")
+
+
 def check_model_size(config_file: Path, estimate, what: str) -> None:
     """Estimate a model's parameters from its config (`estimate(config) -> int`) and refuse one
     whose float32 weights (and a copy while loading) do not fit in the available memory, before
-    anything is allocated."""
+    anything is allocated. Its sizes are checked first (`check_config_sizes`)."""
     from mgd3.config import check_memory
 
     if not config_file.is_file():
         return  # from_pretrained says what is missing
     cfg = read_json_object(config_file)
+    check_config_sizes(config_file, cfg)
     try:
         n = int(estimate(cfg))
     except (TypeError, ValueError, KeyError, OverflowError):
