@@ -275,6 +275,7 @@ def _open_output(run: _Run) -> str:
     """Open the output folder (rank 0, only after every check passed); every process gets its state."""
     cfg, ranks = run.cfg, run.ranks
     check_distill_run(cfg, run.backend, run.classes, run.ctx.cfg_scale)  # before the output folder is touched
+    store.refuse_out_inside_data(cfg.out, cfg.data)  # issue 32: it would become a class on the next run
     key = runs.run_key(cfg, run.backend, run.data, run.classes, run.ctx.cfg_scale, run.options,
                        run.method.order_dependent)
     state = None

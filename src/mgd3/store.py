@@ -320,6 +320,37 @@ def inside(root: Path, rel, what: str = "manifest.json") -> Path:
     return real
 
 
+def refuse_out_inside_data(out, data: str) -> None:
+    """An output folder inside the image folder being read would be read back as a class (or
+    as images of one) by the next run: refused."""
+    d = Path(str(data)).expanduser()
+    if not d.is_dir():
+        return  # a named dataset
+    o, d = Path(out).expanduser().resolve(), d.resolve()
+    if o == d or d in o.parents:
+        raise Mgd3Error(f"--out {out} lies inside the data folder {data}; the next run would read it as data: "
+                        "choose an output folder outside it")
+
+
+def named_outside(root: Path, value, what: str, flag: str) -> str | None:
+    """A path a manifest names (`value`), for reading: None when unset; the value when it lies
+    inside the set; else refused: mgd3 reads outside a set only what the user names (`flag`)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise Mgd3Error(f"{root}/manifest.json: {what} must be a non-empty string, got {str(value)[:60]!r}")
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else root / p
+    try:
+        real, base = p.resolve(), root.resolve()
+    except (OSError, RuntimeError):
+        real, base = None, None
+    if real is not None and (real == base or base in real.parents):
+        return str(real)
+    raise Mgd3Error(f"{root}/manifest.json names {what} {value[:120]!r}, outside the set; mgd3 reads outside a "
+                    f"set only what you name: pass {flag}")
+
+
 def read_latents(root: Path) -> dict:
     """OUT/latents.pt checked: {"latents": (N, C, h, w) float32, finite, "paths": list, ...}; read
     with weights_only=True, a symlink out of the set refused, anything else one line."""

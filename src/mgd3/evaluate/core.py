@@ -178,8 +178,18 @@ def evaluate_set(cfg: EvalConfig) -> dict:
         raise Mgd3Error(f"{s.path}/manifest.json: data.name must be a string, got {str(name)[:40]!r}")
     if not name:
         raise Mgd3Error(f"{s.path} does not name its data set (plain ImageFolder): pass --data")
-    if cfg.data_root is None and s.data.get("data_root"):
-        cfg = dataclasses.replace(cfg, data_root=s.data["data_root"])
+    if not cfg.data:  # what the manifest names is read only inside the set, else the user names it (issue 32)
+        from mgd3.data import DATASETS
+        from mgd3.store import named_outside
+
+        head, sep, tail = name.partition(":")
+        if head in DATASETS and sep:  # "imagenette:/path/to/imagenet"
+            named_outside(s.path, tail, "the data root", f"--data {name}")
+        elif name not in DATASETS:
+            name = named_outside(s.path, name, "the data folder", f"--data {name}")
+        if cfg.data_root is None and s.data.get("data_root"):
+            cfg = dataclasses.replace(cfg, data_root=named_outside(
+                s.path, s.data["data_root"], "the data root", f"--data-root {s.data['data_root']}"))
     channels = _manifest_int(s, "channels", (1, 3)) or _channels_of(s)
     set_res = _manifest_int(s, "resolution", range(1, 16385)) or _resolution_of(s)
     if cfg.data_root is not None and not isinstance(cfg.data_root, str):
