@@ -518,8 +518,8 @@ def _outside_walk(link: str, top_real: str) -> str | None:
     return None
 
 
-def _walk_images(top: Path) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime_ns) of the image files under `top`, recursively (symlinks
+def _walk_images(top: Path) -> list[tuple[str, int, int | str]]:
+    """(relative path, size, "mtime_ns:ctime_ns:inode") of the image files under `top`, recursively (symlinks
     followed, hidden entries skipped), sorted by path. A sub-folder link that loops or leads to
     a folder holding `top` (or into /proc, /sys, /dev) is skipped with a warning; a folder that
     cannot be listed is a one-line error."""
@@ -552,7 +552,9 @@ def _walk_images(top: Path) -> list[tuple[str, int, int]]:
                     stack.append(Path(e.path))
             elif e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file():
                 s = e.stat()
-                out.append((os.path.relpath(e.path, top), s.st_size, s.st_mtime_ns))
+                # ctime and inode too: a tar extraction restores names, sizes and mtimes, but any write
+                # to a file sets its ctime, so two folders of other pixels never share cached encodings
+                out.append((os.path.relpath(e.path, top), s.st_size, f"{s.st_mtime_ns}:{s.st_ctime_ns}:{s.st_ino}"))
             elif e.name.lower().endswith(IMG_EXTENSIONS) and e.is_symlink() and not os.path.exists(e.path):
                 out.append((os.path.relpath(e.path, top), -1, 0))  # a broken link: a missing file
     return sorted(out)
@@ -560,7 +562,7 @@ def _walk_images(top: Path) -> list[tuple[str, int, int]]:
 
 def _scan(folder: Path, class_ids: list[str]) -> tuple[list[str], np.ndarray, str]:
     """Files and class indices of the class folders `class_ids` of `folder`, and a key over
-    their relative paths, sizes and mtimes."""
+    their relative paths, sizes, mtimes, ctimes and inodes (see `_walk_images`)."""
     files: list[str] = []
     targets: list[int] = []
     h = hashlib.sha256()

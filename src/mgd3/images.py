@@ -4,9 +4,10 @@ pixels (which the shorter-side resize would blow up to 10 G pixels) or a decompr
 one line, not an allocation failure. PIL's own two-line `DecompressionBombWarning` is silenced: the
 budget (below PIL's limit) says it first.
 
-`image_problem` decodes a file fully (JPEGs in draft mode, which still reads every byte of the
-entropy-coded data), so a broken zlib stream or a truncated JPEG is found by the check that
-skips unusable files, not halfway through encoding.
+`image_problem` decodes a file's pixels (a JPEG is checked for its end-of-image marker instead:
+decoding ImageNet's 1.28 M JPEGs would take hours, see benchmarks/results/fingerprint_cost.md),
+so a broken zlib stream or a truncated JPEG is found by the check that skips unusable files, not
+halfway through encoding.
 """
 
 from __future__ import annotations
@@ -78,17 +79,20 @@ def read_image(path: str | os.PathLike, channels: int, resolution: int | None = 
 
 def image_problem(path: str | os.PathLike, resolution: int | None = None) -> str | None:
     """Why an image file cannot be used (missing, not a regular file, not an image, over the
-    budget, damaged pixel data), or None. Decodes the pixels (JPEG at 1/8 scale: fast, and
-    every byte of the compressed stream is still read)."""
+    budget, damaged pixel data, a JPEG cut short), or None."""
     if not os.path.lexists(path) or not os.path.exists(path):
         return "missing"
     try:
         with open_image(path, resolution) as im:
             im.verify()
         with open_image(path, resolution) as im:  # verify() leaves the image unusable: open again
-            if im.format == "JPEG":
-                im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
-            im.load()
+            if im.format == "JPEG":  # decoding costs ~10 ms: a truncated file lacks its end-of-image marker
+                with open(path, "rb") as f:
+                    f.seek(max(0, os.path.getsize(path) - 1024))
+                    if b"\xff\xd9" not in f.read():
+                        return "truncated JPEG (no end-of-image marker)"
+            else:
+                im.load()  # PNG and the rest: the whole pixel stream (a broken zlib stream)
     except Mgd3Error as e:
         return str(e).removeprefix(f"cannot read image {path}: ")
     except Exception as e:  # noqa: BLE001  (PIL raises OSError, SyntaxError, ValueError, zlib.error, ...)
