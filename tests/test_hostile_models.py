@@ -155,3 +155,9 @@ def test_absurd_model_sizes_are_refused_before_building(digits_model, tmp_path, 
 
 def test_a_sound_model_still_loads(digits_model, tmp_path, capsys):
     ok(capsys, distill(digits_model, tmp_path / "o"))
+
+
+def test_an_empty_list_of_sizes_is_refused(digits_model, tmp_path, capsys):
+    """Found by test_fuzz_structure (deep profile): block_out_channels [] broke the size estimate."""
+    m = model_with(digits_model, tmp_path, lambda m: edit_config(m, "vae", block_out_channels=[]))
+    refused(capsys, distill(m, tmp_path / "o"), "block_out_channels must not be empty")

@@ -202,6 +202,8 @@ def check_config_sizes(config_file: Path, cfg: dict) -> None:
         v = cfg.get(key)
         if v is None:
             continue
+        if isinstance(v, (list, tuple)) and not v:
+            raise Mgd3Error(f"{config_file}: {key} must not be empty")
         for x in (v if isinstance(v, (list, tuple)) else [v]):
             if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= MAX_SIZE:
                 raise Mgd3Error(f"{config_file}: {key} must be a positive integer (at most {MAX_SIZE}), got "
@@ -232,7 +234,7 @@ def check_model_size(config_file: Path, estimate, what: str) -> None:
     check_config_sizes(config_file, cfg)
     try:
         n = int(estimate(cfg))
-    except (TypeError, ValueError, KeyError, OverflowError):
+    except (TypeError, ValueError, KeyError, OverflowError, IndexError, ZeroDivisionError, AttributeError):
         return  # a config from_pretrained will reject with its own message
     if n > 50_000_000_000:
         raise Mgd3Error(f"{config_file}: the config describes a {what} of about {n / 1e9:.0f} B parameters; "
