@@ -161,3 +161,11 @@ def test_an_empty_list_of_sizes_is_refused(digits_model, tmp_path, capsys):
     """Found by test_fuzz_structure (deep profile): block_out_channels [] broke the size estimate."""
     m = model_with(digits_model, tmp_path, lambda m: edit_config(m, "vae", block_out_channels=[]))
     refused(capsys, distill(m, tmp_path / "o"), "block_out_channels must not be empty")
+
+
+@pytest.mark.parametrize("value, msg", [("{bogus: 1}", "unknown protocol option 'bogus'"),
+                                        ("{batch_size: x}", "batch_size must be an integer"),
+                                        ("{lr: .nan}", "--option lr must be a finite number")])
+def test_many_classes_overrides_get_the_option_checks(a_set, capsys, value, msg):
+    refused(capsys, ["evaluate", a_set, "--device", "cpu", "--quiet", "--option", f"many_classes={value}"], msg)
+    assert not (a_set / "eval.json").exists()
