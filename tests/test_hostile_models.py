@@ -169,3 +169,27 @@ def test_an_empty_list_of_sizes_is_refused(digits_model, tmp_path, capsys):
 def test_many_classes_overrides_get_the_option_checks(a_set, capsys, value, msg):
     refused(capsys, ["evaluate", a_set, "--device", "cpu", "--quiet", "--option", f"many_classes={value}"], msg)
     assert not (a_set / "eval.json").exists()
+
+
+@pytest.mark.parametrize("edit, msg", [
+    (lambda u, dd: u.pop("model_channels"), "unet_config.params has no model_channels"),
+    (lambda u, dd: u.update(channel_mult=5), "channel_mult must be a list of integers"),
+    (lambda u, dd: u.update(num_res_blocks=10**9), "num_res_blocks must be a positive integer up to 16"),
+    (lambda u, dd: u.update(num_res_blocks=1e9), "num_res_blocks must be a positive integer"),
+    (lambda u, dd: u.update(transformer_depth=10**9), "transformer_depth must be a positive integer"),
+    (lambda u, dd: dd.update(ch_mult=[]), "ch_mult must not be empty"),
+])
+def test_convert_ldm_config_sizes_are_checked_before_building(tmp_path, capsys, edit, msg):
+    import copy
+
+    import yaml
+    from test_convert import CONFIG
+
+    cfg = copy.deepcopy(CONFIG)
+    p = cfg["model"]["params"]
+    edit(p["unet_config"]["params"], p["first_stage_config"]["params"]["ddconfig"])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "m.ckpt").write_bytes(b"junk")
+    refused(capsys, ["convert-ldm", tmp_path / "m.ckpt", "--config", tmp_path / "c.yaml", "--out", tmp_path / "o"],
+            msg)
+    assert not (tmp_path / "o").exists()
