@@ -193,3 +193,23 @@ def test_convert_ldm_config_sizes_are_checked_before_building(tmp_path, capsys, 
     refused(capsys, ["convert-ldm", tmp_path / "m.ckpt", "--config", tmp_path / "c.yaml", "--out", tmp_path / "o"],
             msg)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_refused_pickle_never_advises_weights_only_false(a_set, tmp_path, capsys):
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    torch.save({"latents": Payload()}, a_set / "latents.pt")
+    line = refused(capsys, ["report", a_set, "--out", tmp_path / "r", "--quiet", "--device", "cpu"], "latents.pt")
+    assert "weights_only=False" not in line and "never unpickles" in line
+    (tmp_path / "m.ckpt").write_bytes((a_set / "latents.pt").read_bytes())
+    from test_convert import CONFIG
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(CONFIG))
+    line = refused(capsys, ["convert-ldm", tmp_path / "m.ckpt", "--config", tmp_path / "c.yaml", "--out",
+                            tmp_path / "o"], "m.ckpt")
+    assert "weights_only=False" not in line and "never unpickles" in line

@@ -302,7 +302,7 @@ class _Checkpoints:
             if not isinstance(state, dict) or not {"model", "opt", "gen", "epoch", "step", "stats"} <= set(state):
                 raise ValueError("not an mgd3 pretrain checkpoint")
         except Exception as e:  # noqa: BLE001  (truncated, garbage, or a pickle that is not plain data)
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            first = safeio.load_error(e)
             raise Mgd3Error(f"checkpoint {f} is unreadable ({first}); delete {self.folder} (or use --overwrite) to "
                             "start that stage afresh") from None
         return state

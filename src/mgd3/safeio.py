@@ -154,6 +154,18 @@ def view_problem(t) -> str | None:
     return None
 
 
+def load_error(e: BaseException) -> str:
+    """One line for why `torch.load(weights_only=True)` refused a file, without torch's advice to
+    load it with `weights_only=False` (the unsafe action)."""
+    text = str(e).strip()
+    if "Weights only load failed" in text or "weights_only" in text:
+        m = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith(("WeightsUnpickler error",
+                                                                                   "Unsupported global"))), "")
+        return ("it holds Python objects beyond plain tensors, which mgd3 never unpickles"
+                + (f": {m[:160]}" if m else ""))
+    return " ".join(text.splitlines()[0].split())[:160] if text else type(e).__name__
+
+
 # --------------------------------------------------------------------------- JSON
 
 

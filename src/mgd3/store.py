@@ -358,7 +358,7 @@ def read_latents(root: Path) -> dict:
     try:
         obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (truncated, garbage, or a pickle that is not plain data)
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = safeio.load_error(e)
         raise Mgd3Error(f"{f} is not a readable mgd3 latents file ({first})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("latents"), Tensor) \
             or obj["latents"].ndim < 2 or not obj["latents"].is_floating_point():
