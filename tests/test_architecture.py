@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # low -> high; a module belongs to the first prefix that matches its dotted name
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("mgd3.errors", "mgd3.version", "mgd3.registry", "mgd3.machine", "mgd3.files", "mgd3.config",
-              "mgd3.allocator", "mgd3.safeio")),
+              "mgd3.allocator", "mgd3.safeio", "mgd3.faults", "mgd3.images")),
     ("core", ("mgd3.core", "mgd3.io")),
     ("models", ("mgd3.backends", "mgd3.evaluation")),
     ("methods", ("mgd3.methods",)),

@@ -402,7 +402,7 @@ def test_sd_folder_with_a_broken_tokenizer(tmp_path, capsys):
     model = build_sd_folder(tmp_path / "sd")
     (model / "tokenizer" / "vocab.json").write_text("{broken")
     refused(capsys, ["distill", "--data", "digits", "--classes", "0", "--ipc", "1", "--model", model,
-                     "--out", tmp_path / "o", *TINY_DISTILL], "could not load the Stable Diffusion pipeline")
+                     "--out", tmp_path / "o", *TINY_DISTILL], "tokenizer/vocab.json is not valid JSON")
 
 
 def test_save_resolution_is_checked_against_memory(digits_model, tmp_path, capsys):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from mgd3 import safeio
 from mgd3.errors import Mgd3Error, first_line
 
 SEED_MAX = 2**63 - 1  # torch and the per-image seeds take 64-bit seeds
@@ -42,12 +43,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if p.is_dir():
         raise Mgd3Error(f"config file {path} is a folder, not a YAML file")
     try:
-        if p.stat().st_size > 1 << 20:
-            raise Mgd3Error(f"config file {path} is larger than 1 MiB; it is not an options file")
-        text = p.read_bytes().decode("utf-8")
-        if "\x00" in text:
-            raise UnicodeDecodeError("utf-8", b"", 0, 1, "NUL byte")
-        data = yaml.safe_load(text)
+        data = safeio.read_yaml(p, 1 << 20, f"config file {path}", "options file")  # bounded (issue 32)
     except UnicodeDecodeError:
         raise Mgd3Error(f"config file {path} is not a text (UTF-8) file") from None
     except OSError as e:

@@ -220,14 +220,39 @@ class SetInfo:
         return (self.manifest.get("data") or {}).get("name")
 
 
+def set_model(s: "SetInfo") -> str:
+    """The model folder that made the set, checked: a local folder or a repo id already in the
+    Hugging Face cache (a set's contents never start a download), whose fingerprint is the one the
+    manifest recorded (a model swapped in at that path is refused, not used)."""
+    from mgd3.run.bookkeeping import model_fingerprint
+
+    m = s.manifest
+    rec = m.get("model") or {}
+    model = rec.get("path") or (m.get("config") or {}).get("model")
+    if not model or not isinstance(model, str):
+        raise Mgd3Error(f"{s.path}/manifest.json does not name its model")
+    p = Path(model).expanduser()
+    if not p.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            p = Path(snapshot_download(model, local_files_only=True))
+        except Exception:  # noqa: BLE001  (not a repo id, not cached)
+            raise Mgd3Error(f"{s.path}/manifest.json names model {model[:120]!r}, which is not a local folder nor in "
+                            "the Hugging Face cache; report never downloads what a set names") from None
+    want = rec.get("fingerprint")
+    if want is None:
+        log.warning("%s/manifest.json records no model fingerprint; %s is used unchecked", s.path, p)
+    elif model_fingerprint(p) != want:
+        raise Mgd3Error(f"the model at {p} is not the one that made {s.path} (its fingerprint {model_fingerprint(p)} "
+                        f"!= {want} in the manifest); put that model back there")
+    return str(p)
+
+
 def _read_json(f: Path) -> dict:
-    try:
-        d = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise Mgd3Error(f"{f} is not valid JSON ({e.msg})") from None
-    if not isinstance(d, dict):
-        raise Mgd3Error(f"{f} does not hold a JSON object")
-    return d
+    from mgd3 import safeio
+
+    return safeio.read_json_object(f, 16 << 20, str(f), "evaluation result")
 
 
 def _eval_key(r: dict) -> tuple:
@@ -267,11 +292,14 @@ def _check_eval(r: dict, f: Path) -> None:
 def read_evals(root: Path) -> list[dict]:
     """DIR/eval.json (the latest evaluation) and DIR/evals/*.json (one per protocol/arch/epochs),
     without duplicates; each with "file" added."""
+    from mgd3.io.store import inside
+
     out, seen = [], set()
     files = [root / "eval.json"] + sorted((root / "evals").glob("*.json"))
     for f in files:
-        if not f.is_file():
-            continue
+        if not f.exists():
+            continue  # a FIFO or device is refused by the reader, not skipped
+        inside(root, str(f.relative_to(root)), "evaluation results")  # no symlink out of the set (evals/ too)
         r = _read_json(f)
         if not str(r.get("format", "")).startswith("mgd3-eval/") or "mean" not in r:
             raise Mgd3Error(f"{f} is not an mgd3 evaluation result (format {str(r.get('format'))[:40]!r})")
@@ -430,23 +458,36 @@ class LatentSource:
         from mgd3.io.data import load_data
         from mgd3.core.encode import real_latents
 
+        from mgd3.io.data import DATASETS
+        from mgd3.io.store import named_outside
+
         m = s.manifest
         config = m.get("config") or {}
-        model = (m.get("model") or {}).get("path") or config.get("model")
-        if not model:
-            raise Mgd3Error(f"{s.path}/manifest.json does not name its model")
+        model = set_model(s)
         n_max = self.cfg.max_real_per_class
         if n_max is None:
             n_max = config.get("max_real_per_class")
         d = m.get("data") or {}
         name = self.cfg.data or d.get("name")
-        key = (str(model), name, json.dumps(d.get("classes")), d.get("data_root"), n_max)
+        data_root = None
+        if not self.cfg.data:  # what the manifest names is read only inside the set (issue 32)
+            if isinstance(name, str) and name not in DATASETS:
+                name = named_outside(s.path, name, "the data folder", f"--data {name}")
+            data_root = named_outside(s.path, d.get("data_root"), "the data root",
+                                      f"--data {d.get('name')}:{d.get('data_root')}")
+        class_map = config.get("class_map")
+        if class_map is not None:  # labels do not change latents: an outside map is not read, only said
+            try:
+                class_map = named_outside(s.path, class_map, "the class map", "")
+            except Mgd3Error:
+                log.warning("%s/manifest.json names a class map outside the set; not read", s.path)
+                class_map = None
+        key = (str(model), name, json.dumps(d.get("classes")), data_root, n_max)
         if key not in self._real:
             backend = self.backend(str(model))
             # the classes the set was distilled with, so the data fingerprint (and the encoding cache) match
             data = load_data(name, "train", resolution=backend.resolution, channels=backend.image_channels,
-                             classes=d.get("classes"), data_root=d.get("data_root"),
-                             class_map=config.get("class_map"))
+                             classes=d.get("classes"), data_root=data_root, class_map=class_map)
             # the very subset and encodings the methods used
             lat = real_latents(backend, data, range(len(data.class_ids)), max_per_class=n_max,
                                batch_size=self.cfg.encode_batch_size, cache_dir=self.cfg.cache_dir,
@@ -481,7 +522,8 @@ class LatentSource:
             parts, bs = [], self.cfg.encode_batch_size
             with torch.no_grad():
                 for i in range(0, len(recs), bs):
-                    x = torch.stack([to_model_space(read_image(s.files[str(r["path"])], backend.image_channels),
+                    x = torch.stack([to_model_space(read_image(s.files[str(r["path"])], backend.image_channels,
+                                                               backend.resolution),
                                                     backend.resolution, backend.image_channels)
                                      for r in recs[i:i + bs]])  # (B, C, R, R) in [-1, 1]
                     parts.append(backend.encode(x).float().cpu().numpy())  # (B, c, h, w)
@@ -523,6 +565,26 @@ def set_metrics(distilled: dict[str, np.ndarray], real: dict[str, np.ndarray], i
 
 
 # --------------------------------------------------------------------------- figures
+
+
+def _matplotlib_home(cache_dir=None) -> None:
+    """matplotlib keeps its font cache and config in MPLCONFIGDIR, else ~/.config and ~/.cache:
+    put it under mgd3's cache (a temporary folder when that is not writable), unless set."""
+    import os
+    import tempfile
+
+    from mgd3.files import cache_root
+
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    d = cache_root(cache_dir) / "matplotlib"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if not os.access(d, os.W_OK):
+            raise PermissionError
+    except OSError:
+        d = Path(tempfile.mkdtemp(prefix="mgd3-matplotlib-"))
+    os.environ["MPLCONFIGDIR"] = str(d)
 
 
 def _plt():
@@ -821,6 +883,7 @@ def _report(cfg: ReportConfig) -> dict:
     if cfg.plot_real_per_class < 0:
         raise Mgd3Error(f"--plot-real-per-class must be at least 0, got {cfg.plot_real_per_class}")
     sets = read_sets(cfg.sets, cfg.data)
+    _matplotlib_home(cfg.cache_dir)
     out = Path(cfg.out).expanduser()
     if out.exists() and not out.is_dir():
         raise Mgd3Error(f"report output {out} exists and is not a folder")

@@ -12,7 +12,8 @@ import os
 
 import torch
 
-from mgd3.backends.base import (BACKENDS, PIPELINE_CLASSES, Backend, check_model_size, default_device,  # noqa: F401
+from mgd3.backends.base import (BACKENDS, PIPELINE_CLASSES, Backend, check_json_files, check_model_size,  # noqa: F401
+                                check_vae_channels, default_device,
                                 read_id2label, read_json_object, read_model_index, read_recommendations,
                                 resolve_model_path)
 from mgd3.errors import Mgd3Error
@@ -32,6 +33,7 @@ def load_backend(model: str | os.PathLike, device: str | torch.device = "cpu",
         raise Mgd3Error(f"unknown precision {precision!r}; known: bf16, fp16, fp32")
     path = resolve_model_path(model)
     index = read_model_index(path)
+    check_json_files(path)
     cls = index.get("_class_name")
     name = PIPELINE_CLASSES.get(cls) if isinstance(cls, str) else None
     if name is None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mgd3 import safeio
 from mgd3.backends.recommended import SAMPLER_RECOMMENDATIONS
 from mgd3.config import default_device  # noqa: F401  (re-exported)
 from mgd3.errors import Mgd3Error
@@ -153,6 +154,15 @@ def read_model_index(path: Path) -> dict:
     return read_json_object(f, "model_index")
 
 
+def check_json_files(path: Path) -> None:
+    """Read every JSON file of the folder's components (configs, scheduler and tokenizer files)
+    once through the bounded reader, so what diffusers and transformers parse after it cannot
+    hang, nest too deeply or hold an integer Python refuses to convert (one line instead)."""
+    for f in sorted(path.glob("*/*.json")):
+        if not f.name.startswith("."):
+            safeio.read_json(f, 64 << 20, kind="model file")
+
+
 def read_id2label(index: dict, where: Path) -> dict[int, str]:
     """model_index.json's id2label: {int label: name}; a key that is not an integer is an error."""
     raw = index.get("id2label") or {}
@@ -181,18 +191,55 @@ def read_recommendations(path: Path) -> dict:
     return check_recommended(read_json_object(f, "mgd3.json").get("defaults"), str(f))
 
 
+# sizes in diffusers model configs that must be positive integers (a list: each entry), checked
+# before a network is built: `num_layers: -3` would build and then fail at the first forward
+POSITIVE_SIZES = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
+                  "sample_size", "patch_size", "num_embeds_ada_norm", "latent_channels", "layers_per_block",
+                  "block_out_channels", "norm_num_groups", "cross_attention_dim", "num_class_embeds",
+                  "num_vq_embeddings", "vq_embed_dim", "transformer_layers_per_block")
+MAX_SIZE = 1 << 20  # no size of a model mgd3 runs comes near this
+
+
+def check_config_sizes(config_file: Path, cfg: dict) -> None:
+    """Refuse a config whose sizes (POSITIVE_SIZES present in it) are not positive integers up to
+    MAX_SIZE, naming the key, before anything is built."""
+    for key in POSITIVE_SIZES:
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if isinstance(v, (list, tuple)) and not v:
+            raise Mgd3Error(f"{config_file}: {key} must not be empty")
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= MAX_SIZE:
+                raise Mgd3Error(f"{config_file}: {key} must be a positive integer (at most {MAX_SIZE}), got "
+                                f"{str(v)[:60]}")
+
+
+def check_vae_channels(config_file: Path) -> None:
+    """A VAE whose decoder gives back another number of channels than its encoder takes would
+    write images of the wrong kind (RGBA PNGs from an RGB model): refused at load."""
+    if not config_file.is_file():
+        return
+    cfg = read_json_object(config_file)
+    cin, cout = cfg.get("in_channels", 3), cfg.get("out_channels", 3)
+    if cin != cout:
+        raise Mgd3Error(f"{config_file}: the VAE takes {cin} image channels but gives back {cout} "
+                        "(in_channels must equal out_channels)")
+
+
 def check_model_size(config_file: Path, estimate, what: str) -> None:
     """Estimate a model's parameters from its config (`estimate(config) -> int`) and refuse one
     whose float32 weights (and a copy while loading) do not fit in the available memory, before
-    anything is allocated."""
+    anything is allocated. Its sizes are checked first (`check_config_sizes`)."""
     from mgd3.config import check_memory
 
     if not config_file.is_file():
         return  # from_pretrained says what is missing
     cfg = read_json_object(config_file)
+    check_config_sizes(config_file, cfg)
     try:
         n = int(estimate(cfg))
-    except (TypeError, ValueError, KeyError, OverflowError):
+    except (TypeError, ValueError, KeyError, OverflowError, IndexError, ZeroDivisionError, AttributeError):
         return  # a config from_pretrained will reject with its own message
     if n > 50_000_000_000:
         raise Mgd3Error(f"{config_file}: the config describes a {what} of about {n / 1e9:.0f} B parameters; "

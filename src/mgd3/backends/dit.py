@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mgd3.backends.base import (BACKENDS, PIPELINE_CLASSES, Backend, check_model_size, read_id2label, read_json_object,
-                           read_recommendations)
+from mgd3.backends.base import (BACKENDS, PIPELINE_CLASSES, Backend, check_model_size, check_vae_channels,
+                                read_id2label, read_json_object, read_recommendations)
 from mgd3.errors import Mgd3Error, first_line
 from mgd3.files import folder_fingerprint
 from mgd3.core.sampling import ModelOutput
@@ -186,6 +186,7 @@ class DiTBackend(ClassLabelMixin, KLVaeMixin, Backend):
         vae_c = read_config(path / "vae" / "config.json").get("latent_channels")
         tr_c = read_config(path / "transformer" / "config.json").get("in_channels")
         check_sizes(path, {"transformer": (estimate_dit_params, "DiT"), "vae": (estimate_vae_params, "VAE")})
+        check_vae_channels(path / "vae" / "config.json")
         if vae_c is not None and tr_c is not None and vae_c != tr_c:
             raise Mgd3Error(f"{path}: VAE latent channels ({vae_c}) != transformer in_channels ({tr_c})")
         try:

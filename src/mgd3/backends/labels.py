@@ -16,7 +16,9 @@ def map_labels(data, backend: Backend) -> list[int]:
     """The model label of every data class: from the data (subset tables, --class-map), else by
     name against the model's id2label (the full name first, then a synonym that names one label
     only), else by position when the model has no names and the same number of classes."""
-    full = {text.strip().lower(): label for label, text in backend.id2label.items()}
+    full_owners: dict[str, set[int]] = {}
+    for label, text in backend.id2label.items():
+        full_owners.setdefault(text.strip().lower(), set()).add(label)
     owners: dict[str, set[int]] = {}
     for label, text in backend.id2label.items():
         for n in _synonyms(text):
@@ -27,7 +29,12 @@ def map_labels(data, backend: Backend) -> list[int]:
         for text in (data.class_names[c], cid):
             if known is not None:
                 break
-            known = full.get(text.strip().lower())
+            same = full_owners.get(text.strip().lower(), set())
+            if len(same) > 1:  # ImageNet names two classes "crane": never pick one silently
+                raise Mgd3Error(f"class {cid!r} ({text!r}) names {len(same)} labels of model {backend.path.name} "
+                                f"({', '.join(map(str, sorted(same)))}: its id2label repeats that name); pass "
+                                "--class-map FILE with lines 'CLASS_ID LABEL'")
+            known = next(iter(same)) if same else None
             if known is None:
                 hits = {label for n in _synonyms(text) for label in owners.get(n, ())}
                 known = hits.pop() if len(hits) == 1 else None

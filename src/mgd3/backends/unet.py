@@ -158,13 +158,9 @@ def save_pipeline(path: str | Path, unet, class_embedder: ClassEmbedder, vae, sc
 
 
 def _read_json(f: Path) -> dict:
-    try:
-        out = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise Mgd3Error(f"{f} is not readable JSON ({type(e).__name__})") from None
-    if not isinstance(out, dict):
-        raise Mgd3Error(f"{f} is not a JSON object")
-    return out
+    from mgd3.files import read_json_object
+
+    return read_json_object(f)
 
 
 class LDMBackend(ClassLabelMixin, KLVaeMixin, Backend):

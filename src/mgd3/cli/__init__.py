@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from mgd3 import faults
 from mgd3.version import __version__
 from mgd3.errors import Mgd3Error, interrupted_message
 
@@ -202,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(e, "reported", False):  # said already (another process of a torchrun launch)
             print(f"mgd3: error: {e}", file=sys.stderr)
         return 2
-    except MemoryError:
-        print("mgd3: error: out of memory (try a smaller --batch-size or resolution)", file=sys.stderr)
+    except (MemoryError, OSError, RuntimeError) as e:  # a file fault or failed allocation no stage named (issue 32)
+        line = faults.describe(e)
+        if line is None:
+            raise
+        print(f"mgd3: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(interrupted_message(args.command, sys.argv[1:] if argv is None else argv), file=sys.stderr)

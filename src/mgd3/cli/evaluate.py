@@ -91,6 +91,8 @@ def add_parser(subparsers) -> None:
 def _parse_options(items) -> dict:
     import yaml
 
+    from mgd3 import safeio
+
     if items is None:
         return {}
     if isinstance(items, str):
@@ -103,7 +105,7 @@ def _parse_options(items) -> dict:
         if not sep or not k.strip():
             raise Mgd3Error(f"--option expects KEY=VALUE, got {it!r}")
         try:
-            value = yaml.safe_load(v)
+            value = safeio.loads_yaml(v, f"--option {k.strip()}")  # bounded depth, digits, aliases
         except yaml.YAMLError:
             value = v
         if isinstance(value, str):  # YAML 1.1 reads 1e5, nan and inf as strings

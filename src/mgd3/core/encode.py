@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mgd3 import safeio
 from mgd3.errors import Mgd3Error
-from mgd3.files import cache_root, save_torch_atomic
+from mgd3.files import cache_root, cache_torch
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ def _cache_problem(path: Path, rows: int, shape: Sequence[int]) -> str | None:
         return f"not a {CACHE_DTYPE} tensor ({type(lat).__name__}{f' {lat.dtype}' if isinstance(lat, Tensor) else ''})"
     if tuple(lat.shape) != (rows, *shape):
         return f"shape {tuple(lat.shape)}, expected {(rows, *shape)}"
+    if safeio.view_problem(lat):
+        return safeio.view_problem(lat)
     if not torch.isfinite(lat).all():
         return "non-finite values"
     return None
@@ -86,14 +89,15 @@ class CachedLatents(Mapping):
     """{class index: (N_c, C, h, w) float32} read from the float16 cache files on access; only the
     class read last stays in memory."""
 
-    def __init__(self, files: dict[int, Path]):
+    def __init__(self, files: dict[int, Path | Tensor]):
         self.files = dict(files)
         self._last: tuple[int, Tensor] | None = None
 
     def __getitem__(self, c: int) -> Tensor:
         if self._last is None or self._last[0] != c:
             self._last = None  # drop the previous class before reading the next
-            self._last = (c, _load(self.files[c]))
+            f = self.files[c]
+            self._last = (c, f.float() if isinstance(f, Tensor) else _load(f))
         return self._last[1]
 
     def __iter__(self) -> Iterator[int]:
@@ -164,6 +168,7 @@ def encode_classes(
     name = f"{backend.vae_fingerprint()}-{data.fingerprint()}-{CACHE_VERSION}{amp}"
     folder = cache_root(cache_dir) / "latents" / name
     out: dict[int, Tensor] = {}
+    kept: dict[int, Tensor] = {}
     todo = []
     for c in class_indices:
         f = cache_file(c)
@@ -191,13 +196,18 @@ def encode_classes(
                 parts, got = [], 0
                 while got < n:
                     images, _ = next(batches)
-                    parts.append(_encode_batch(backend, images).to("cpu", CACHE_DTYPE))  # (B, C, h, w)
+                    z = _encode_batch(backend, images).to("cpu", CACHE_DTYPE)  # (B, C, h, w)
+                    if not bool(torch.isfinite(z).all()):  # before k-means or any library sees it
+                        raise Mgd3Error(f"the VAE of {getattr(backend, 'path', 'the model')} encodes images of class "
+                                        f"{data.class_ids[c]!r} to NaN, inf or latents beyond float16's range; the "
+                                        "VAE (or its weights) is broken")
+                    parts.append(z)
                     got += len(images)
                     bar.update(len(images))
                 lat = torch.cat(parts)
                 del parts
-                if use_cache:
-                    save_torch_atomic(lat, cache_file(c))
+                if use_cache and not cache_torch(lat, cache_file(c)) and lazy:
+                    kept[c] = lat  # the cache could not be written: this class stays in memory (float16)
                 if not lazy:
                     out[c] = lat.float()
                 del lat
@@ -207,7 +217,7 @@ def encode_classes(
             bar.close()
             del batches  # shuts the workers down
     if lazy:
-        return CachedLatents({c: cache_file(c) for c in class_indices})
+        return CachedLatents({c: kept.get(c, cache_file(c)) for c in class_indices})
     return {c: out[c] for c in class_indices}
 
 

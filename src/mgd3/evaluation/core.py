@@ -41,7 +41,7 @@ def load_set_images(s: DistilledSet, resolution: int, channels: int) -> TensorSe
     to R like the real data (mgd3.io.data's transform)."""
     from mgd3.io.data import read_image, to_model_space
 
-    xs = [to_uint8(to_model_space(read_image(f, channels), resolution, channels)) for f in s.files]
+    xs = [to_uint8(to_model_space(read_image(f, channels, resolution), resolution, channels)) for f in s.files]
     return TensorSet(torch.stack(xs), torch.as_tensor(s.targets, dtype=torch.int64))
 
 
@@ -152,8 +152,18 @@ def evaluate_set(cfg: EvalConfig, ranks=None) -> dict:
         raise Mgd3Error(f"{s.path}/manifest.json: data.name must be a string, got {str(name)[:40]!r}")
     if not name:
         raise Mgd3Error(f"{s.path} does not name its data set (plain ImageFolder): pass --data")
-    if cfg.data_root is None and s.data.get("data_root"):
-        cfg = dataclasses.replace(cfg, data_root=s.data["data_root"])
+    if not cfg.data:  # what the manifest names is read only inside the set, else the user names it (issue 32)
+        from mgd3.io.data import DATASETS
+        from mgd3.io.store import named_outside
+
+        head, sep, tail = name.partition(":")
+        if head in DATASETS and sep:  # "imagenette:/path/to/imagenet"
+            named_outside(s.path, tail, "the data root", f"--data {name}")
+        elif name not in DATASETS:
+            name = named_outside(s.path, name, "the data folder", f"--data {name}")
+        if cfg.data_root is None and s.data.get("data_root"):
+            cfg = dataclasses.replace(cfg, data_root=named_outside(
+                s.path, s.data["data_root"], "the data root", f"--data-root {s.data['data_root']}"))
     channels = _manifest_int(s, "channels", (1, 3)) or _channels_of(s)
     set_res = _manifest_int(s, "resolution", range(1, 16385)) or _resolution_of(s)
     if cfg.data_root is not None and not isinstance(cfg.data_root, str):
@@ -350,8 +360,8 @@ def evaluate_reference(cfg: EvalConfig) -> dict:
     }
     if teacher_rec:
         result["teacher"] = teacher_rec
-    R.write_json_atomic(folder / "result.json", result)
-    result["cache_file"] = str(folder / "result.json")
+    if R.cache_json(folder / "result.json", result):
+        result["cache_file"] = str(folder / "result.json")
     if cfg.out:
         R.write_json_atomic(Path(cfg.out), result)
         result["out"] = cfg.out

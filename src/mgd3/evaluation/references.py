@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mgd3 import files
+from mgd3 import files, safeio
+from mgd3.errors import Mgd3Error
 from mgd3.evaluation.protocols import Protocol, to_dict
 from mgd3.evaluation.train import Normalization, RunOptions, TensorSet, dataset_normalization, train_and_test
 
@@ -46,11 +47,20 @@ def write_json_atomic(path: Path, obj) -> None:
     files.write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
+def cache_json(path: Path, obj) -> bool:
+    """A cache record: a failed write warns once and the run goes on (`files.write_cache`)."""
+    return files.cache_text(path, json.dumps(obj, indent=2, default=str))
+
+
 def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    """A cache record, or None when it is missing or unusable (bounded: `mgd3.safeio`)."""
+    if not path.is_file():
         return None
+    try:
+        d = safeio.read_json(path, 16 << 20)
+    except Mgd3Error:
+        return None
+    return d if isinstance(d, dict) else None
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -63,7 +73,7 @@ def cached_normalization(train_fingerprint: str, load_train, cache_dir=None, use
     if d:
         return Normalization(tuple(d["mean"]), tuple(d["std"]), d["source"])
     norm = dataset_normalization(load_train())
-    write_json_atomic(f, {"mean": list(norm.mean), "std": list(norm.std), "source": norm.source})
+    cache_json(f, {"mean": list(norm.mean), "std": list(norm.std), "source": norm.source})
     return norm
 
 
@@ -105,7 +115,7 @@ def run_reference(kind: str, *, p: Protocol, seeds, ipc: int | None, train_fp: s
         if r is None:
             r = train_and_test(p, make_train(s), test, seed=s, num_classes=num_classes, norm=norm, opts=opts,
                                teacher=teacher)
-            write_json_atomic(f, r)
+            cache_json(f, r)
         else:
             log.info("%s reference, seed %d: from cache %s", kind, s, f)
         runs.append(r)
@@ -166,7 +176,7 @@ def _load_teacher(f: Path, arch: str, num_classes: int, build_network):
     when the file is truncated, foreign or not plain tensors + JSON."""
     try:
         blob = torch.load(f, map_location="cpu", weights_only=True)
-        rec = json.loads(blob["record_json"])
+        rec = safeio.loads_json(blob["record_json"], str(f))
         model = build_network(arch, int(rec["channels"]), num_classes, int(rec["resolution"]))
         model.load_state_dict(blob["state_dict"])
         float(rec["test_acc"])
@@ -204,5 +214,6 @@ def get_teacher(p: Protocol, *, train_fp: str, test_fp: str, make_train, test: T
            "seed": seed, "protocol": to_dict(tp)}
     state = {k: v.detach().cpu() for k, v in getattr(model, "_orig_mod", model).state_dict().items()}
     # plain tensors and a JSON string: read back with weights_only=True, nothing in it can run code
-    files.save_torch_atomic({"state_dict": state, "record_json": json.dumps(rec, default=str)}, f)
+    if not files.cache_torch({"state_dict": state, "record_json": json.dumps(rec, default=str)}, f):
+        return model.eval(), rec
     return model.eval(), {**rec, "cache_file": str(f)}

@@ -138,4 +138,8 @@ def check_protocol_options(options: dict) -> dict:
             conv = convert(f"dsa.{k}", v, dfields[k].type, "--option")
             if isinstance(conv, float):
                 Rule(minimum=0.0).check(f"--option dsa.{k}", conv)
+    if "many_classes" in out:  # its overrides get the same checks ({lr: .nan}, {bogus: 1})
+        if {"many_classes", "dsa"} & set(out["many_classes"]):
+            raise Mgd3Error("--option many_classes cannot hold many_classes or dsa")
+        out["many_classes"] = check_protocol_options({str(k): v for k, v in out["many_classes"].items()})
     return out

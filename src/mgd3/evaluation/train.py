@@ -55,6 +55,12 @@ def tensor_set(dataset, *, batch_size: int = 500, workers: int = 0, progress: bo
     n = len(dataset)
     if n == 0:
         raise Mgd3Error("no images to load")
+    r, c = getattr(dataset, "resolution", None), getattr(dataset, "channels", None)
+    if r and c:  # the uint8 set and one float batch in flight, before anything is allocated
+        from mgd3.config import check_memory
+
+        check_memory(n * c * r * r + 2 * min(n, batch_size) * c * r * r * 4,
+                     f"{desc}: {n} images at {r}x{r} pixels", "use a smaller --resolution (or a set of that size)")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     images, targets = [], []
     for x, y in tqdm(loader, desc=desc, unit="batch", disable=not progress or n <= batch_size, leave=False):

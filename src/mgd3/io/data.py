@@ -14,7 +14,6 @@ then [0, 1] -> [-1, 1]. Items already R x R skip the resize.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -31,6 +30,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from mgd3 import safeio
 from mgd3.errors import Mgd3Error
 from mgd3.registry import Registry
 
@@ -253,22 +253,18 @@ class FileDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, j: int):
-        return to_model_space(read_image(self.files[j], self.channels), self.resolution, self.channels), \
+        return to_model_space(read_image(self.files[j], self.channels, self.resolution), self.resolution,
+                              self.channels), \
             int(self.targets[j])
 
 
-def read_image(path: str | os.PathLike, channels: int) -> torch.Tensor:
-    """An image file as uint8 (channels, H, W); PIL does the channel conversion."""
-    from PIL import Image
+def read_image(path: str | os.PathLike, channels: int, resolution: int | None = None) -> torch.Tensor:
+    """An image file as uint8 (channels, H, W); PIL does the channel conversion. Its size is
+    checked before decoding, against a pixel budget and what resizing to `resolution` would
+    allocate (`mgd3.images`); an unreadable file is a one-line Mgd3Error naming it."""
+    from mgd3.images import read_image as read
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB" if channels == 3 else "L")
-            arr = np.asarray(im)
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        msg = " ".join(str(e).split())
-        raise Mgd3Error(f"cannot read image {path}: {type(e).__name__}{': ' + msg if msg else ''}") from None
-    return torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], -1).copy()).permute(2, 0, 1)
+    return read(path, channels, resolution)
 
 
 # --------------------------------------------------------------------------- sources
@@ -379,21 +375,22 @@ def _keep(targets: np.ndarray, keep: list[int], num_classes: int) -> tuple[np.nd
 # --------------------------------------------------------------------------- Fashion-MNIST
 
 _IDX_CACHE: dict[tuple, np.ndarray] = {}
+IDX_MAX_BYTES = 16 + 60_000 * 28 * 28  # the largest Fashion-MNIST file (train images), decompressed
 
 
-def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
-    """A (gzipped) IDX file of unsigned bytes as a read-only uint8 array; corrupt -> Mgd3Error."""
+def read_idx(path: str | os.PathLike, ndim: int | None = None, max_bytes: int = IDX_MAX_BYTES) -> np.ndarray:
+    """A (gzipped) IDX file of unsigned bytes as a read-only uint8 array; corrupt, or (once
+    decompressed) larger than `max_bytes` -> Mgd3Error."""
     path = Path(path)
-    st = path.stat()
+    st = safeio.check_regular(path)
     cache_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if cache_key in _IDX_CACHE:
         return _IDX_CACHE[cache_key]
     try:
         if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
+            raw = safeio.read_gzip(path, max_bytes, kind="Fashion-MNIST IDX file")
         else:
-            raw = path.read_bytes()
+            raw = safeio.read_bytes(path, max_bytes, kind="Fashion-MNIST IDX file")
         if len(raw) < 4:
             raise ValueError("too short")
         zero, dtype, nd = struct.unpack(">HBB", raw[:4])
@@ -466,37 +463,106 @@ def digits(split: str, classes=None, data_root=None) -> tuple:
 # --------------------------------------------------------------------------- image folders
 
 
+_PSEUDO_FS = ("/proc", "/sys", "/dev", "/run")
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def _entry_is_dir(e: os.DirEntry) -> bool | None:
+    """`DirEntry.is_dir()` (symlinks followed); None for a link that cannot be followed (a loop)."""
+    try:
+        return e.is_dir()
+    except OSError:
+        return None
+
+
+def _list(folder: Path, what: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return [e for e in it if not e.name.startswith(".")]
+    except OSError as e:  # EACCES, ELOOP, ENOTDIR, EIO ...
+        raise Mgd3Error(f"cannot list {what} {folder} ({_reason(e)}); make it readable or move it out of "
+                        "the data folder") from None
+
+
 def _class_dirs(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    """The class sub-folders (symlinks followed). A link that loops, or that leads to a folder
+    holding the data folder (`/`, a parent) or into /proc, /sys, /dev, is an error: whether it
+    is a class would change every class index after it."""
+    out = []
+    for e in _list(folder, "data folder"):
+        is_dir = _entry_is_dir(e)
+        if is_dir is None:
+            raise Mgd3Error(f"{e.path} is a symbolic link that cannot be followed (a loop); remove it or make it "
+                            "point to a class folder")
+        if is_dir and e.is_symlink():
+            why = _outside_walk(e.path, os.path.realpath(folder))
+            if why:
+                raise Mgd3Error(f"class folder {e.path} is a symbolic link that mgd3 does not follow: {why}")
+        if is_dir:
+            out.append(e.name)
+    return sorted(out)
 
 
-def _walk_images(top: Path) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime_ns) of the image files under `top`, recursively (symlinks
-    followed, hidden entries skipped), sorted by path."""
+def _outside_walk(link: str, top_real: str) -> str | None:
+    """Why a symlinked sub-folder of a class folder is not followed: it holds the class folder
+    itself (a link to `/` or to a parent: the walk would never end or cover the disk), or it lies
+    on a pseudo file system (/proc, /sys, /dev)."""
+    target = os.path.realpath(link)
+    if os.path.commonpath([target, top_real]) == target:
+        return f"it points to {target}, a folder that contains the class folder"
+    if any(target == p or target.startswith(p + os.sep) for p in _PSEUDO_FS):
+        return f"it points into {target}, a pseudo file system"
+    return None
+
+
+def _walk_images(top: Path) -> list[tuple[str, int, int | str]]:
+    """(relative path, size, "mtime_ns:ctime_ns:inode") of the image files under `top`, recursively (symlinks
+    followed, hidden entries skipped), sorted by path. A sub-folder link that loops or leads to
+    a folder holding `top` (or into /proc, /sys, /dev) is skipped with a warning; a folder that
+    cannot be listed is a one-line error."""
     out, seen, stack = [], set(), [top]
+    try:
+        top_real = os.path.realpath(top)
+    except OSError as e:
+        raise Mgd3Error(f"cannot read class folder {top} ({_reason(e)})") from None
     while stack:
         d = stack.pop()
-        st = d.stat()
+        try:
+            st = d.stat()
+        except OSError as e:
+            raise Mgd3Error(f"cannot read folder {d} ({_reason(e)})") from None
         if (st.st_dev, st.st_ino) in seen:  # symlink loop
             continue
         seen.add((st.st_dev, st.st_ino))
-        with os.scandir(d) as it:
-            for e in it:
-                if e.name.startswith("."):
-                    continue
-                if e.is_dir():
+        for e in _list(d, "class folder" if d == top else "folder"):
+            is_dir = _entry_is_dir(e)
+            if is_dir is None:
+                if e.name.lower().endswith(IMG_EXTENSIONS):
+                    out.append((os.path.relpath(e.path, top), -1, 0))  # a link that loops: a missing file
+                else:
+                    log.warning("%s is a symbolic link that cannot be followed (a loop); ignored", e.path)
+            elif is_dir:
+                why = _outside_walk(e.path, top_real) if e.is_symlink() else None
+                if why:
+                    log.warning("not following %s: %s", e.path, why)
+                else:
                     stack.append(Path(e.path))
-                elif e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file():
-                    s = e.stat()
-                    out.append((os.path.relpath(e.path, top), s.st_size, s.st_mtime_ns))
-                elif e.name.lower().endswith(IMG_EXTENSIONS) and e.is_symlink() and not os.path.exists(e.path):
-                    out.append((os.path.relpath(e.path, top), -1, 0))  # a broken link: a missing file
+            elif e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file():
+                s = e.stat()
+                # ctime and inode too: a tar extraction restores names, sizes and mtimes, but any write
+                # to a file sets its ctime, so two folders of other pixels never share cached encodings
+                out.append((os.path.relpath(e.path, top), s.st_size, f"{s.st_mtime_ns}:{s.st_ctime_ns}:{s.st_ino}"))
+            elif e.name.lower().endswith(IMG_EXTENSIONS) and e.is_symlink() and not os.path.exists(e.path):
+                out.append((os.path.relpath(e.path, top), -1, 0))  # a broken link: a missing file
     return sorted(out)
 
 
 def _scan(folder: Path, class_ids: list[str]) -> tuple[list[str], np.ndarray, str]:
     """Files and class indices of the class folders `class_ids` of `folder`, and a key over
-    their relative paths, sizes and mtimes."""
+    their relative paths, sizes, mtimes, ctimes and inodes (see `_walk_images`)."""
     files: list[str] = []
     targets: list[int] = []
     h = hashlib.sha256()
@@ -531,7 +597,7 @@ def _check_class_folders(folder: Path, ids: list[str], what: str) -> None:
     missing = [i for i in ids if not (folder / i).is_dir()]
     if missing:
         hint = ""
-        if any(e.name.lower().endswith(IMG_EXTENSIONS) for e in os.scandir(folder)):
+        if any(e.name.lower().endswith(IMG_EXTENSIONS) for e in _list(folder, "data folder")):
             hint = " (its images must be sorted into one sub-folder per class)"
         raise Mgd3Error(f"{folder} lacks {len(missing)} {what} class folder(s){hint}: {', '.join(missing)}")
 
@@ -561,41 +627,37 @@ def image_folder(path: str, split: str, classes=None) -> tuple:
     return ids, [names[k] for k in keep], [None] * len(ids), targets, _FileSource(files, key)
 
 
-def _image_problem(path: str) -> str | None:
-    """Why an image file cannot be used (missing, empty, not an image, a corrupt header or PNG
-    chunk), or None. A cheap check, without decoding every pixel: a file whose pixel data is
-    damaged can still stop the run when it is read for encoding."""
-    from PIL import Image
-
-    if not os.path.exists(path):
-        return "missing"
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
-        return " ".join(f"{type(e).__name__}: {e}".split())
-    return None
+CHECK_VERSION = "decoded-1"  # what the cached check did: a full decode (an older verify-only result is not reused)
 
 
-def check_files(source: "_FileSource", targets: np.ndarray, class_ids: list[str], strict: bool) -> tuple:
+def _image_problem(path: str, resolution: int | None = None) -> str | None:
+    """Why an image file cannot be used (missing, empty, not an image, over the pixel budget or
+    what resizing it to `resolution` allocates, damaged pixel data), or None
+    (`mgd3.images.image_problem`: decodes it once)."""
+    from mgd3.images import image_problem
+
+    return image_problem(path, resolution)
+
+
+def check_files(source: "_FileSource", targets: np.ndarray, class_ids: list[str], strict: bool,
+                cache_dir: str | None = None, resolution: int | None = None) -> tuple:
     """Drop missing or unreadable image files (one warning with their count), or with `strict`
-    stop at the first. The result is cached per file listing, so a second run checks nothing."""
-    from mgd3.files import cache_root, write_text_atomic
+    stop at the first. The result is cached per file listing (under `cache_dir`, see
+    `mgd3.files.cache_root`), so a second run checks nothing."""
+    from mgd3.files import cache_root, cache_text
 
-    cache = cache_root() / "checked" / f"{hashlib.sha256(source.key.encode()).hexdigest()[:24]}.json"
+    key = f"{CHECK_VERSION}|{resolution}|{source.key}"
+    cache = cache_root(cache_dir) / "checked" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
     try:
-        bad = {int(k): v for k, v in json.loads(cache.read_text()).items()}
-    except (OSError, ValueError):
+        bad = {int(k): str(v) for k, v in safeio.read_json_object(cache, 64 << 20).items()}
+    except (Mgd3Error, ValueError):
         bad = {}
         for i, f in enumerate(tqdm(source.files, desc="checking images", unit="img", leave=False,
                                    disable=True if len(source.files) < 5000 else None)):
-            why = _image_problem(f)
+            why = _image_problem(f, resolution)
             if why is not None:
                 bad[i] = why
-        try:
-            write_text_atomic(cache, json.dumps(bad))
-        except OSError:
-            pass  # a read-only cache only costs the check next time
+        cache_text(cache, json.dumps(bad))  # a failed write warns once and only costs the check next time
     if not bad:
         return source, targets
     first = min(bad)
@@ -664,12 +726,9 @@ def read_class_map(path: str | os.PathLike) -> dict[str, int]:
     """A JSON object {class_id: label} or text lines 'CLASS_ID LABEL' (blank lines and # comments
     allowed; the id may contain spaces, the label is the last field)."""
     p = Path(path).expanduser()
-    if not p.is_file():
+    if not p.exists():
         raise Mgd3Error(f"class map {p} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise Mgd3Error(f"cannot read class map {p}: {e}") from None
+    text = safeio.read_text(p, 64 << 20, f"class map {p}", "class map")
 
     def label(v, where: str) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -686,7 +745,7 @@ def read_class_map(path: str | os.PathLike) -> dict[str, int]:
             return seen
 
         try:
-            obj = json.loads(text, object_pairs_hook=pairs)
+            obj = safeio.loads_json(text, f"class map {p}", object_pairs_hook=pairs, syntax_errors=True)
         except json.JSONDecodeError as e:
             raise Mgd3Error(f"class map {p}, line {e.lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
@@ -699,7 +758,9 @@ def read_class_map(path: str | os.PathLike) -> dict[str, int]:
             continue
         parts = line.rsplit(None, 1)
         if len(parts) != 2 or not re.fullmatch(r"\d+", parts[1]):
-            raise Mgd3Error(f"class map {p}, line {n}: expected 'CLASS_ID LABEL', got {line!r}")
+            raise Mgd3Error(f"class map {p}, line {n}: expected 'CLASS_ID LABEL', got {line[:80]!r}")
+        if len(parts[1]) > 18:
+            raise Mgd3Error(f"class map {p}, line {n}: label of {len(parts[1])} digits is no class label")
         if parts[0] in out:
             raise Mgd3Error(f"class map {p}, line {n}: class {parts[0]!r} is given twice")
         out[parts[0]] = int(parts[1])
@@ -723,7 +784,8 @@ def check_data_name(name: str) -> None:
 
 def load_data(name_or_path: str, split: str = "train", *, resolution: int | None = None,
               channels: int | None = None, classes: Sequence[str] | None = None,
-              data_root: str | None = None, class_map: str | None = None, bad_files: str = "lazy") -> RealData:
+              data_root: str | None = None, class_map: str | None = None, bad_files: str = "lazy",
+              cache_dir: str | None = None) -> RealData:
     """A named dataset (`DATASETS`, also `imagenette:/path/to/imagenet`) or an image folder.
 
     resolution/channels None: the data's own (28/8 and 1 for Fashion-MNIST/digits; 256 and 3
@@ -754,7 +816,8 @@ def load_data(name_or_path: str, split: str = "train", *, resolution: int | None
     if bad_files not in ("lazy", "skip", "strict"):
         raise ValueError(f"bad_files must be lazy, skip or strict, got {bad_files!r}")
     if isinstance(source, _FileSource) and bad_files != "lazy":
-        source, targets = check_files(source, targets, ids, strict=bad_files == "strict")
+        source, targets = check_files(source, targets, ids, strict=bad_files == "strict", cache_dir=cache_dir,
+                                      resolution=resolution or DEFAULT_FOLDER_RESOLUTION)
     if class_map:
         mapping = read_class_map(class_map)
         labels = [mapping.get(i, mapping.get(n, lab)) for i, n, lab in zip(ids, names, labels)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from mgd3 import safeio
 from mgd3.errors import Mgd3Error
 from mgd3.files import read_json_object, save_torch_atomic, to_uint8, write_atomic, write_text_atomic
 
@@ -66,8 +68,8 @@ def first_difference(old: dict, new: dict) -> str | None:
 def read_run(out: Path) -> dict | None:
     """The run file of an output folder, or None when there is none (or it is unreadable)."""
     try:
-        run = json.loads((out / RUN_FILE).read_text())
-    except (OSError, ValueError):
+        run = safeio.read_json(out / RUN_FILE, 16 << 20)
+    except Mgd3Error:
         return None
     if not (isinstance(run, dict) and run.get("format") == RUN_FORMAT and isinstance(run.get("key", {}), dict)
             and isinstance(run.get("info", {}), dict)):
@@ -111,6 +113,10 @@ def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | No
                 raise Mgd3Error(f"output folder {out} holds a run with other settings ({diff}: {old!r} there, "
                                 f"{new!r} now); use --overwrite to replace it, or another --out")
             state = "complete" if (out / "manifest.json").is_file() else "resume"
+    for name in ("images", PARTIAL):  # mgd3 writes only inside --out, never through a link
+        if (out / name).is_symlink():
+            raise Mgd3Error(f"{out / name} is a symbolic link; mgd3 writes only inside its output folder "
+                            "(remove the link, use --overwrite, or choose another --out)")
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
         probe = out / ".mgd3-write-test"
@@ -129,20 +135,48 @@ def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | No
 def _is_set(out: Path) -> bool:
     """Whether `out` holds a distilled set mgd3 wrote (its manifest says the format)."""
     try:
-        m = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
+        m = safeio.read_json(out / "manifest.json", 1 << 30)
+    except Mgd3Error:
         return False
     return isinstance(m, dict) and str(m.get("format", "")).startswith(FORMAT_PREFIX)
 
 
+_WRITTEN = {"images": re.compile(r"\d+\.png|\..+\.tmp"), PARTIAL: re.compile(r"\d{5}-\d{6}-\d{6}\.pt|\..+\.tmp")}
+
+
 def _clear(out: Path) -> None:
+    """Remove what mgd3 wrote in `out`, nothing else, and never through a symlink: a symlink at
+    one of mgd3's names is removed itself (what it points to stays); inside images/ and .partial/
+    only files named as mgd3 names them go (images/<class folder>/<index>.png, shards, its
+    temporary files), so a user's images/NOTES.txt stays, with one warning."""
     # the manifest goes first so a crash mid-clean never leaves a set that looks complete
+    kept: list[Path] = []
     for name in ("manifest.json",) + OUTPUTS:
         p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
             p.unlink()
+        elif p.is_dir():
+            kept += _clear_folder(p, _WRITTEN.get(name), depth=1 if name == "images" else 0)
+    if kept:
+        log.warning("--overwrite left %d file(s) that mgd3 did not write, e.g. %s", len(kept), kept[0])
+
+
+def _clear_folder(folder: Path, written: "re.Pattern | None", depth: int) -> list[Path]:
+    """Remove mgd3's files from `folder` (`depth` levels of real sub-folders, as images/<class>/),
+    then the folders left empty; returns the files kept."""
+    kept = []
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink():
+            p.unlink()  # the link only
+        elif p.is_dir() and depth > 0:
+            kept += _clear_folder(p, written, depth - 1)
+        elif p.is_file() and depth == 0 and written is not None and written.fullmatch(p.name):
+            p.unlink()
+        else:
+            kept.append(p)
+    if not kept:
+        folder.rmdir()
+    return kept
 
 
 def shard_name(class_index: int, first: int, count: int) -> str:
@@ -160,12 +194,10 @@ def save_shard(out: Path, class_index: int, first: int, shard: dict) -> None:
 
 
 def image_ok(path: Path) -> bool:
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except Exception:  # missing, truncated, not an image
-        return False
+    """Whether an image mgd3 wrote is still whole (a regular file, within the budget, decodable)."""
+    from mgd3.images import image_problem
+
+    return image_problem(path) is None
 
 
 def load_shards(out: Path, class_index: int, class_id: str) -> dict[int, dict]:
@@ -182,7 +214,7 @@ def load_shards(out: Path, class_index: int, class_id: str) -> dict[int, dict]:
             ok = ok and all(r["class_id"] == class_id and image_ok(inside(out, r["path"], f.name)) for r in recs)
             lat = shard["latents"]
             ok = ok and (lat is None or (isinstance(lat, Tensor) and len(lat) == len(idx)
-                                         and bool(torch.isfinite(lat).all())))
+                                         and safeio.view_problem(lat) is None and bool(torch.isfinite(lat).all())))
         except Exception:  # a truncated or foreign file
             ok = False
         if ok:
@@ -288,6 +320,37 @@ def inside(root: Path, rel, what: str = "manifest.json") -> Path:
     return real
 
 
+def refuse_out_inside_data(out, data: str) -> None:
+    """An output folder inside the image folder being read would be read back as a class (or
+    as images of one) by the next run: refused."""
+    d = Path(str(data)).expanduser()
+    if not d.is_dir():
+        return  # a named dataset
+    o, d = Path(out).expanduser().resolve(), d.resolve()
+    if o == d or d in o.parents:
+        raise Mgd3Error(f"--out {out} lies inside the data folder {data}; the next run would read it as data: "
+                        "choose an output folder outside it")
+
+
+def named_outside(root: Path, value, what: str, flag: str) -> str | None:
+    """A path a manifest names (`value`), for reading: None when unset; the value when it lies
+    inside the set; else refused: mgd3 reads outside a set only what the user names (`flag`)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise Mgd3Error(f"{root}/manifest.json: {what} must be a non-empty string, got {str(value)[:60]!r}")
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else root / p
+    try:
+        real, base = p.resolve(), root.resolve()
+    except (OSError, RuntimeError):
+        real, base = None, None
+    if real is not None and (real == base or base in real.parents):
+        return str(real)
+    raise Mgd3Error(f"{root}/manifest.json names {what} {value[:120]!r}, outside the set; mgd3 reads outside a "
+                    f"set only what you name: pass {flag}")
+
+
 def read_latents(root: Path) -> dict:
     """OUT/latents.pt checked: {"latents": (N, C, h, w) float32, finite, "paths": list, ...}; read
     with weights_only=True, a symlink out of the set refused, anything else one line."""
@@ -295,13 +358,16 @@ def read_latents(root: Path) -> dict:
     try:
         obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (truncated, garbage, or a pickle that is not plain data)
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = safeio.load_error(e)
         raise Mgd3Error(f"{f} is not a readable mgd3 latents file ({first})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("latents"), Tensor) \
             or obj["latents"].ndim < 2 or not obj["latents"].is_floating_point():
         raise Mgd3Error(f"{f} does not hold {{'latents': a float tensor (N, C, h, w), ...}}")
     if not isinstance(obj.get("paths", []), list):
         raise Mgd3Error(f"{f}: paths must be a list")
+    why = safeio.view_problem(obj["latents"])
+    if why:  # before .float() materialises it
+        raise Mgd3Error(f"{f} {why}")
     obj["latents"] = obj["latents"].float()
     if not bool(torch.isfinite(obj["latents"]).all()):
         raise Mgd3Error(f"{f} holds NaN or inf latents")
@@ -369,11 +435,13 @@ class DistilledSet:
 def load_set(path: str | os.PathLike) -> DistilledSet:
     """Read the distilled set mgd3 wrote to `path` with its images as one uint8 tensor (and the
     latents, when written): what `mgd3.load_set` returns."""
+    from mgd3.images import open_image
+
     s = read_set(path, allow_image_folder=False)  # containment and consistency checked there
     arrays = []
     for f in s.files:
         try:
-            with Image.open(f) as im:
+            with open_image(f) as im:  # a regular file within the pixel budget (mgd3.images)
                 a = np.asarray(im)
         except OSError as e:
             raise Mgd3Error(f"cannot read image {f} of set {s.path} ({e})") from None
@@ -384,13 +452,11 @@ def load_set(path: str | os.PathLike) -> DistilledSet:
 
 
 def _check_pixels(f: Path) -> None:
-    try:
-        with Image.open(f) as im:
-            w, h = im.size
-    except Exception:  # noqa: BLE001  (not an image: said where it is read)
-        raise Mgd3Error(f"{f} is not a readable image") from None
-    if w * h > MAX_IMAGE_PIXELS:
-        raise Mgd3Error(f"{f} is {w}x{h} pixels, more than mgd3 reads for a set image ({MAX_IMAGE_PIXELS} pixels)")
+    """A set image: a regular file whose header size is within MAX_IMAGE_PIXELS (`mgd3.images`)."""
+    from mgd3.images import open_image
+
+    with open_image(f, max_pixels=MAX_IMAGE_PIXELS):
+        pass
 
 
 def _int(v, what: str, where: Path) -> int:

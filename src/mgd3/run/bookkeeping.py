@@ -217,8 +217,8 @@ def manifest(config, backend, data, classes: list[ClassInfo], resolved: dict, me
                  "resolution": config.save_resolution or data.resolution,
                  "channels": data.channels, "fingerprint": data.fingerprint()},
         "model": None if backend is None else {
-            "path": str(backend.path), "backend": backend.name, "latent_shape": list(backend.latent_shape),
-            "learned_sigma": backend.learned_sigma},
+            "path": str(backend.path), "fingerprint": folder_fingerprint(backend.path), "backend": backend.name,
+            "latent_shape": list(backend.latent_shape), "learned_sigma": backend.learned_sigma},
         "classes": [class_record(c) for c in classes],
         "method_info": method_info,
         "config": resolved,

@@ -197,7 +197,7 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
         if cfg.sampler.steps is None:
             cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=DEFAULT_STEPS))
         data = load_data(cfg.data, "train", resolution=cfg.resolution, classes=cfg.classes, data_root=cfg.data_root,
-                         class_map=cfg.class_map, bad_files="strict" if cfg.strict else "skip")
+                         class_map=cfg.class_map, bad_files="strict" if cfg.strict else "skip", cache_dir=cfg.cache_dir)
         labels = list(range(len(data.class_ids)))  # no model: a class's label is its index
     else:
         check_recommendations(backend)  # the method options its mgd3.json recommends, before any data loads
@@ -211,7 +211,7 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
             raise Mgd3Error(f"--cfg-channels {cfg.sampler.cfg_channels} > latent channels {backend.latent_shape[0]}")
         data = load_data(cfg.data, "train", resolution=backend.resolution, channels=backend.image_channels,
                          classes=cfg.classes, data_root=cfg.data_root, class_map=cfg.class_map,
-                         bad_files="strict" if cfg.strict else "skip")
+                         bad_files="strict" if cfg.strict else "skip", cache_dir=cfg.cache_dir)
         labels = class_labels(data, backend, cfg.prompt, cfg.negative_prompt)
     classes = [ClassInfo(i, cid, data.class_names[i], labels[i]) for i, cid in enumerate(data.class_ids)]
     timing = {"load": time.perf_counter() - t}
@@ -284,6 +284,7 @@ def _open_output(run: _Run) -> str:
     """Open the output folder (rank 0, only after every check passed); every process gets its state."""
     cfg, ranks = run.cfg, run.ranks
     check_distill_run(cfg, run.backend, run.classes, run.ctx.cfg_scale)  # before the output folder is touched
+    store.refuse_out_inside_data(cfg.out, cfg.data)  # issue 32: it would become a class on the next run
     key = runs.run_key(cfg, run.backend, run.data, run.classes, run.ctx.cfg_scale, run.options,
                        run.method.order_dependent)
     state = None

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from mgd3.errors import Mgd3Error, first_line
+from mgd3 import safeio
+from mgd3.errors import Mgd3Error
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,7 @@ VAE_PREFIX = "first_stage_model."
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The flat state dict of a .ckpt/.pt (torch.load, weights_only) or .safetensors file."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise Mgd3Error(f"checkpoint {path} does not exist")
+    safeio.check_regular(path, f"checkpoint {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -58,7 +58,7 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors of many kinds: an unreadable or unsafe file
-        first = first_line(e)
+        first = safeio.load_error(e)
         raise Mgd3Error(f"{path} is not a checkpoint torch.load(weights_only=True) can read: {first}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -68,15 +68,8 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_config(path: str | Path) -> dict:
-    import yaml
-
     path = Path(path).expanduser()
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise Mgd3Error(f"cannot read --config {path} ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise Mgd3Error(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    cfg = safeio.read_yaml(path, 4 << 20, f"--config {path}", "latent-diffusion config")
     try:
         params = cfg["model"]["params"]
         for k in ("unet_config", "first_stage_config", "cond_stage_config"):
@@ -109,6 +102,42 @@ def _check_config(cfg: dict, source: str) -> None:
     target = str(p["first_stage_config"].get("target", ""))
     if not target.endswith(("VQModelInterface", "VQModel", "AutoencoderKL")):
         raise Mgd3Error(f"{source}: first_stage_config is {target!r}; known: VQModelInterface, AutoencoderKL")
+    _check_sizes(p, source)
+
+
+# every size the conversion reads, (where, key, largest sane value); a list: each entry
+_SIZES = [("unet_config", "model_channels", 4096), ("unet_config", "channel_mult", 16),
+          ("unet_config", "num_res_blocks", 16), ("unet_config", "attention_resolutions", 1 << 10),
+          ("unet_config", "in_channels", 64), ("unet_config", "out_channels", 64),
+          ("unet_config", "transformer_depth", 64), ("unet_config", "context_dim", 1 << 14),
+          ("ddconfig", "ch", 4096), ("ddconfig", "ch_mult", 16), ("ddconfig", "num_res_blocks", 16),
+          ("ddconfig", "z_channels", 64), ("ddconfig", "resolution", 4096), ("ddconfig", "in_channels", 64),
+          ("ddconfig", "out_ch", 64), ("first_stage_config", "embed_dim", 64)]
+_OPTIONAL = {"transformer_depth", "out_channels", "in_channels", "out_ch", "ch", "num_res_blocks"}
+
+
+def _check_sizes(p: dict, source: str) -> None:
+    """Missing keys, wrong types and absurd sizes (`num_res_blocks: 1e9`, `channel_mult: 5`) are one
+    line naming the key, before a network is built."""
+    where = {"unet_config": p["unet_config"]["params"], "first_stage_config": p["first_stage_config"]["params"],
+             "ddconfig": (p["first_stage_config"]["params"] or {}).get("ddconfig")}
+    if not isinstance(where["ddconfig"], dict):
+        raise Mgd3Error(f"{source}: first_stage_config.params.ddconfig must be a mapping")
+    for part, key, top in _SIZES:
+        d = where[part]
+        if key not in d:
+            if key in _OPTIONAL or part == "ddconfig" and key in ("ch", "num_res_blocks"):
+                continue
+            raise Mgd3Error(f"{source}: {part}.params has no {key}")
+        v = d[key]
+        items = v if isinstance(v, list) else [v]
+        if key in ("channel_mult", "ch_mult", "attention_resolutions") and not isinstance(v, list):
+            raise Mgd3Error(f"{source}: {part} {key} must be a list of integers, got {str(v)[:40]}")
+        if not items and key != "attention_resolutions":
+            raise Mgd3Error(f"{source}: {part} {key} must not be empty")
+        for x in items:
+            if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= top:
+                raise Mgd3Error(f"{source}: {part} {key} must be a positive integer up to {top}, got {str(v)[:40]}")
 
 
 # --------------------------------------------------------------------------- the keys the YAML needs

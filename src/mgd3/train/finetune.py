@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mgd3 import files
 from mgd3.config import resolve_device
 from mgd3.errors import Mgd3Error
 
@@ -297,7 +298,7 @@ def _save(out: Path, backend, ema, cfg: FinetuneConfig, data, stats: dict) -> No
     for sub in ("vae", "scheduler"):
         shutil.copytree(src / sub, out / sub)
     ema.save_pretrained(out / "transformer", safe_serialization=True)
-    extra = json.loads((src / "mgd3.json").read_text()) if (src / "mgd3.json").is_file() else {}
+    extra = files.read_json_object(src / "mgd3.json", "mgd3.json") if (src / "mgd3.json").is_file() else {}
     record = {"objective": cfg.objective, "base_model": str(src), "base_fingerprint": folder_fingerprint(src),
               "data": cfg.data, "classes": list(data.class_ids), "config": dataclasses.asdict(cfg), "stats": stats}
     meta = {"defaults": extra.get("defaults", {}), "trained_by": "mgd3 finetune", "data": cfg.data,

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mgd3 import safeio
 from mgd3.config import FINITE_NON_NEGATIVE, POSITIVE, RANDOM_STATE_MAX, Rule, check_device, check_rules, check_types, convert, fill, resolve_device
 from mgd3.errors import Mgd3Error
 from mgd3.files import to_uint8, write_atomic
@@ -280,8 +281,8 @@ class _Checkpoints:
         if not (f.is_file() and (self.folder / f"{stage}.pt").is_file()):
             return None
         try:
-            meta = json.loads(f.read_text())
-        except (OSError, ValueError):
+            meta = safeio.read_json(f, 1 << 20)
+        except Mgd3Error:
             meta = None
         if not isinstance(meta, dict) or not isinstance(meta.get("signature"), dict) \
                 or not isinstance(meta.get("epoch"), int):
@@ -300,7 +301,7 @@ class _Checkpoints:
             if not isinstance(state, dict) or not {"model", "opt", "gen", "epoch", "step", "stats"} <= set(state):
                 raise ValueError("not an mgd3 pretrain checkpoint")
         except Exception as e:  # noqa: BLE001  (truncated, garbage, or a pickle that is not plain data)
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            first = safeio.load_error(e)
             raise Mgd3Error(f"checkpoint {f} is unreadable ({first}); delete {self.folder} (or use --overwrite) to "
                             "start that stage afresh") from None
         return state
@@ -308,8 +309,8 @@ class _Checkpoints:
     def add_run(self, run: dict) -> list[dict]:
         f = self.folder / "runs.json"
         try:
-            runs = json.loads(f.read_text()) if f.is_file() else []
-        except (OSError, ValueError):
+            runs = safeio.read_json(f, 16 << 20) if f.is_file() else []
+        except Mgd3Error:
             runs = []
         runs = (runs if isinstance(runs, list) else []) + [run]
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -351,8 +352,8 @@ def _check_signature(meta: dict | None, cfg: PretrainConfig, keys: tuple[str, ..
 
 def _written_by_pretrain(out: Path) -> bool:
     try:
-        info = json.loads((out / "mgd3.json").read_text())
-    except (OSError, ValueError):
+        info = safeio.read_json(out / "mgd3.json", 1 << 20)
+    except Mgd3Error:
         return False
     return isinstance(info, dict) and info.get("trained_by") == "mgd3 pretrain"
 
