@@ -145,7 +145,7 @@ def test_accuracy_rows_take_a_reference_trained_later_from_the_cache(tmp_path):
                       {"mean": 90.0, "protocol": {**protocol, "epochs": 6}})  # full: any epochs
     (row,) = accuracy_rows(s, tmp_path)
     assert (row["random_real"], row["ior"], row["full"], row["hlr"]) == (55.0, 5.0, 90.0, 30.0)
-    assert row["ddrs"] is not None
+    assert row["lrs"] is not None
     s.evals = [{**ev, "data": {"train_fingerprint": "other"}}]  # other data: no reference
     assert accuracy_rows(s, tmp_path)[0]["ior"] is None
 
