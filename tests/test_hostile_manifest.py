@@ -55,7 +55,7 @@ def report(a_set, tmp_path):
 
 
 def test_the_manifest_records_the_model_fingerprint(a_set, digits_model):
-    from mgd3.run.bookkeeping import model_fingerprint
+    from mgd3.files import folder_fingerprint as model_fingerprint
 
     m = json.loads((a_set / "manifest.json").read_text())
     assert m["model"]["fingerprint"] == model_fingerprint(Path(digits_model))

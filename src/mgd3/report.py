@@ -224,7 +224,7 @@ def set_model(s: "SetInfo") -> str:
     """The model folder that made the set, checked: a local folder or a repo id already in the
     Hugging Face cache (a set's contents never start a download), whose fingerprint is the one the
     manifest recorded (a model swapped in at that path is refused, not used)."""
-    from mgd3.run.bookkeeping import model_fingerprint
+    from mgd3.files import folder_fingerprint as model_fingerprint
 
     m = s.manifest
     rec = m.get("model") or {}
