@@ -22,8 +22,8 @@ loss    The model's ε-prediction loss on the encoded test split (2000 images, f
     python benchmarks/model_diagnosis.py --part spread --settings plain:50:1.5 plain:100:1.5 mgd3:50:1.5 --score
     python benchmarks/model_diagnosis.py --part loss --model MODEL_A MODEL_B
 
-A setting is method:steps:cfg[:lambda], method one of plain, mgd3, real (a random real subset; steps
-and CFG ignored). Appends to benchmarks/results/model_diagnosis.md (or --out).
+A setting is method:steps:cfg[:lambda][:iLOW_HIGH], method one of plain, mgd3, real (a random real
+subset; steps and CFG ignored); iLOW_HIGH samples with --cfg-interval LOW HIGH (e.g. i0.45_1.23). Appends to benchmarks/results/model_diagnosis.md (or --out).
 """
 
 from __future__ import annotations
@@ -138,6 +138,8 @@ def spread(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, f
 
 def make_set(args, backend, setting: str, train: TensorSet, work: Path) -> TensorSet:
     parts = setting.split(":")
+    interval = [p for p in parts if p.startswith("i")]  # iLOW_HIGH: --cfg-interval LOW HIGH
+    parts = [p for p in parts if not p.startswith("i")]
     method = parts[0]
     if method == "real":
         idx = torch.from_numpy(random_real_indices(train.targets.numpy(), NUM_CLASSES, args.per_class, 1))
@@ -147,6 +149,8 @@ def make_set(args, backend, setting: str, train: TensorSet, work: Path) -> Tenso
               progress=False, max_real_per_class=1000, batch_size=50)  # as benchmarks/fmnist_table.py
     if method == "mgd3":
         kw["lambda"] = float(parts[3]) if len(parts) > 3 else 0.1
+    if interval:
+        kw["cfg_interval"] = tuple(float(v) for v in interval[0][1:].split("_"))
     folder = work / f"{Path(args.model[0]).name}-{setting.replace(':', '_')}"
     if args.gen_seed:  # seed 0 keeps its folder name, so earlier work folders are reused
         folder = folder.with_name(f"{folder.name}-s{args.gen_seed}")
@@ -167,7 +171,7 @@ def part_spread(args, backend, train, test, norm) -> list[str]:
              "images (subset seed 7), "
              f"{acc:.2f} % on the test split. Reference: {args.per_class} random real images per class "
              "(subset seed 100). Per-class values averaged over the 10 classes.", "",
-             "| set (method, DDPM steps, CFG, λ) | precision | recall | coverage | `dc` accuracy | sampling s |",
+             "| set (method, DDPM steps, CFG, λ, CFG interval) | precision | recall | coverage | `dc` accuracy | sampling s |",
              "|---|---|---|---|---|---|"]
     for setting in args.settings:
         t = time.perf_counter()
