@@ -223,3 +223,17 @@ def test_bad_interval_is_one_error_line_before_any_model_loads(tmp_path, values,
     assert len(lines) == 1 and lines[0].startswith("mgd3: error: "), r.stderr
     assert words in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_interval_is_part_of_the_run_key(digits_model, tmp_path):
+    """A re-run with the same interval finds the set complete; another interval is refused."""
+    from mgd3.errors import Mgd3Error
+
+    out = tmp_path / "o"
+    first, _ = _distill(digits_model, out, "plain", cfg_interval=(0.5, 20.0))
+    again, _ = _distill(digits_model, out, "plain", cfg_interval=[0.5, 20.0])  # a list reads back the same
+    assert torch.equal(first, again)
+    with pytest.raises(Mgd3Error, match="cfg_interval"):
+        _distill(digits_model, out, "plain", cfg_interval=(0.5, 10.0))
+    with pytest.raises(Mgd3Error, match="cfg_interval"):
+        _distill(digits_model, out, "plain")
