@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mgd3.distill import DistillConfig, distill
+from mgd3.run.driver import DistillConfig, distill
 from mgd3.machine import cpu_name
 from mgd3.methods import SamplerConfig
 from mgd3.testing import build_dit_folder

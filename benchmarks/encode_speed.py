@@ -1,7 +1,7 @@
 """Benchmark: VAE encoding throughput of real images (the `prepare` stage of MGD³), before and after.
 
 "before" is the encoding path as it was (`backend.encode` on contiguous batches under
-`no_grad`); "after" is `mgd3.encode` now (channels-last on a CPU, inference mode); both run with
+`no_grad`); "after" is `mgd3.core.encode` now (channels-last on a CPU, inference mode); both run with
 the fixed malloc thresholds of allocator.py, as distill does. Both go
 through the same `encode_classes` (DataLoader, per-class batches, float16 latents, no cache), in
 interleaved pairs, so load on a shared machine hits both alike; the ratio is the median of the
@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import mgd3.encode as enc
+import mgd3.core.encode as enc
 from mgd3.allocator import keep_freed_memory
 from mgd3.backends import load_backend
-from mgd3.data import load_data
-from mgd3.distill import shipped_model
+from mgd3.io.data import load_data
+from mgd3.run.driver import shipped_model
 from mgd3.machine import cpu_name
-from mgd3.profile import count_flops, matmul_peak
+from mgd3.run.profile import count_flops, matmul_peak
 
 
 def _before(backend, images):

@@ -5,7 +5,7 @@ Published (DC paper, Zhao et al. ICLR 2021, Table 2, Fashion-MNIST, ConvNet, 300
 augmentation): random real 51.4 ± 3.8 / 73.8 ± 0.7 / 82.5 ± 0.7 at IPC 1 / 10 / 50; whole data
 set 93.5 ± 0.1.
 
-Every cell goes through `mgd3.evaluate.evaluate` (the code `mgd3 evaluate --reference` runs)
+Every cell goes through `mgd3.evaluation.evaluate` (the code `mgd3 evaluate --reference` runs)
 and is cached per seed, so an interrupted run resumes. Writes a markdown table after each cell.
 
     nice -n 10 .venv/bin/python benchmarks/eval_sanity.py --threads 1
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mgd3.evaluate import EvalConfig, evaluate
+from mgd3.evaluation import EvalConfig, evaluate
 from mgd3.machine import cpu_name
 
 PUBLISHED = {"ipc1": (51.4, 3.8), "ipc10": (73.8, 0.7), "ipc50": (82.5, 0.7), "full": (93.5, 0.1),

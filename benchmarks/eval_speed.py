@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mgd3.data import load_data
-from mgd3.evaluate.networks import build_network
-from mgd3.evaluate.protocols import get_protocol, resolve
-from mgd3.evaluate.references import random_real_indices
-from mgd3.evaluate.train import RunOptions, dataset_normalization, tensor_set, train_and_test
+from mgd3.io.data import load_data
+from mgd3.evaluation.networks import build_network
+from mgd3.evaluation.protocols import get_protocol, resolve
+from mgd3.evaluation.references import random_real_indices
+from mgd3.evaluation.train import RunOptions, dataset_normalization, tensor_set, train_and_test
 from mgd3.machine import cpu_name
 
 

@@ -10,7 +10,7 @@ guidance at half the steps), over:
 - `torch.compile` of the transformer off / on,
 - batch sizes (default 32 64 128 256 images; 2x the rows through the network with CFG).
 
-For each: images/s, the network FLOPs (`mgd3.profile.dit_forward_flops`, x rows x steps) per
+For each: images/s, the network FLOPs (`mgd3.run.profile.dit_forward_flops`, x rows x steps) per
 second, and that as a fraction of the measured matmul peak in the same process (a timed large
 `torch.mm` in the benchmark's dtype). The attention processor diffusers uses (PyTorch SDPA:
 `AttnProcessor2_0`) is recorded. Writes a markdown table.
@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from mgd3.backends import load_backend
-from mgd3.guidance import ModeGuidance, StopWindow
+from mgd3.core.guidance import ModeGuidance, StopWindow
 from mgd3.machine import cpu_name
-from mgd3.profile import dit_forward_flops, matmul_peak
-from mgd3.sampling import CFGDenoiser, Plan, sample
+from mgd3.run.profile import dit_forward_flops, matmul_peak
+from mgd3.core.sampling import CFGDenoiser, Plan, sample
 from mgd3.testing import build_dit_folder
 
 XL2 = dict(num_classes=1000, image_channels=3, resolution=256, vae_levels=4, vae_width=32, layers=28, heads=16,

@@ -42,12 +42,12 @@ import torch
 
 import mgd3
 from mgd3.api import load_model, load_set
-from mgd3.data import load_data
-from mgd3.evaluate.protocols import PROTOCOLS, resolve
-from mgd3.evaluate.references import random_real_indices
-from mgd3.evaluate.train import RunOptions, TensorSet, dataset_normalization, tensor_set, train_and_test
+from mgd3.io.data import load_data
+from mgd3.evaluation.protocols import PROTOCOLS, resolve
+from mgd3.evaluation.references import random_real_indices
+from mgd3.evaluation.train import RunOptions, TensorSet, dataset_normalization, tensor_set, train_and_test
 from mgd3.machine import cpu_name
-from mgd3.quality import psnr
+from mgd3.train.quality import psnr
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results_file import append_section  # noqa: E402
@@ -188,7 +188,7 @@ def part_spread(args, backend, train, test, norm) -> list[str]:
 
 
 def part_loss(args, train, test) -> list[str]:
-    from mgd3.pretrain import eval_loss
+    from mgd3.train.pretrain import eval_loss
 
     lines = ["| model | held-out ε-loss (2000 test images) | VAE round-trip PSNR (test) |", "|---|---|---|"]
     for model in args.model:

@@ -5,7 +5,7 @@ Guidance adds work, so MGD³ should take at least plain's time and at most ~2 % 
 run the generate stage's wall time and, from the manifest's stage profile, its CPU user and
 system seconds and minor page faults (all threads of the process), and the median of the per-pair
 ratios MGD³ / plain. Encodings are cached by a first run, so `prepare` is mode discovery only.
-With --in-process every run is a `mgd3.distill` call in this one process, on one loaded model:
+With --in-process every run is a `mgd3.run.driver` call in this one process, on one loaded model:
 what is left of the ratio is the methods' own work, without the spread between processes (where
 the interpreter, the allocator and the CPU caches start from). Writes
 benchmarks/results/plain_vs_mgd3.md (or --out).
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "plain_vs_mgd3.md"))
     ap.add_argument("--cfg", type=float, default=1.5, help="CFG of both methods (default 1.5, so a model's "
                     "per-method recommendation cannot give them different settings)")
-    ap.add_argument("--in-process", action="store_true", help="every run a mgd3.distill call in this process")
+    ap.add_argument("--in-process", action="store_true", help="every run a mgd3.run.driver call in this process")
     ap.add_argument("--repeat-plain", type=int, metavar="N",
                     help="instead: run plain N times as whole processes (the spread between processes alone)")
     ap.add_argument("--note", default="", help="a line added under the table (what code was measured)")
@@ -132,7 +132,7 @@ def main() -> None:
         return statistics.median(r[key] for _, m, r in rows if m == method)
 
     lines = [
-        "## plain vs MGD³, " + ("`mgd3.distill` calls in one process" if args.in_process else "whole processes")
+        "## plain vs MGD³, " + ("`mgd3.run.driver` calls in one process" if args.in_process else "whole processes")
         + " in interleaved pairs",
         "",
         f"Command: `nice -n 10 python benchmarks/plain_vs_mgd3.py {' '.join(sys.argv[1:])}`",

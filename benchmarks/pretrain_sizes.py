@@ -10,7 +10,7 @@ budget (checkpoints) instead of starting over.
 The budget is CPU time of one thread (`--threads 1` by default): on a machine shared with other
 jobs, wall time says more about the neighbours than about the model. Each size is calibrated
 (CPU seconds per optimiser step, 3 steps) and then trained by the real `mgd3 pretrain`
-(`mgd3.pretrain.pretrain`) for the steps that fit its budget (`--train-steps`); the VAE is trained
+(`mgd3.train.pretrain.pretrain`) for the steps that fit its budget (`--train-steps`); the VAE is trained
 once (by the first size) and its checkpoint copied to the others, so every DiT sees the same
 latents. Per size it records: params, CPU seconds per step, epochs/steps reached,
 train loss, held-out ε-MSE of the EMA model after every epoch (fixed t and noise: a curve
@@ -54,7 +54,7 @@ def spread(latents: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def main() -> None:
-    from mgd3.pretrain import PretrainConfig
+    from mgd3.train.pretrain import PretrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="fashion-mnist")
@@ -90,16 +90,16 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
     from mgd3.backends import load_backend
-    from mgd3.data import load_data
-    from mgd3.distill import DistillConfig, distill
+    from mgd3.io.data import load_data
+    from mgd3.run.driver import DistillConfig, distill
     from mgd3.methods import SamplerConfig
     from mgd3.machine import cpu_name
-    from mgd3.pretrain import calibrate, pretrain
+    from mgd3.train.pretrain import calibrate, pretrain
     from mgd3.api import load_set
-    from mgd3.evaluate.networks import build_network
-    from mgd3.evaluate.train import TensorSet
+    from mgd3.evaluation.networks import build_network
+    from mgd3.evaluation.train import TensorSet
     from mgd3.files import to_uint8
-    from mgd3.quality import classifier_accuracy, per_class_subset, subset, train_classifier
+    from mgd3.train.quality import classifier_accuracy, per_class_subset, subset, train_classifier
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def main() -> None:
     xtr, ytr = _tensors(train)
     xte, yte = _tensors(test)
     k = len(train.class_ids)
-    tr, te = TensorSet(to_uint8(xtr), ytr), TensorSet(to_uint8(xte), yte)  # uint8, as mgd3.evaluate trains
+    tr, te = TensorSet(to_uint8(xtr), ytr), TensorSet(to_uint8(xte), yte)  # uint8, as mgd3.evaluation trains
 
     # the real-data classifier for class fidelity and the random-real CAS reference, trained once
     real_idx = per_class_subset(ytr, args.per_class, 0)

@@ -32,8 +32,8 @@ def child(mode: str, steps: int) -> None:
 
         assert keep_freed_memory()
     from mgd3.backends import load_backend
-    from mgd3.data import load_data
-    from mgd3.distill import shipped_model
+    from mgd3.io.data import load_data
+    from mgd3.run.driver import shipped_model
     from mgd3.methods import ClassInfo, Context, Item, SamplerConfig, item_seed
 
     b = load_backend(shipped_model("fashion-mnist"))

@@ -111,7 +111,7 @@ def jpeg_decode_rate(resolution: int, reps: int) -> tuple[float, list[str]]:
     (PIL decode, RGB, bicubic resize of the shorter side, centre crop, [-1, 1])."""
     import sklearn
 
-    from mgd3.data import read_image, to_model_space
+    from mgd3.io.data import read_image, to_model_space
 
     files = sorted((Path(sklearn.__file__).parent / "datasets" / "images").glob("*.jpg"))
 
@@ -124,11 +124,11 @@ def jpeg_decode_rate(resolution: int, reps: int) -> tuple[float, list[str]]:
 
 
 def check_rate(reps: int) -> float:
-    """Files/s of one core running the first-run check of an image folder (mgd3.data._image_problem:
+    """Files/s of one core running the first-run check of an image folder (mgd3.io.data._image_problem:
     PIL verify, no pixel decoding) on the same photos, from the page cache."""
     import sklearn
 
-    from mgd3.data import _image_problem
+    from mgd3.io.data import _image_problem
 
     files = sorted((Path(sklearn.__file__).parent / "datasets" / "images").glob("*.jpg"))
     runs = timed(lambda: [_image_problem(str(f)) for _ in range(50) for f in files], reps)
@@ -139,8 +139,8 @@ def png_write_rate(reps: int) -> float:
     """Images/s of one core writing a 256 px RGB photo crop as PNG the way mgd3's store does."""
     import sklearn
 
-    from mgd3.data import read_image, to_model_space
-    from mgd3.store import save_png, to_pixels
+    from mgd3.io.data import read_image, to_model_space
+    from mgd3.io.store import save_png, to_pixels
 
     f = sorted((Path(sklearn.__file__).parent / "datasets" / "images").glob("*.jpg"))[0]
     arr = to_pixels(to_model_space(read_image(f, 3), 256, 3)[None])[0]  # (256, 256, 3)
@@ -322,7 +322,7 @@ def main() -> None:
     L += [f"| JPEG decode + resize + crop to 256 px, per core | {jpeg_rate:.0f} images/s "
           f"({', '.join(jpeg_files)}) |",
           f"| first-run check of an image file (PIL verify, page cache), per core | {check:,.0f} files/s |",
-          f"| PNG write of a 256 px RGB image (mgd3.store.save_png), per core | {png_rate:.0f} images/s |",
+          f"| PNG write of a 256 px RGB image (mgd3.io.store.save_png), per core | {png_rate:.0f} images/s |",
           *(f"| k-means, one class of 1300 latents × 4096 dims, k = {k}: init + 1 iteration; each further "
             f"iteration | {a:.2f} s; {it:.3f} s |" for k, (a, it) in km.items()),
           "",

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from mgd3.pretrain import PretrainConfig, SIZES, pretrain, write_model_card
-from mgd3.quality import measure
+from mgd3.train.pretrain import PretrainConfig, SIZES, pretrain, write_model_card
+from mgd3.train.quality import measure
 
 
 def train_and_measure(args, size: str, out: Path) -> tuple[dict, dict]:
@@ -85,7 +85,7 @@ def main() -> None:
     else:
         out = work / args.size
         q, meta = train_and_measure(args, args.size, out)
-        from mgd3.data import load_data
+        from mgd3.io.data import load_data
 
         data = load_data(args.data)
         cfg = PretrainConfig(**{k: v for k, v in meta["config"].items()})

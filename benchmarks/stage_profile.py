@@ -2,7 +2,7 @@
 
 Runs the README job in this process (`--data fashion-mnist --ipc 10 --max-real-per-class 1000`,
 the shipped model, MGD³; a fresh encoding cache, so the time includes encoding) and reports its
-stage profile (`mgd3.profile`: images, forwards, FLOPs, seconds) next to the measured fp32 matmul
+stage profile (`mgd3.run.profile`: images, forwards, FLOPs, seconds) next to the measured fp32 matmul
 peak of the same process (a timed 2048³ `torch.mm`, best of 5, before and after the run), so each
 stage's rate is a fraction of the limit, not an absolute time. Records the load average next to
 the numbers: on a shared machine, re-run it when the machine is quiet. Writes
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from mgd3.distill import DistillConfig, distill
+from mgd3.run.driver import DistillConfig, distill
 from mgd3.machine import cpu_name
 from mgd3.methods import SamplerConfig
-from mgd3.profile import STAGES, StageProfile, matmul_peak
+from mgd3.run.profile import STAGES, StageProfile, matmul_peak
 
 
 def load_average() -> str:

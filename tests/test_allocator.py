@@ -13,8 +13,8 @@ if sys.argv[1] == "fixed":
     from mgd3.allocator import keep_freed_memory
     assert keep_freed_memory()
 from mgd3.backends import load_backend
-from mgd3.data import load_data
-from mgd3.distill import shipped_model
+from mgd3.io.data import load_data
+from mgd3.run.driver import shipped_model
 from mgd3.methods import ClassInfo, Context, Item, SamplerConfig, item_seed
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""The Python API (mgd3.distill / evaluate / load_set / load_model), including the README's example
+"""The Python API (mgd3.run.driver / evaluate / load_set / load_model), including the README's example
 exactly as the README prints it."""
 
 import json
@@ -53,7 +53,7 @@ def test_a_loaded_backend_serves_runs_without_reloading(digits_model, tmp_path, 
     def no_reload(*a, **k):
         raise AssertionError("the model was loaded again")
 
-    monkeypatch.setattr("mgd3.distill.load_backend", no_reload)
+    monkeypatch.setattr("mgd3.run.driver.load_backend", no_reload)
     loaded = mgd3.distill("digits", tmp_path / "b", model=model, method="mgd3", ipc=2, classes=["3", "8"], **FAST)
     assert torch.equal(by_path.latents, loaded.latents) and torch.equal(by_path.images, loaded.images)
     assert loaded.manifest["model"]["path"] == by_path.manifest["model"]["path"]
@@ -106,8 +106,19 @@ def test_evaluate_rejects_unknown_settings_by_name(tmp_path):
         mgd3.evaluate(tmp_path, epoch=2)
 
 
-def test_mgd3_exports_the_api():
+def test_mgd3_exports_the_api_as_plain_functions():
+    import inspect
+
     assert {"distill", "evaluate", "load_set", "load_model", "DistilledSet"} <= set(mgd3.__all__)
-    assert callable(mgd3.distill) and callable(mgd3.evaluate)
-    from mgd3.distill import DistillConfig  # the modules stay modules
-    assert mgd3.distill.DistillConfig is DistillConfig
+    for name in ("distill", "evaluate", "load_set", "load_model"):
+        f = getattr(mgd3, name)
+        assert inspect.isfunction(f) and f.__module__ in ("mgd3.api", "mgd3.io.store"), name
+        assert f.__doc__ and "*args" not in str(inspect.signature(f)), name
+    assert list(inspect.signature(mgd3.distill).parameters)[:2] == ["data", "out"]
+    import importlib
+
+    for module in ("mgd3.evaluation", "mgd3.run.driver"):  # importing the stages' modules hides no function
+        importlib.import_module(module)
+
+    assert inspect.isfunction(mgd3.distill) and inspect.isfunction(mgd3.evaluate)
+    assert mgd3.DistilledSet is importlib.import_module("mgd3.io.store").DistilledSet  # one DistilledSet

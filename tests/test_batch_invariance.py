@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from mgd3.sampling import REPRODUCIBILITY
+from mgd3.core.sampling import REPRODUCIBILITY
 
 
 def test_batch_size_1_vs_7_through_the_cli(digits_model, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mgd3.methods import SamplerConfig
-from mgd3.sampling import (CFGDenoiser, ModelOutput, Plan, cfg_interval_timesteps, noise_levels, randn_per_item,
+from mgd3.core.sampling import (CFGDenoiser, ModelOutput, Plan, cfg_interval_timesteps, noise_levels, randn_per_item,
                            sample)
 
 BETAS = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
@@ -152,7 +152,7 @@ def test_a_batch_on_both_sides_of_the_interval_guides_each_item_by_its_own_step(
 
 
 def _distill(model, out, method, **sampler):
-    from mgd3.distill import DistillConfig, distill
+    from mgd3.run.driver import DistillConfig, distill
 
     distill(DistillConfig(data="digits", out=str(out), model=str(model), method=method, ipc=2, classes=["3", "7"],
                           batch_size=4, progress=False, device="cpu",

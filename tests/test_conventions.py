@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from mgd3 import files, store
+from mgd3 import files
+from mgd3.io import store
 from mgd3.backends.hub import files_to_fetch
-from mgd3.evaluate.core import ddrs
-from mgd3.modes import MODE_FINDERS, find_modes, nearest
+from mgd3.evaluation.core import ddrs
+from mgd3.core.modes import MODE_FINDERS, find_modes, nearest
 
 SD15 = """.gitattributes README.md v1-5-pruned.ckpt v1-5-pruned-emaonly.safetensors model_index.json
 feature_extractor/preprocessor_config.json safety_checker/config.json safety_checker/model.safetensors
@@ -114,8 +115,8 @@ def test_to_uint8_is_the_pixel_rounding_of_the_set_format():
 
 
 def test_cache_root_is_one(monkeypatch, tmp_path):
-    from mgd3 import encode
-    from mgd3.evaluate import references
+    from mgd3.core import encode
+    from mgd3.evaluation import references
 
     monkeypatch.setenv("MGD3_CACHE_DIR", str(tmp_path / "c"))
     assert files.cache_root() == tmp_path / "c" and encode.cache_root is files.cache_root

@@ -15,7 +15,7 @@ from torch import nn
 
 from mgd3.backends import load_backend
 from mgd3.cli import main
-from mgd3.convert import UNET_PREFIX, unet_keys
+from mgd3.train.convert import UNET_PREFIX, unet_keys
 
 # a cin256-v2 config at toy size: 4 classes + the null class, latent 3x8x8 from a 16x16 VQ autoencoder
 UNET = dict(image_size=8, in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[2, 1],

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mgd3.data import (DATASETS, FASHION_MNIST_DIR, IMAGENETTE, IMAGENETTE_LABELS, IMAGEWOOF, IMAGEIDC,
+from mgd3.io.data import (DATASETS, FASHION_MNIST_DIR, IMAGENETTE, IMAGENETTE_LABELS, IMAGEWOOF, IMAGEIDC,
                        load_data, read_class_map, read_idx)
 from mgd3.errors import Mgd3Error
 
@@ -385,13 +385,13 @@ def test_imagewoof_keeps_spec_order_and_imageidc_labels(tmp_path):
     for k, w in enumerate(IMAGEWOOF + IMAGEIDC):
         _img(root / "train" / w / "a.JPEG", (9, 9), seed=k)
     woof = load_data(f"imagewoof:{root}", resolution=4)
-    assert woof.class_ids == IMAGEWOOF != sorted(IMAGEWOOF)  # the SPEC order, not sorted
+    assert woof.class_ids == IMAGEWOOF != sorted(IMAGEWOOF)  # the order of docs/METHODS.md §4.3, not sorted
     assert woof.labels == [193, 182, 258, 162, 155, 167, 159, 273, 207, 229]
     assert woof.class_names[8] == "golden retriever"
     idc = load_data(f"imageidc:{root}", resolution=4)
     assert idc.class_ids == IMAGEIDC and idc.labels == [None] * 10  # not a full ImageNet-1K root
     assert idc.class_names[0] == "bonnet, poke bonnet"
-    # a full ImageNet-1K train folder (1000 wnids): label = index among the sorted wnids (SPEC §4)
+    # a full ImageNet-1K train folder (1000 wnids): label = index among the sorted wnids (docs/METHODS.md §4)
     fillers = [f"n{90000000 + i:08d}" for i in range(1000 - len(set(IMAGEWOOF + IMAGEIDC)))]
     for w in fillers:
         (root / "train" / w).mkdir()

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import run_cli
 from inprocess import run_main
-from mgd3.distill import DistillConfig, distill
+from mgd3.run.driver import DistillConfig, distill
 from mgd3.methods import SamplerConfig
 
 FAST = ["--steps", "6", "--quiet"]
@@ -76,9 +76,9 @@ def test_plain_and_mgd3_differ_only_in_guided_steps(digits_model, tmp_path):
 
 def test_mgd3_modes_come_from_kmeans_on_the_real_latents(digits_model, tmp_path):
     from mgd3.backends import load_backend
-    from mgd3.data import load_data
-    from mgd3.encode import encode_classes
-    from mgd3.modes import find_modes
+    from mgd3.io.data import load_data
+    from mgd3.core.encode import encode_classes
+    from mgd3.core.modes import find_modes
 
     distill(_cfg(digits_model, tmp_path / "s", method="mgd3", ipc=2, classes=["4"],
                  options={"t_stop": -1, "lam": 1.0, "guidance_form": "x0"}))
@@ -214,7 +214,7 @@ def test_image_folder_indices_agree_with_the_manifest_on_fashion_mnist(tmp_path)
 
 def test_image_folder_indices_agree_with_the_manifest_on_an_unsorted_imagenet_subset(tmp_path):
     """imageidc lists its wnids in the ImageNet-100 order, not sorted: n02869837 comes first."""
-    from mgd3.data import IMAGEIDC, WNID_NAMES
+    from mgd3.io.data import IMAGEIDC, WNID_NAMES
     from mgd3.testing import build_dit_folder
 
     assert IMAGEIDC != sorted(IMAGEIDC)
@@ -239,7 +239,7 @@ def test_shipped_model_in_diffusers_dit_pipeline_as_its_card_says():
     """DiTPipeline samples without CFG; with CFG its hard-coded null class 1000 is out of range."""
     from diffusers import DiTPipeline
 
-    from mgd3.distill import shipped_model
+    from mgd3.run.driver import shipped_model
 
     folder = shipped_model("fashion-mnist")
     card = (folder / "MODEL_CARD.md").read_text()

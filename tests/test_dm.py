@@ -12,8 +12,8 @@ from PIL import Image
 
 import mgd3.methods.dm as dm
 from mgd3.cli import main
-from mgd3.evaluate.augment import DSAParams, dsa
-from mgd3.evaluate.networks import build_network
+from mgd3.evaluation.augment import DSAParams, dsa
+from mgd3.evaluation.networks import build_network
 
 BASE = ["--data", "digits", "--method", "dm", "--classes", "0", "1", "--ipc", "2", "--seed", "0", "--quiet",
         "--device", "cpu"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mgd3.backends import load_backend
-from mgd3.data import load_data
-from mgd3.distill import shipped_model
-from mgd3.encode import cache_root, encode_classes
+from mgd3.io.data import load_data
+from mgd3.run.driver import shipped_model
+from mgd3.core.encode import cache_root, encode_classes
 
 
 def test_fast_encoding_gives_the_same_latents(tmp_path):

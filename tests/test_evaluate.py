@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from mgd3.errors import Mgd3Error
-from mgd3.evaluate import augment as A
-from mgd3.evaluate import protocols as P
-from mgd3.evaluate.core import EvalConfig, evaluate, read_set
-from mgd3.evaluate.networks import NETWORKS, build_network
-from mgd3.evaluate.train import Normalization, RunOptions, TensorSet, lr_factor, train_and_test
+from mgd3.evaluation import augment as A
+from mgd3.evaluation import protocols as P
+from mgd3.evaluation.core import EvalConfig, evaluate, read_set
+from mgd3.evaluation.networks import NETWORKS, build_network
+from mgd3.evaluation.train import Normalization, RunOptions, TensorSet, lr_factor, train_and_test
 
 QUIET = RunOptions(device="cpu", progress=False)
 
@@ -27,7 +27,7 @@ def write_set(root: Path, ipc: int = 3, manifest: bool = True, data_name: str = 
     """A distilled set in the mgd3 layout made of real digits train images (hand-written manifest)."""
     from PIL import Image
 
-    from mgd3.data import load_data
+    from mgd3.io.data import load_data
 
     data = load_data(data_name, "train")
     classes, images = [], []
@@ -213,7 +213,7 @@ def test_same_seed_same_result_and_best_epoch_reporting():
 
 
 def test_bf16_autocast_learns_and_reports_its_own_accuracy():
-    from mgd3.evaluate.train import accuracy
+    from mgd3.evaluation.train import accuracy
 
     train, test = separable(10), separable(25, seed=1)
     p = tiny("dc", epochs=15, batch_size=16)
@@ -289,7 +289,7 @@ def test_references_are_cached_and_give_ior(digits_set, monkeypatch):
     base = dict(data="digits", protocol="dc", seeds=[0], epochs=2, device="cpu", progress=False)
     r1 = evaluate(EvalConfig(reference="random-real", ipc=3, **base))
     assert r1["set"]["num_images"] == 30 and r1["subset_seeds"] == [0]
-    import mgd3.evaluate.references as R
+    import mgd3.evaluation.references as R
 
     def boom(*a, **k):
         raise AssertionError("trained again")
@@ -305,7 +305,7 @@ def test_references_are_cached_and_give_ior(digits_set, monkeypatch):
 
 
 def test_random_real_subsets_are_fixed_by_seed():
-    from mgd3.evaluate.references import random_real_indices
+    from mgd3.evaluation.references import random_real_indices
 
     t = np.repeat(np.arange(3), 20)
     a, b = random_real_indices(t, 3, 5, 0), random_real_indices(t, 3, 5, 0)
@@ -317,7 +317,7 @@ def test_random_real_subsets_are_fixed_by_seed():
 
 
 def _parse(argv):
-    from mgd3.evaluate.cli import add_parser
+    from mgd3.cli.evaluate import add_parser
 
     ap = argparse.ArgumentParser(prog="mgd3")
     add_parser(ap.add_subparsers(dest="command"))
@@ -325,7 +325,7 @@ def _parse(argv):
 
 
 def test_cli_run_prints_one_line_summary(digits_set, capsys):
-    from mgd3.evaluate.cli import run
+    from mgd3.cli.evaluate import run
 
     args = _parse(["evaluate", str(digits_set), "--epochs", "1", "--seeds", "0", "--quiet", "--device", "cpu"])
     assert run(args) == 0

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from mgd3.cli import main
-from mgd3.finetune import MinimaxMemory, cosine_matrix, diversity, mark_trainable, representativeness
+from mgd3.train.finetune import MinimaxMemory, cosine_matrix, diversity, mark_trainable, representativeness
 
 
 def _one_error_line(capsys) -> str:

@@ -61,7 +61,7 @@ class Opt:
 
 
 def _distill_opts(ws: dict) -> list[Opt]:
-    from mgd3.config import method_option_fields, option_choices
+    from mgd3.methods import method_option_fields, option_choices
     from mgd3.methods import option_flag
 
     opts = [

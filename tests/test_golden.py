@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from mgd3.distill import DistillConfig, distill
+from mgd3.run.driver import DistillConfig, distill
 from mgd3.methods import SamplerConfig
 from reference_models import build_reference_dit
 

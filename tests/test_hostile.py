@@ -84,7 +84,7 @@ def distill_args(model, out, *more):
 
 
 def test_pretrain_checkpoint_pickle_does_not_run(tmp_path, capsys):
-    from mgd3.pretrain import VAE_KEYS, PretrainConfig, _signature
+    from mgd3.train.pretrain import VAE_KEYS, PretrainConfig, _signature
 
     out, marker = tmp_path / "m", tmp_path / "PWNED"
     cfg = PretrainConfig(data="digits", out=str(out), limit=64, vae_width=8, vae_levels=2)
@@ -147,7 +147,7 @@ def test_encoding_cache_pickle_does_not_run(digits_model, tmp_path, capsys, monk
         code = main([str(a) for a in [*argv, "--out", tmp_path / "b"]])
     finally:
         assert not marker.exists()  # whatever happens, the payload never runs
-    assert code == 0  # the planted entries are reported and encoded again (mgd3.encode)
+    assert code == 0  # the planted entries are reported and encoded again (mgd3.core.encode)
     assert (tmp_path / "b" / "manifest.json").is_file()
 
 
@@ -502,9 +502,9 @@ def test_evaluate_out_that_is_not_a_regular_file(a_set, capsys):
 
 
 def test_python_api_configs_get_the_same_type_checks(tmp_path):
-    from mgd3.distill import DistillConfig, distill
+    from mgd3.run.driver import DistillConfig, distill
     from mgd3.errors import Mgd3Error
-    from mgd3.evaluate.core import EvalConfig, evaluate
+    from mgd3.evaluation.core import EvalConfig, evaluate
 
     with pytest.raises(Mgd3Error, match="DistillConfig: ipc must be an integer, got 'ten'"):
         distill(DistillConfig(data="digits", out=str(tmp_path / "o"), ipc="ten"))

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from inprocess import run_main
-from mgd3.distill import DistillConfig, distill
+from mgd3.run.driver import DistillConfig, distill
 from mgd3.methods import SamplerConfig, load_methods
 from mgd3.methods.dmgd import semantic_lambda, sinkhorn
-from mgd3.modes import MODE_FINDERS, find_modes
+from mgd3.core.modes import MODE_FINDERS, find_modes
 
 METHODS = load_methods().names()
 
@@ -40,8 +40,8 @@ def test_every_method_writes_a_complete_set(digits_model, tmp_path, method, samp
 
 def test_kmeans_real_returns_the_real_images_nearest_the_centroids(digits_model, tmp_path):
     from mgd3.backends import load_backend
-    from mgd3.data import load_data
-    from mgd3.encode import encode_classes
+    from mgd3.io.data import load_data
+    from mgd3.core.encode import encode_classes
 
     distill(_cfg(digits_model, tmp_path / "s", method="kmeans-real", ipc=3, classes=["6"]))
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
@@ -69,8 +69,8 @@ def test_d4m_strength_zero_returns_the_decoded_prototypes(digits_model, tmp_path
     from sklearn.cluster import MiniBatchKMeans
 
     from mgd3.backends import load_backend
-    from mgd3.data import load_data
-    from mgd3.encode import encode_classes
+    from mgd3.io.data import load_data
+    from mgd3.core.encode import encode_classes
 
     distill(_cfg(digits_model, tmp_path / "s", method="d4m", ipc=2, classes=["5"], options={"strength": 0.0}))
     data = load_data("digits", resolution=8, channels=1, classes=["5"])

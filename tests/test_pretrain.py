@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from mgd3.errors import Mgd3Error
-from mgd3.pretrain import SIZES, PretrainConfig, build_dit, pretrain
+from mgd3.train.pretrain import SIZES, PretrainConfig, build_dit, pretrain
 
 # 200 digits, 8x8 -> 4x4 latents, a 2-layer DiT, 3 optimiser steps per epoch: about a second a run
 TINY = dict(data="digits", size="tiny", vae_epochs=1, epochs=1, limit=200, batch_size=64, vae_width=8,
@@ -69,8 +69,8 @@ def test_folder_has_the_dit_pipeline_layout_and_a_model_card(trained):
 
 def test_loads_through_the_backend_and_samples(trained):
     from mgd3.backends import load_backend
-    from mgd3.pretrain import _load_split
-    from mgd3.sampling import CFGDenoiser, Plan, randn_per_item, sample
+    from mgd3.train.pretrain import _load_split
+    from mgd3.core.sampling import CFGDenoiser, Plan, randn_per_item, sample
 
     b = load_backend(trained)
     assert b.latent_shape == (4, 4, 4) and b.resolution == 8 and b.image_channels == 1
@@ -90,7 +90,7 @@ def test_loads_through_the_backend_and_samples(trained):
 
 
 def test_distill_runs_on_the_pretrained_model(trained, tmp_path):
-    from mgd3.distill import DistillConfig, distill
+    from mgd3.run.driver import DistillConfig, distill
     from mgd3.methods import SamplerConfig
 
     s = distill(DistillConfig(data="digits", out=str(tmp_path / "set"), model=str(trained), method="mgd3", ipc=2,
@@ -101,7 +101,7 @@ def test_distill_runs_on_the_pretrained_model(trained, tmp_path):
 
 
 def test_a_model_recommends_method_options_and_the_user_overrides_them(trained, tmp_path):
-    from mgd3.distill import DistillConfig, distill
+    from mgd3.run.driver import DistillConfig, distill
     from mgd3.methods import SamplerConfig
 
     model = tmp_path / "model"
@@ -150,7 +150,7 @@ def test_label_dropout_belongs_to_the_trainer(trained):
 
 
 def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
-    import mgd3.pretrain as pt
+    import mgd3.train.pretrain as pt
 
     direct = pretrain(_cfg(tmp_path / "direct", epochs=2))
     real_grid, calls = pt.sample_grid, []
@@ -253,7 +253,7 @@ def test_a_model_recommends_settings_per_ipc_range(trained, tmp_path, caplog):
     was taken."""
     import logging
 
-    from mgd3.distill import DistillConfig, distill
+    from mgd3.run.driver import DistillConfig, distill
     from mgd3.methods import SamplerConfig
 
     model = tmp_path / "model"
@@ -306,7 +306,7 @@ def test_a_model_recommends_settings_per_ipc_range(trained, tmp_path, caplog):
 def test_a_model_recommends_sampling_steps(trained, tmp_path):
     """mgd3.json may recommend the sampling steps as it does the CFG scale: folder-wide, per IPC range
     and per method; --steps wins; a method that does not sample takes none; bad counts are refused."""
-    from mgd3.distill import DistillConfig, distill
+    from mgd3.run.driver import DistillConfig, distill
     from mgd3.methods import DEFAULT_STEPS, SamplerConfig
 
     model = tmp_path / "model"
@@ -406,7 +406,7 @@ def test_decoder_training_bad_input_is_a_one_line_error(tmp_path, kw, match):
 
 
 def test_interrupted_decoder_training_continues_from_its_checkpoint(trained, tmp_path, monkeypatch):
-    import mgd3.pretrain as pt
+    import mgd3.train.pretrain as pt
 
     kw = dict(vae=str(trained), init=str(trained), epochs=0, vae_decoder_epochs=2)
     direct = pretrain(_cfg(tmp_path / "direct", **kw))

@@ -10,9 +10,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mgd3.backends import load_backend
-from mgd3.distill import DistillConfig, distill
+from mgd3.run.driver import DistillConfig, distill
 from mgd3.methods import SamplerConfig
-from mgd3.profile import StageProfile, count_flops, dit_forward_flops, matmul_peak
+from mgd3.run.profile import StageProfile, count_flops, dit_forward_flops, matmul_peak
 
 
 @pytest.mark.parametrize("patch,sigma,size,layers", [(1, True, 7, 2), (2, False, 8, 3), (2, True, 32, 1)])
@@ -34,10 +34,13 @@ def test_dit_flops_from_config_equal_the_flop_counter(patch, sigma, size, layers
         assert count_flops(model, x, timestep=t, class_labels=y)[1] == counter.get_total_flops()
 
 
-def test_attached_profile_changes_no_result_and_counts_rows(digits_model):
+def test_observed_backend_changes_no_result_and_counts_rows(digits_model):
     plain = load_backend(digits_model)
     profiled = load_backend(digits_model)
-    prof = StageProfile.attach(profiled)
+    backend = profiled
+    prof, profiled = StageProfile.observe(backend)
+    assert not {"encode", "decode", "denoiser"} & set(vars(backend))  # observed, not patched
+    assert profiled.unwrapped is backend and profiled.latent_shape == backend.latent_shape
     x = torch.rand(5, 1, 8, 8) * 2 - 1
     prof.enter("prepare")
     assert torch.equal(plain.encode(x), profiled.encode(x))  # the counted first call
@@ -70,7 +73,7 @@ def test_manifest_profile_is_the_work_of_the_run(digits_model, tmp_path, caplog)
     backend = load_backend(digits_model)
     assert gen["flops"] == pytest.approx(gen["forwards"] * dit_forward_flops(backend.transformer.config), rel=1e-3)
     assert gen["seconds"] == m["timing_s"]["generate"]
-    from mgd3.data import load_data
+    from mgd3.io.data import load_data
 
     data = load_data("digits", classes=["0", "1", "2"], resolution=8, channels=1)
     n_real = len(data)

@@ -1,6 +1,6 @@
 """mgd3 against references, on tiny real diffusers models saved and loaded through the real code.
 
-1. An oracle for the official MGD³ loop: an independent, literal implementation of SPEC §1.2–1.3
+1. An oracle for the official MGD³ loop: an independent, literal implementation of docs/METHODS.md §2.2–2.3
    in the structure of the ADM / DiT `GaussianDiffusion` code the official MGD³ code builds on
    (`space_timesteps`, respaced betas, learned-range variance, `forward_with_cfg` guiding 3 of 4
    channels, `p_sample` with x_{t-1} = μ + λ·σ_t·(m − x̂0) + σ_t·z while i > t_stop, no noise at
@@ -24,7 +24,7 @@ import torch
 
 from mgd3.backends import load_backend
 from mgd3.methods import ClassInfo, Context, Item, SamplerConfig, get_method, item_seed
-from mgd3.sampling import Plan
+from mgd3.core.sampling import Plan
 from reference_models import BETA_END, build_reference_dit, build_reference_sd
 
 TOL = 1e-5  # max abs latent difference the issue asks for
@@ -104,7 +104,7 @@ def run_mgd3_method(backend, items, modes: torch.Tensor, sampler: SamplerConfig,
 
 class OfficialDiffusion:
     """ADM's respaced GaussianDiffusion (learned-range variance) as the official MGD³ code runs
-    it, written from SPEC §1.2–1.3. Arrays are float64 numpy; `_extract` casts to float32 as
+    it, written from docs/METHODS.md §2.2–2.3. Arrays are float64 numpy; `_extract` casts to float32 as
     ADM's `_extract_into_tensor` does."""
 
     def __init__(self, num_steps: int, num_train: int = 1000, beta_start: float = 1e-4, beta_end: float = BETA_END):

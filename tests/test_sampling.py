@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mgd3.guidance import ModeGuidance, StopWindow
-from mgd3.sampling import CFGDenoiser, ModelOutput, Plan, ddpm_update, randn_per_item, respaced_timesteps, sample
+from mgd3.core.guidance import ModeGuidance, StopWindow
+from mgd3.core.sampling import CFGDenoiser, ModelOutput, Plan, ddpm_update, randn_per_item, respaced_timesteps, sample
 
 BETAS = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
 ABAR = np.cumprod(1.0 - BETAS)
@@ -102,7 +102,7 @@ def test_ddpm_step_matches_closed_form_posterior():
 
 def _step(update, i, dtype=torch.float32):
     """A Step of a point-mass model at respaced index i, and a random mode per item."""
-    from mgd3.sampling import Step, predict_x0
+    from mgd3.core.sampling import Step, predict_x0
 
     plan = Plan.from_betas(BETAS, 50)
     x_t, c, m = (torch.randn(2, *SHAPE, dtype=dtype), torch.randn(1, *SHAPE, dtype=dtype),
@@ -122,7 +122,7 @@ def test_ddpm_form_adds_lambda_sigma_g():
 
 
 def test_ddim_form_is_paper_eq6():
-    from mgd3.sampling import ddim_update
+    from mgd3.core.sampling import ddim_update
 
     lam = 0.2
     step, m = _step(ddim_update, 30, torch.float64)
@@ -183,7 +183,7 @@ def test_batch_equals_one_by_one(sampler):
 def test_auto_guidance_form_is_the_update_rules_property():
     """"auto" follows what the rule declares (not the sampler's name): a rule registered under
     any name that declares "ddim" gets the Eq. 6 form; DDPM's own rule declares "ddpm"."""
-    from mgd3.sampling import UPDATE_RULES, UpdateRule, ddim_update
+    from mgd3.core.sampling import UPDATE_RULES, UpdateRule, ddim_update
 
     assert UPDATE_RULES.get("ddpm").guidance_form == "ddpm" and UPDATE_RULES.get("ddim").guidance_form == "ddim"
     assert not UPDATE_RULES.get("ddpm").takes_eta and UPDATE_RULES.get("ddim").takes_eta

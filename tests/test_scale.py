@@ -8,9 +8,9 @@ import torch
 
 from conftest import run_cli
 from mgd3.backends import load_backend
-from mgd3.data import load_data
-from mgd3.distill import NOT_IN_RUN_KEY, DistillConfig, distill
-from mgd3.encode import CachedLatents, default_workers, encode_classes
+from mgd3.io.data import load_data
+from mgd3.run.driver import NOT_IN_RUN_KEY, DistillConfig, distill
+from mgd3.core.encode import CachedLatents, default_workers, encode_classes
 from mgd3.errors import Mgd3Error
 from mgd3.methods import ClassInfo, Context, SamplerConfig
 
@@ -58,7 +58,7 @@ def test_encoding_with_workers_gives_the_same_latents(digits_model):
 
 
 def test_a_worker_error_is_one_line(digits_model, monkeypatch):
-    from mgd3.data import ArrayDataset
+    from mgd3.io.data import ArrayDataset
 
     def broken(self, js):
         raise Mgd3Error("cannot read image x.png: broken")

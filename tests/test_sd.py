@@ -12,10 +12,10 @@ from PIL import Image
 from conftest import run_cli
 from mgd3.backends import load_backend
 from mgd3.cli import main
-from mgd3.distill import DistillConfig, distill
+from mgd3.run.driver import DistillConfig, distill
 from mgd3.errors import Mgd3Error
 from mgd3.methods import SamplerConfig
-from mgd3.sampling import CFGDenoiser, Plan, randn_per_item, respaced_timesteps, sample
+from mgd3.core.sampling import CFGDenoiser, Plan, randn_per_item, respaced_timesteps, sample
 from mgd3.testing import build_sd_folder
 
 
@@ -64,7 +64,7 @@ def test_prompts_from_class_names_and_negative_prompt(sd_model, sd):
     with pytest.raises(Mgd3Error, match="no classes yet"):
         b.cond([0])
     assert b.set_classes(["0", "1", "2"]) == [0, 1, 2]
-    assert b.prompts == ["0", "1", "2"] and b.negative_prompt == ""  # SPEC §1.3: the name line itself
+    assert b.prompts == ["0", "1", "2"] and b.negative_prompt == ""  # docs/METHODS.md §2.4: the name line itself
     torch.testing.assert_close(b.label_embedders()[0](b.uncond())[0].view(b._text_shape), _text(b, ""))
     with pytest.raises(Mgd3Error, match=r"must contain \{name\}"):
         b.set_classes(["cat"], prompt="a photo")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import run_cli
-from mgd3.distill import DistillConfig, distill
+from mgd3.run.driver import DistillConfig, distill
 from mgd3.methods import SamplerConfig
-from mgd3.sampling import respaced_timesteps
+from mgd3.core.sampling import respaced_timesteps
 from mgd3.testing import build_sd_folder
 
 
@@ -40,7 +40,7 @@ def test_t_stop_timestep_is_the_matching_index(digits_model, tmp_path, sampler):
 def test_t_stop_extremes_and_the_paper_default(digits_model, tmp_path):
     _, info = _run(digits_model, tmp_path / "all", t_stop_timestep=-1)
     assert info["t_stop"] == -1 and info["guided_steps"] == 10 and info["stopped_at"] is None
-    _, info = _run(digits_model, tmp_path / "none", t_stop=10)  # SPEC: t_stop = steps guides nothing
+    _, info = _run(digits_model, tmp_path / "none", t_stop=10)  # docs/METHODS.md §2.3: t_stop = steps guides nothing
     assert info["guided_steps"] == 0 and info["last_guided"] is None
     assert info["stopped_at"] == {"index": 9, "timestep": 999}
 

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from mgd3.backends import load_backend
 from mgd3.cli import main
-from mgd3.distill import DistillConfig, distill
+from mgd3.run.driver import DistillConfig, distill
 from mgd3.errors import Mgd3Error
 from mgd3.methods import SamplerConfig
-from mgd3.sampling import CFGDenoiser
+from mgd3.core.sampling import CFGDenoiser
 from mgd3.testing import build_ldm_folder
 
 DIGITS = [str(i) for i in range(10)]

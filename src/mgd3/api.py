@@ -8,91 +8,31 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
-import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-import torch
-from torch import Tensor
 
+from mgd3.config import resolve_device
 from mgd3.errors import Mgd3Error
+from mgd3.io.store import DistilledSet, load_set
 
-
-class _CallableModule(types.ModuleType):
-    """A module that is also the API function of its name: `mgd3.distill(...)` calls
-    `mgd3.api.distill`, while `mgd3.distill.DistillConfig` (and every import of the module)
-    stays as it was."""
-
-    def __call__(self, *args, **kwargs):
-        return globals()[self.__name__.rsplit(".", 1)[1]](*args, **kwargs)
-
-
-def callable_module(name: str) -> None:
-    """Make the module `name` (mgd3.distill, mgd3.evaluate) callable as its API function."""
-    sys.modules[name].__class__ = _CallableModule
-
-
-@dataclass
-class DistilledSet:
-    """A distilled set read from its folder (see README, "What a run writes")."""
-
-    path: Path
-    images: Tensor  # (N, C, R, R) uint8, as written (`images.float() / 255` for [0, 1])
-    labels: Tensor  # (N,) int64 class index, into `class_names` (= torchvision ImageFolder's index)
-    class_ids: list[str]
-    class_names: list[str]
-    manifest: dict
-    latents: Tensor | None = None  # (N, c, h, w) float32 from latents.pt, when the method has latents
-    summary: Mapping | None = None  # the run's `DistillResult`, for a set `distill` just wrote
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def model_labels(self) -> Tensor:
-        """(N,) the model's class label of every image (e.g. the ImageNet index for DiT-XL/2)."""
-        return torch.as_tensor([r["label"] for r in self.manifest["images"]], dtype=torch.int64)
-
-
-def load_set(path: str | os.PathLike) -> DistilledSet:
-    """Read the distilled set mgd3 wrote to `path`: its images as one uint8 tensor, class
-    indices, class ids and names, the manifest and (when written) the latents."""
-    from PIL import Image
-
-    from mgd3 import store
-
-    s = store.read_set(path, allow_image_folder=False)  # containment and consistency checked there
-    arrays = []
-    for f in s.files:
-        try:
-            with Image.open(f) as im:
-                a = np.asarray(im)
-        except OSError as e:
-            raise Mgd3Error(f"cannot read image {f} of set {s.path} ({e})") from None
-        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))  # (C, R, R)
-    images = torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, dtype=torch.uint8)
-    latents = store.read_latents(s.path)["latents"] if (s.path / "latents.pt").is_file() else None
-    return DistilledSet(s.path, images, torch.as_tensor(s.targets, dtype=torch.int64), s.class_ids, s.class_names,
-                        s.manifest, latents)
+__all__ = ["distill", "evaluate", "load_set", "load_model", "DistilledSet"]
 
 
 def load_model(model: str | os.PathLike, device: str = "auto", precision: str = "fp32"):
     """A model loaded once, to pass as `model=` to many `distill` calls: a local pipeline folder,
     a Hugging Face repo id, or the name of a data set mgd3 ships a model for ("fashion-mnist")."""
-    from mgd3.backends import default_device, load_backend
-    from mgd3.distill import shipped_model
+    from mgd3.backends import load_backend
+    from mgd3.run.driver import shipped_model
 
     shipped = shipped_model(str(model)) if not Path(model).expanduser().exists() else None
-    return load_backend(shipped or model, device=default_device() if device == "auto" else device,
+    return load_backend(shipped or model, device=resolve_device(device),
                         precision=precision)
 
 
 def _split_settings(method: str, settings: Mapping[str, Any]) -> tuple[dict, dict, dict]:
     """Keyword settings -> (DistillConfig fields, SamplerConfig fields, method options by name)."""
-    from mgd3.distill import DistillConfig
+    from mgd3.run.driver import DistillConfig
     from mgd3.methods import SamplerConfig, describe_options, get_method, option_names
 
     top_names = {f.name for f in dataclasses.fields(DistillConfig)} - {"sampler", "options", "data", "out",
@@ -127,8 +67,8 @@ def distill(data: str, out: str | os.PathLike, *, model=None, method: str = "mgd
     `steps=50`, `cfg=4.0`, `classes=[...]`, `overwrite=True`, `progress=False`); method options
     whose names are Python names may be given here as well (`t_stop=25`)."""
     from mgd3.backends import Backend
-    from mgd3.distill import DistillConfig
-    from mgd3.distill import distill as run_distill
+    from mgd3.run.driver import DistillConfig
+    from mgd3.run.driver import distill as run_distill
     from mgd3.methods import SamplerConfig
 
     top, sampler, more = _split_settings(method, settings)
@@ -149,8 +89,8 @@ def evaluate(distilled: DistilledSet | str | os.PathLike | None = None, **settin
     final test accuracy in %, over the seeds; `result["runs"]`: one entry per seed). settings:
     any `mgd3 evaluate` flag without "--" (`protocol`, `arch`, `seeds`, `epochs`, `device`, ...);
     `reference="random-real", ipc=10, data=...` scores a reference instead of a set."""
-    from mgd3.evaluate import EvalConfig
-    from mgd3.evaluate import evaluate as run_evaluate
+    from mgd3.evaluation import EvalConfig
+    from mgd3.evaluation import evaluate as run_evaluate
 
     names = {f.name for f in dataclasses.fields(EvalConfig)} - {"set_dir"}
     values = {k.replace("-", "_"): v for k, v in settings.items()}

@@ -6,15 +6,15 @@ the PNG figures:
 
 1. accuracy per set and evaluation (mean ± std over evaluation seeds), improvement over random
    real images (IOR = acc − random-real acc, same protocol and IPC) and recovery of full-data
-   accuracy (acc / full-data acc; HLR = full − acc as in DD-Ranking, SPEC §3.4);
+   accuracy (acc / full-data acc; HLR = full − acc as in DD-Ranking, docs/METHODS.md §6.1);
 2. each set's sample grid;
 3. a 2-D embedding (t-SNE, or PCA) of distilled vs real latents per class (MGD³ Fig. 5);
-4. diversity vs representativeness per class (MGD³ Fig. 8, SPEC §3.5);
+4. diversity vs representativeness per class (MGD³ Fig. 8, docs/METHODS.md §6.2);
 5. mode coverage: how many of the IPC k-means modes of the real latents the distilled set hits;
 6. the stage timings from the manifest and eval.json.
 
 Feature space of 3–5: the model's VAE latents (posterior mean × scaling factor, what
-`mgd3.encode` caches), flattened to vectors of C·h·w. The metric functions below are plain
+`mgd3.core.encode` caches), flattened to vectors of C·h·w. The metric functions below are plain
 functions on arrays:
 
 - ``diversity(D) = 1 − mean_{i<j} cos(d_i, d_j)`` over the n distilled latents of a class
@@ -23,7 +23,7 @@ functions on arrays:
   latent, the mean cosine similarity to its k most similar real latents of the class (k = min(50,
   |R|) by default), averaged over the distilled latents — higher is better;
 - ``mode_coverage(D, M)``: the modes M are k-means centroids (k = IPC, random_state 0, exactly
-  `mgd3.modes.find_modes("kmeans", ...)`) of the class's real latents; every distilled latent is
+  `mgd3.core.modes.find_modes("kmeans", ...)`) of the class's real latents; every distilled latent is
   assigned to its nearest mode (Euclidean, as k-means; ties to the lower index); a mode is covered
   when at least one distilled latent is assigned to it. Coverage = covered / k.
 """
@@ -44,9 +44,10 @@ from typing import Callable
 
 import numpy as np
 
-import mgd3
+from mgd3.version import __version__
+from mgd3.config import POSITIVE, Rule, check_cache_dir, check_device, check_rules, check_types, convert, fill, resolve_device
 from mgd3.errors import Mgd3Error
-from mgd3.evaluate.core import ddrs
+from mgd3.evaluation.core import ddrs
 from mgd3.files import write_text_atomic
 from mgd3.registry import Registry
 
@@ -56,14 +57,14 @@ REPORT_FORMAT = "mgd3-report/1"
 TSNE_MIN_POINTS = 10  # fewer points than this: t-SNE is not meaningful (and may not run) -> PCA
 
 DEFINITIONS = {
-    "feature_space": "VAE latents of the set's model (posterior mean × scaling factor, as mgd3.encode "
+    "feature_space": "VAE latents of the set's model (posterior mean × scaling factor, as mgd3.core.encode "
                      "caches them), flattened to vectors of C·h·w",
     "diversity": "per class: 1 − mean cosine similarity over all pairs i<j of the class's distilled latents "
                  "(mean pairwise cosine distance; higher = more diverse; undefined for one image per class)",
     "representativeness": "per class: for each distilled latent, the mean cosine similarity to its k most "
                           "similar real latents of the class (k = min(K, number of real latents)), averaged "
                           "over the class's distilled latents (higher = closer to the real data)",
-    "mode_coverage": "per class: k-means with k = IPC (random_state 0, mgd3.modes.find_modes('kmeans')) on the "
+    "mode_coverage": "per class: k-means with k = IPC (random_state 0, mgd3.core.modes.find_modes('kmeans')) on the "
                      "class's real latents; each distilled latent is assigned to its nearest centroid "
                      "(Euclidean); a mode is covered when at least one distilled latent is assigned to it; "
                      "coverage = covered modes / k, averaged over classes per set",
@@ -114,7 +115,7 @@ def representativeness(distilled: np.ndarray, real: np.ndarray, k: int = 50) -> 
 
 def nearest_mode(points: np.ndarray, modes: np.ndarray) -> np.ndarray:
     """(n, ...) points, (k, ...) modes -> (n,) index of the nearest mode (Euclidean; ties: lowest)."""
-    from mgd3.modes import nearest
+    from mgd3.core.modes import nearest
 
     p = np.asarray(points, dtype=np.float64).reshape(len(points), -1)
     m = np.asarray(modes, dtype=np.float64).reshape(len(modes), -1)
@@ -279,8 +280,8 @@ def read_evals(root: Path) -> list[dict]:
 
 
 def read_sets(dirs: list[str], data: str | None = None) -> list[SetInfo]:
-    """The distilled sets (manifest + evaluations, read by `mgd3.store.read_set`); one data set only."""
-    from mgd3.store import read_set
+    """The distilled sets (manifest + evaluations, read by `mgd3.io.store.read_set`); one data set only."""
+    from mgd3.io.store import read_set
 
     sets: list[SetInfo] = []
     seen: set[Path] = set()
@@ -322,7 +323,7 @@ def _r2(v) -> float | None:
 
 
 def accuracy_rows(s: SetInfo) -> list[dict]:
-    """One row per evaluation of the set (SPEC §3.4 numbers); [] when it was never evaluated."""
+    """One row per evaluation of the set (docs/METHODS.md §6.1 numbers); [] when it was never evaluated."""
     rows = []
     for r in s.evals:
         refs = r.get("references") or {}
@@ -361,17 +362,17 @@ class LatentSource:
         self._real: dict[tuple, tuple] = {}  # key -> (backend, data, real latents)
 
     def backend(self, model: str):
-        from mgd3.backends import default_device, load_backend
+        from mgd3.backends import load_backend
 
         if model not in self._backends:
-            device = default_device() if self.cfg.device == "auto" else self.cfg.device
+            device = resolve_device(self.cfg.device)
             self._backends[model] = load_backend(model, device=device)
         return self._backends[model]
 
     def real(self, s: SetInfo) -> tuple[object, dict[str, np.ndarray], int | None]:
         """(backend, {class id: (N_c, D) real latents}, max_real_per_class used)."""
-        from mgd3.data import load_data
-        from mgd3.encode import real_latents
+        from mgd3.io.data import load_data
+        from mgd3.core.encode import real_latents
 
         m = s.manifest
         config = m.get("config") or {}
@@ -407,7 +408,7 @@ class LatentSource:
         by_path = {str(r["path"]): str(r["class_id"]) for r in recs}
         f = s.path / "latents.pt"
         if f.is_file():
-            from mgd3.store import read_latents
+            from mgd3.io.store import read_latents
 
             obj = read_latents(s.path)
             lat = obj["latents"].numpy()  # (N, C, h, w)
@@ -418,7 +419,7 @@ class LatentSource:
             if None in cids:
                 raise Mgd3Error(f"{f} names an image that manifest.json does not list")
         else:
-            from mgd3.data import read_image, to_model_space
+            from mgd3.io.data import read_image, to_model_space
 
             log.info("%s: no latents.pt, encoding its %d images with the VAE", s.path, len(recs))
             parts, bs = [], self.cfg.encode_batch_size
@@ -440,7 +441,7 @@ class LatentSource:
 def set_metrics(distilled: dict[str, np.ndarray], real: dict[str, np.ndarray], ipc: int,
                 neighbors: int = 50) -> dict:
     """Per-class diversity, representativeness and mode coverage, and their means over classes."""
-    from mgd3.modes import find_modes
+    from mgd3.core.modes import find_modes
 
     per_class = {}
     for cid, d in distilled.items():
@@ -662,8 +663,6 @@ def report(cfg: ReportConfig) -> dict:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from mgd3.config import validate_report
-
     validate_report(cfg)
     if cfg.threads is None:
         return _report(cfg)
@@ -682,7 +681,7 @@ def _set_file(root: Path, name: str) -> Path | None:
     the folder, or a file that is not a PNG of sane size, is left out with a warning."""
     from PIL import Image
 
-    from mgd3.store import MAX_IMAGE_PIXELS, inside
+    from mgd3.io.store import MAX_IMAGE_PIXELS, inside
 
     f = root / name
     if not f.is_file():
@@ -747,7 +746,7 @@ def _report(cfg: ReportConfig) -> dict:
     plot_div_rep(out / "diversity_representativeness.png",
                  [(e["label"], {**e["metrics"], "method": e["method"]}) for e in entries])
 
-    result = {"format": REPORT_FORMAT, "mgd3_version": mgd3.__version__,
+    result = {"format": REPORT_FORMAT, "mgd3_version": __version__,
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "data": cfg.data or sets[0].data_name, "definitions": {**DEFINITIONS, "k_neighbors": cfg.neighbors},
               "config": asdict(cfg), "sets": entries,
@@ -849,6 +848,37 @@ def _document(r: dict, out: Path) -> Doc:
 # --------------------------------------------------------------------------- CLI
 
 
+# --- settings: rules and checks that need no data (the generic machinery is mgd3.config)
+
+
+def _embedding_names():
+    return EMBEDDINGS.names()
+
+
+REPORT_RULES: dict[str, Rule] = {
+    "embedding": Rule(choices=_embedding_names, what="embedding"), "max_real_per_class": POSITIVE,
+    "plot_real_per_class": Rule(minimum=0, maximum=1_000_000), "neighbors": Rule(minimum=1, maximum=1_000_000),
+    "encode_batch_size": Rule(minimum=1, maximum=1_000_000), "threads": Rule(minimum=1, maximum=4096),
+}
+
+
+def report_config(values: dict, source: str = "--config"):
+    quiet = convert("quiet", values.pop("quiet", False), "bool", source)
+    top = fill(ReportConfig, values, source, skip=("progress",))
+    if not top.get("sets"):
+        raise Mgd3Error("give at least one distilled set folder")
+    cfg = ReportConfig(**top, progress=not quiet)
+    validate_report(cfg)
+    return cfg
+
+
+def validate_report(cfg) -> None:
+    check_types(cfg)
+    check_rules(cfg, REPORT_RULES)
+    check_device(cfg.device)
+    check_cache_dir(cfg.cache_dir)
+
+
 def add_parser(subparsers) -> None:
     import argparse
 
@@ -888,7 +918,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from mgd3.config import merged, report_config
+    from mgd3.config import merged
 
     values, source = merged(args)
     cfg = report_config(values, source)
@@ -899,10 +929,3 @@ def run(args) -> int:
           f"{r['out']}/report.md, report.html, report.json")
     return 0
 
-
-if __name__ == "__main__":  # `python -m mgd3.report ...` == `mgd3 report ...`
-    import sys
-
-    from mgd3.cli import main
-
-    raise SystemExit(main(["report", *sys.argv[1:]]))

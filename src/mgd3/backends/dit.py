@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mgd3.backends import (BACKENDS, PIPELINE_CLASSES, Backend, check_model_size, read_id2label, read_json_object,
+from mgd3.backends.base import (BACKENDS, PIPELINE_CLASSES, Backend, check_model_size, read_id2label, read_json_object,
                            read_recommendations)
-from mgd3.errors import Mgd3Error
+from mgd3.errors import Mgd3Error, first_line
 from mgd3.files import folder_fingerprint
-from mgd3.sampling import ModelOutput
+from mgd3.core.sampling import ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def train_betas(scheduler_dir: Path) -> np.ndarray:
             keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
             sched = DDPMScheduler(**{k: cfg[k] for k in keys if k in cfg})
     except (NotImplementedError, ValueError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise Mgd3Error(f"{cfg_file}: unusable noise schedule ({first[:200]})") from None
     betas = sched.betas.double().numpy()
     if not (np.isfinite(betas).all() and ((betas > 0) & (betas < 1)).all()):
@@ -146,7 +146,7 @@ class DiTBackend(ClassLabelMixin, KLVaeMixin, Backend):
                 vae = AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError,
                 ZeroDivisionError, NotImplementedError, EnvironmentError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise Mgd3Error(f"could not load the DiT pipeline in {path}: {first[:300]}") from None
         tc, vc = transformer.config, vae.config
         if tc.norm_type != "ada_norm_zero" or tc.num_embeds_ada_norm is None:

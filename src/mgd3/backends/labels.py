@@ -3,7 +3,7 @@ name (its id2label), a text-to-image model takes the data's class names as its c
 
 from __future__ import annotations
 
-from mgd3.backends import Backend
+from mgd3.backends.base import Backend
 from mgd3.errors import Mgd3Error
 
 

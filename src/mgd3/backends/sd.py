@@ -1,5 +1,5 @@
 """Backend: Stable Diffusion, text-to-image latent diffusion (Rombach et al., CVPR 2022), in
-diffusers format — the text-to-image variant of MGD³ (SPEC §1.3: SD v1.5, CFG 8, prompt = the
+diffusers format — the text-to-image variant of MGD³ (docs/METHODS.md §2.4: SD v1.5, CFG 8, prompt = the
 class name line, e.g. "tench, Tinca tinca").
 
 The folder layout of `stable-diffusion-v1-5`: `model_index.json` (StableDiffusionPipeline),
@@ -28,16 +28,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mgd3.backends import BACKENDS, PIPELINE_CLASSES, Backend, read_recommendations
+from mgd3.backends.base import BACKENDS, PIPELINE_CLASSES, Backend, read_recommendations
 from mgd3.backends.dit import KLVaeMixin, check_sizes, estimate_vae_params, read_config, train_betas
-from mgd3.errors import Mgd3Error
-from mgd3.sampling import ModelOutput
+from mgd3.errors import Mgd3Error, first_line
+from mgd3.core.sampling import ModelOutput
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPT = "{name}"  # SPEC §1.3: the class name line itself
+DEFAULT_PROMPT = "{name}"  # docs/METHODS.md §2.4: the class name line itself
 DEFAULT_NEGATIVE_PROMPT = ""  # the empty prompt, as the pipeline's unconditional branch
-DEFAULT_CFG = 8.0  # SPEC §1.3 (SD v1.5)
+DEFAULT_CFG = 8.0  # docs/METHODS.md §2.4 (SD v1.5)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -109,7 +109,7 @@ class StableDiffusionBackend(KLVaeMixin, Backend):
                 tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
                 tokenizer(["probe"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
         except Exception as e:  # noqa: BLE001  (tokenizers fail in many ways: all are a broken folder)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise Mgd3Error(f"could not load the Stable Diffusion pipeline in {path}: {first}") from None
         uc, vc = unet.config, vae.config
         c = vc.latent_channels

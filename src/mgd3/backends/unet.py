@@ -38,11 +38,11 @@ from torch import Tensor, nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from mgd3.backends import BACKENDS, PIPELINE_CLASSES, Backend
+from mgd3.backends.base import BACKENDS, PIPELINE_CLASSES, Backend
 from mgd3.backends.dit import ClassLabelMixin, KLVaeMixin, train_betas
 from mgd3.files import folder_fingerprint
-from mgd3.errors import Mgd3Error
-from mgd3.sampling import ModelOutput
+from mgd3.errors import Mgd3Error, first_line
+from mgd3.core.sampling import ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +167,6 @@ def _read_json(f: Path) -> dict:
     return out
 
 
-def _first_line(e: Exception) -> str:
-    """The message's first line, with the first detail when that line only introduces a list."""
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(e).__name__
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-
-
 class LDMBackend(ClassLabelMixin, KLVaeMixin, Backend):
     def __init__(self, path: Path, index: dict, device: torch.device, precision: str):
         from diffusers import AutoencoderKL, UNet2DConditionModel, VQModel
@@ -203,7 +195,7 @@ class LDMBackend(ClassLabelMixin, KLVaeMixin, Backend):
                 vae = (VQModel if vae_cls == "VQModel" else AutoencoderKL).from_pretrained(
                     path / "vae", low_cpu_mem_usage=False)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError, EnvironmentError) as e:
-            raise Mgd3Error(f"could not load the class-conditional LDM in {path}: {_first_line(e)}") from None
+            raise Mgd3Error(f"could not load the class-conditional LDM in {path}: {first_line(e)}") from None
         uc, vc, ec = unet.config, vae.config, embedder.config
         self.vq = vae_cls == "VQModel"
         c = (vc.vq_embed_dim or vc.latent_channels) if self.vq else vc.latent_channels
@@ -314,7 +306,7 @@ def load_reused_vae(model: str | Path, channels: int, resolution: int):
     try:
         vae = AutoencoderKL.from_pretrained(d, low_cpu_mem_usage=False)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise Mgd3Error(f"--vae {model}: could not load {d}: {_first_line(e)}") from None
+        raise Mgd3Error(f"--vae {model}: could not load {d}: {first_line(e)}") from None
     if vae.config.in_channels != channels:
         raise Mgd3Error(f"--vae {model}: the VAE takes {vae.config.in_channels} channels, the data has {channels}")
     down = 2 ** (len(vae.config.block_out_channels) - 1)

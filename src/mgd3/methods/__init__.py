@@ -1,5 +1,5 @@
 """Stage: distillation methods. A method turns (model, real data, IPC, seed) into latents or
-images for a list of items; the shared driver (`mgd3.distill`) batches, decodes and writes.
+images for a list of items; the shared driver (`mgd3.run.driver`) batches, decodes and writes.
 
 A new method is one file in this package that subclasses `Method` and registers itself with
 `@METHODS.register("name")`; every module here is imported when the registry is first used.
@@ -21,10 +21,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mgd3.config import SAMPLER_RECOMMENDATIONS
+from mgd3.backends.recommended import SAMPLER_RECOMMENDATIONS
+from mgd3.config import RANDOM_STATE_MAX, Rule, convert
 from mgd3.errors import Mgd3Error
 from mgd3.registry import Registry
-from mgd3.sampling import CFGDenoiser, Guidance, Plan, noise_levels, randn_per_item, sample
+from mgd3.core.sampling import CFGDenoiser, Guidance, Plan, noise_levels, randn_per_item, sample
 
 if TYPE_CHECKING:
     from mgd3.backends import Backend
@@ -55,7 +56,7 @@ class SamplerConfig:
     cfg_channels: int | None = None  # None: all latent channels; 3: the original DiT quirk
     eta: float = 0.0  # DDIM only
     # CFG only where the noise level σ_t = sqrt((1 - ᾱ_t) / ᾱ_t) is in (LOW, HIGH], scale 1 elsewhere
-    # (mgd3.sampling.CFGDenoiser); None: the model's recommendation, else CFG at every step
+    # (mgd3.core.sampling.CFGDenoiser); None: the model's recommendation, else CFG at every step
     cfg_interval: tuple[float, float] | None = None
 
 
@@ -93,39 +94,41 @@ class Batch:
 class Context:
     """Everything a method may use: backend, real data, classes, sampler, encodings."""
 
-    def __init__(self, backend: "Backend", data, classes: list[ClassInfo], ipc: int, seed: int,
+    def __init__(self, backend: "Backend | None", data, classes: list[ClassInfo], ipc: int, seed: int,
                  sampler: SamplerConfig, *, encode_batch_size: int = 64, encode_workers: int | None = None,
                  cache_dir=None, progress: bool = True, max_real_per_class: int | None = None,
                  method: str | None = None):
         self.backend, self.data, self.classes = backend, data, classes
         # every class of the run; `classes` is this process's share when several run (torchrun)
         self.all_classes = list(classes)
-        if sampler.steps is None:  # `distill` resolves it first; a Context made directly does it here
+        if sampler.steps is None and backend is not None:  # `distill` resolves it first; here for a Context made directly
             sampler = dataclasses.replace(sampler, steps=recommended_steps(backend, ipc, method))
         self.ipc, self.seed, self.sampler = ipc, seed, sampler
         self.encode_batch_size, self.cache_dir, self.progress = encode_batch_size, cache_dir, progress
         self.encode_workers = encode_workers  # DataLoader workers for encoding; None: 0 on CPU, else up to 16
-        self.plan = Plan.from_betas(backend.betas, sampler.steps)
+        # no model (a method that needs none, `Method.needs`): no plan and no CFG scale
+        self.plan = Plan.from_betas(backend.betas, sampler.steps) if backend is not None else None
         # --cfg, else the model's recommendation for this IPC and method (mgd3.json), else DiT-XL/2's 4.0
-        self.cfg_scale = (sampler.cfg if sampler.cfg is not None
+        self.cfg_scale = (sampler.cfg if sampler.cfg is not None or backend is None
                           else float(backend.defaults_at(ipc, method)[0].get("cfg", 4.0)))
-        self.cfg_interval = (sampler.cfg_interval if sampler.cfg_interval is not None
+        self.cfg_interval = (sampler.cfg_interval if sampler.cfg_interval is not None or backend is None
                              else backend.defaults_at(ipc, method)[0].get("cfg_interval"))
         self.max_real_per_class = max_real_per_class
         self._latents = None  # a CachedLatents of `classes` once encoded
         self.observers: list = []  # step observers (progress), set by the driver
+        self.run_dir = None  # a folder for a method's own resume state (dm), set by the driver; None: no resume
 
     def real_indices(self, c: int) -> np.ndarray:
-        """The real items of class c that modes are found from (see `mgd3.encode.real_subset`)."""
-        from mgd3.encode import real_subset
+        """The real items of class c that modes are found from (see `mgd3.core.encode.real_subset`)."""
+        from mgd3.core.encode import real_subset
 
         return real_subset(self.data, c, self.max_real_per_class)
 
     def real_latents(self) -> Mapping[int, Tensor]:
         """{class index: (N_c, C, h, w) float32} latents of the real train images of this process's
-        classes (see `mgd3.encode.real_latents`): per-class work (k-means) never holds more than
+        classes (see `mgd3.core.encode.real_latents`): per-class work (k-means) never holds more than
         one class."""
-        from mgd3.encode import real_latents
+        from mgd3.core.encode import real_latents
 
         wanted = [c.index for c in self.classes]
         if self._latents is None or list(self._latents) != wanted:
@@ -140,6 +143,11 @@ class Context:
             n = len(self.data.indices(c.index))
             if n < self.ipc:
                 raise Mgd3Error(f"IPC {self.ipc} is larger than class {c.class_id!r} ({n} images)")
+
+    def latents_of(self, images: Tensor) -> Tensor | None:
+        """(B, C, R, R) images in [-1, 1] -> their latents through the model's VAE (what latents.pt
+        holds for methods that make images), or None when the run has no model."""
+        return self.backend.encode(images).cpu() if self.backend is not None else None
 
     def generators(self, items: Sequence[Item]) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(it.seed) for it in items]
@@ -177,6 +185,11 @@ class Method:
 
     name: ClassVar[str] = ""
     generative: ClassVar[bool] = True  # uses the diffusion sampler
+    # what the method needs of a model: "sampler" (a diffusion model to sample), "vae" (its VAE's
+    # encodings of the real data) or "nothing" (it makes images without a model; given one, its VAE
+    # encodes them for latents.pt). With "nothing", a run without --model on data mgd3 ships no
+    # model for loads none.
+    needs: ClassVar[str] = "sampler"
     Options: ClassVar[type] = None  # a dataclass of options, or None
     # True when an image depends on the images of its class generated before it (then the batch
     # size is part of a run's resume key, and a resumed class is replayed in order)
@@ -185,8 +198,14 @@ class Method:
     def __init__(self, options=None):
         self.options = options
 
+    def resolve_options(self, ctx: Context):
+        """The options with every default that depends on the run filled in (e.g. a stop index from
+        the steps); called once, by the driver, before `validate`. Returns new options, never
+        changes `self.options` (the driver installs the result)."""
+        return self.options
+
     def validate(self, ctx: Context) -> None:
-        """Raise Mgd3Error on options that do not fit the context."""
+        """Raise Mgd3Error on options that do not fit the context (the options are resolved)."""
 
     def prepare(self, ctx: Context) -> None:
         """Per-run work before generation (e.g. encoding real data, mode discovery)."""
@@ -302,7 +321,7 @@ def recommended_options(backend: "Backend", method_cls: type[Method], ipc: int) 
     if unknown:
         raise Mgd3Error(f"{backend.path}/mgd3.json recommends {', '.join(unknown)} for method "
                         f"{method_cls.name!r}, which it does not take")
-    return options_by_field(method_cls, rec)
+    return check_method_options(options_by_field(method_cls, rec), f"{backend.path}/mgd3.json")
 
 
 def check_finite(name: str, value: float, minimum: float = 0.0) -> None:
@@ -318,3 +337,71 @@ def class_modes_progress(ctx: Context, desc: str):
 
 def as_tensor_modes(arr: np.ndarray, shape) -> Tensor:
     return torch.from_numpy(np.asarray(arr, dtype=np.float32)).reshape(-1, *shape)
+
+
+# --- option checks (types, ranges, choices), the same for flags, YAML, the API and mgd3.json
+
+
+def method_option_fields() -> dict[str, dataclasses.Field]:
+    """Every registered method's option fields by name (the first method's, when shared)."""
+    reg = load_methods()
+    out: dict[str, dataclasses.Field] = {}
+    for name in reg.names():
+        opts = reg.get(name).Options
+        for f in dataclasses.fields(opts) if opts else ():
+            out.setdefault(f.name, f)
+    return out
+
+
+def option_choices(f: dataclasses.Field) -> list[str] | None:
+    """The choices of an enumerated method option (its own, or a registry's for --modes)."""
+    if f.metadata.get("choices"):
+        return list(f.metadata["choices"])
+    if f.name == "modes":
+        from mgd3.core.modes import MODE_FINDERS
+
+        return list(MODE_FINDERS.names())
+    return None
+
+
+def check_method_options(options: dict, source: str = "") -> dict:
+    """Types, finiteness, seed ranges and choices of method options (by field name); returns
+    them converted. What fits one method only (t_stop against the steps) is the method's check."""
+    fields = method_option_fields()
+    out = {}
+    for k, v in options.items():
+        f = fields.get(k)
+        if f is None:  # the method names what it does not take
+            out[k] = v
+            continue
+        name = option_flag(f)
+        v = convert(name if not source else name.lstrip("-"), v, f.type, source)
+        choices = option_choices(f)
+        if choices is not None:
+            Rule(choices=tuple(choices), what="mode finder" if k == "modes" else None).check(name, v)
+        elif k.endswith("seed"):
+            Rule(minimum=0, maximum=RANDOM_STATE_MAX).check(name, v)
+        elif isinstance(v, int) and not isinstance(v, bool):  # step indices, counts: what a run can use
+            Rule(minimum=-1, maximum=1_000_000).check(name, v)
+        elif isinstance(v, float):
+            Rule(minimum=0.0).check(name, v)
+        out[k] = v
+    return out
+
+
+def check_recommendations(backend: "Backend") -> None:
+    """The method options a model's mgd3.json recommends (folder-wide and in every "by_ipc" entry),
+    checked as the CLI checks them, for every method; done once the model is loaded, before any data
+    loads (`recommended_options` converts them again when a method takes them)."""
+    defaults = getattr(backend, "defaults", None) or {}
+    source = f"{backend.path}/mgd3.json"
+    fields = method_option_fields()
+    by_flag = {option_flag(f).lstrip("-"): name for name, f in fields.items()}
+    for entry in [defaults, *(defaults.get("by_ipc") or [])]:
+        for opts in (entry.get("methods") or {}).values():
+            for k, v in opts.items():
+                if k in SAMPLER_RECOMMENDATIONS:
+                    continue
+                name = by_flag.get(str(k).replace("_", "-"), str(k))
+                if name in fields:
+                    check_method_options({name: v}, source)

@@ -15,7 +15,7 @@ import torch
 
 from mgd3.errors import Mgd3Error
 from mgd3.methods import METHODS, Batch, Method, as_tensor_modes, class_modes_progress, option
-from mgd3.modes import find_modes
+from mgd3.core.modes import find_modes
 
 
 @dataclass

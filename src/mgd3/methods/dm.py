@@ -81,7 +81,7 @@ def matching_loss(net: torch.nn.Module, real: Tensor, syn: Tensor) -> Tensor:
 
 
 def dsa_params(strategy: str):
-    from mgd3.evaluate.augment import DSAParams
+    from mgd3.evaluation.augment import DSAParams
 
     return None if strategy.lower() == "none" else DSAParams(strategy=strategy, same_params=True)
 
@@ -92,8 +92,8 @@ def optimise_class(syn: Tensor, real: Tensor, *, seed: int, class_id: str, itera
     """DM for one class. syn (IPC, C, R, R) and real (N, C, R, R) in normalised space.
     `state` ({"images", "opt", "iteration", "losses"}) continues an interrupted optimisation;
     `save(state)` is called every CHECKPOINT_S seconds and at the end. Returns the final state."""
-    from mgd3.evaluate.augment import dsa
-    from mgd3.evaluate.networks import build_network
+    from mgd3.evaluation.augment import dsa
+    from mgd3.evaluation.networks import build_network
 
     params = dsa_params(strategy)
     images = (state["images"] if state else syn).detach().clone().float().requires_grad_(True)
@@ -136,7 +136,7 @@ def optimise_class(syn: Tensor, real: Tensor, *, seed: int, class_id: str, itera
 
 def _class_images(ctx, indices) -> Tensor:
     """uint8 (N, C, R, R) of data items."""
-    from mgd3.evaluate.train import tensor_set
+    from mgd3.evaluation.train import tensor_set
 
     return tensor_set(ctx.data.dataset(indices)).images
 
@@ -147,6 +147,7 @@ class DM(Method):
 
     name = "dm"
     generative = False
+    needs = "nothing"
     training_free = False
     Options = DMOptions
 
@@ -171,7 +172,7 @@ class DM(Method):
         if o.embed_net not in EMBED_NETS:
             raise Mgd3Error(f"--embed-net {o.embed_net!r} is not one of {', '.join(EMBED_NETS)}")
         if o.dsa_strategy.lower() != "none":
-            from mgd3.evaluate.augment import DSA_OPS
+            from mgd3.evaluation.augment import DSA_OPS
 
             bad = [op for op in o.dsa_strategy.split("_") if op not in DSA_OPS]
             if bad or not o.dsa_strategy:
@@ -185,7 +186,7 @@ class DM(Method):
     def _read_init(self, ctx, path: str) -> None:
         """Check that the set at `path` fits this run (data, classes, resolution, channels,
         IPC) and keep its images; any mismatch is a one-line error naming it."""
-        from mgd3.evaluate.core import _channels_of, _resolution_of, load_set_images, read_set
+        from mgd3.evaluation.core import _channels_of, _resolution_of, load_set_images, read_set
 
         s = read_set(path)
         d = ctx.data
@@ -217,8 +218,8 @@ class DM(Method):
 
     # ------------------------------------------------------------------ run
     def prepare(self, ctx):
-        from mgd3.evaluate import references as R
-        from mgd3.evaluate.train import tensor_set
+        from mgd3.evaluation import references as R
+        from mgd3.evaluation.train import tensor_set
 
         d = ctx.data
         self.ipc = ctx.ipc
@@ -230,7 +231,7 @@ class DM(Method):
             chooser.prepare(ctx)
             for c in ctx.classes:
                 self.init_images[c.index] = _class_images(ctx, chooser.chosen[c.index])
-        run_dir = getattr(ctx, "run_dir", None)
+        run_dir = ctx.run_dir
         for c in ctx.classes:  # loss records of classes an interrupted run finished
             state = self._load_state(run_dir, c) if run_dir is not None else None
             if state is not None:
@@ -265,10 +266,10 @@ class DM(Method):
         return state
 
     def _optimise(self, ctx, c) -> None:
-        from mgd3.store import save_torch
+        from mgd3.files import save_torch_atomic as save_torch
 
         o = self.options
-        run_dir = getattr(ctx, "run_dir", None)
+        run_dir = ctx.run_dir
         state = self._load_state(run_dir, c) if run_dir is not None else None
         if state is not None:
             log.info("DM class %s: continuing after iteration %d", c.class_id, int(state["iteration"]))
@@ -292,7 +293,7 @@ class DM(Method):
             self._optimise(ctx, c)
         images = self.result[c.index][[it.index for it in items]]  # (B, C, R, R) in [-1, 1]
         # latents.pt as for the real-image baselines: the written images through the model's VAE
-        return Batch(ctx.backend.encode(images).cpu(), images=images, mode_ids=[None] * len(items))
+        return Batch(ctx.latents_of(images), images=images, mode_ids=[None] * len(items))
 
     def manifest_info(self):
         o = self.options

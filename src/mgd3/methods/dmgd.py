@@ -29,8 +29,8 @@ from torch import Tensor
 
 from mgd3.errors import Mgd3Error
 from mgd3.methods import METHODS, Batch, Method, check_finite, class_modes_progress, option
-from mgd3.modes import find_modes
-from mgd3.sampling import ModelOutput, Step
+from mgd3.core.modes import find_modes
+from mgd3.core.sampling import ModelOutput, Step
 
 
 def semantic_lambda(t: int) -> float:

@@ -8,14 +8,15 @@ variant stops at 500). The manifest records both the index and the timestep wher
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from mgd3.errors import Mgd3Error
-from mgd3.guidance import GUIDANCE_FORMS, ModeGuidance, StopWindow
+from mgd3.core.guidance import GUIDANCE_FORMS, ModeGuidance, StopWindow
 from mgd3.methods import METHODS, Batch, Method, as_tensor_modes, check_finite, class_modes_progress, option
-from mgd3.modes import MODE_FINDERS, find_modes
+from mgd3.core.modes import MODE_FINDERS, find_modes
 
 
 @dataclass
@@ -34,6 +35,13 @@ class MGD3Options:
                                         "picks by sampler", choices=GUIDANCE_FORMS)
     mode_seed: int = option(0, "random_state of the clustering (official: 0)")
 
+    def __post_init__(self):
+        # what needs no model is refused when the options are made, before any model or data loads
+        check_finite("--lambda", self.lam)
+        if self.t_stop_timestep is not None and self.t_stop is not None:
+            raise Mgd3Error("--t-stop and --t-stop-timestep are mutually exclusive (give one; a model's "
+                            "mgd3.json may recommend --t-stop)")
+
 
 @METHODS.register("mgd3")
 class MGD3(Method):
@@ -46,15 +54,18 @@ class MGD3(Method):
         self.stop_index: int | None = None  # guidance while step index > stop_index (set by validate)
         self.stop_info: dict = {}
 
+    def resolve_options(self, ctx) -> MGD3Options:
+        """The default stop index is half the run's steps (the paper's 25 of 50)."""
+        o = self.options
+        if o.t_stop is None and o.t_stop_timestep is None:
+            return dataclasses.replace(o, t_stop=ctx.sampler.steps // 2)
+        return o
+
     def validate(self, ctx):
         o = self.options
-        check_finite("--lambda", o.lam)
         steps = ctx.sampler.steps
         timesteps = [int(t) for t in ctx.plan.timesteps]  # ascending with the index
         if o.t_stop_timestep is not None:
-            if o.t_stop is not None:
-                raise Mgd3Error("--t-stop and --t-stop-timestep are mutually exclusive (give one; a model's "
-                                "mgd3.json may recommend --t-stop)")
             n_train = len(ctx.backend.betas)
             if isinstance(o.t_stop_timestep, bool) or not -1 <= o.t_stop_timestep <= n_train - 1:
                 raise Mgd3Error(f"--t-stop-timestep must be in -1..{n_train - 1} (training timesteps), "
@@ -62,11 +73,10 @@ class MGD3(Method):
             # guided while timesteps[i] > T  <=>  i > (the last index whose timestep is <= T)
             self.stop_index = max((i for i, t in enumerate(timesteps) if t <= o.t_stop_timestep), default=-1)
         else:
-            if o.t_stop is None:
-                o.t_stop = steps // 2  # the paper's 25 of 50
-            if not -1 <= o.t_stop <= steps:
-                raise Mgd3Error(f"--t-stop must be in -1..{steps} for {steps} steps, got {o.t_stop}")
-            self.stop_index = o.t_stop
+            t_stop = o.t_stop if o.t_stop is not None else self.resolve_options(ctx).t_stop
+            if not -1 <= t_stop <= steps:
+                raise Mgd3Error(f"--t-stop must be in -1..{steps} for {steps} steps, got {t_stop}")
+            self.stop_index = t_stop
         s = self.stop_index
         off, last = min(s, steps - 1), s + 1  # the first step without guidance, the last one with it
         self.stop_info = {

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from mgd3.methods import METHODS, Batch, Method, class_modes_progress, option
-from mgd3.modes import find_modes
+from mgd3.core.modes import find_modes
 
 
 def _images(ctx, indices: list[int]) -> torch.Tensor:
@@ -21,6 +21,7 @@ def _images(ctx, indices: list[int]) -> torch.Tensor:
 
 class RealSubset(Method):
     generative = False
+    needs = "nothing"
     chosen: dict[int, np.ndarray]  # class index -> item indices into the data, one per k
 
     def validate(self, ctx):
@@ -29,8 +30,7 @@ class RealSubset(Method):
     def generate(self, ctx, items):
         idx = [int(self.chosen[it.cls.index][it.index]) for it in items]
         images = _images(ctx, idx)
-        latents = ctx.backend.encode(images).cpu()
-        return Batch(latents, images=images, mode_ids=self.mode_ids(items),
+        return Batch(ctx.latents_of(images), images=images, mode_ids=self.mode_ids(items),
                      extra=[{"real_index": i} for i in idx])
 
     def mode_ids(self, items):
@@ -59,6 +59,7 @@ class KMeansRealOptions:
 @METHODS.register("kmeans-real")
 class KMeansReal(RealSubset):
     name = "kmeans-real"
+    needs = "vae"
     Options = KMeansRealOptions
 
     def __init__(self, options=None):

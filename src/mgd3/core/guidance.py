@@ -18,7 +18,7 @@ import math
 from torch import Tensor
 
 from mgd3.errors import Mgd3Error
-from mgd3.sampling import Guidance, Step
+from mgd3.core.sampling import Guidance, Step
 
 GUIDANCE_FORMS = ("auto", "ddpm", "ddim", "x0")
 

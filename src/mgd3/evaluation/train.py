@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mgd3.config import default_device
 from mgd3.errors import Mgd3Error
 from mgd3.files import to_uint8
-from mgd3.evaluate import augment as A
-from mgd3.evaluate.networks import build_network
-from mgd3.evaluate.protocols import Protocol
+from mgd3.evaluation import augment as A
+from mgd3.evaluation.networks import build_network
+from mgd3.evaluation.protocols import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class RunOptions:
 def resolve_device(name: str | None) -> torch.device:
     name = (name or "auto").lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(default_device())
     try:
         dev = torch.device(name)
     except RuntimeError:

@@ -11,7 +11,7 @@ import os
 import time
 from datetime import timedelta
 
-from mgd3.errors import Mgd3Error
+from mgd3.errors import Mgd3Error, first_line
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,12 @@ class PeerFailed(Mgd3Error):
     """Another process of the launch failed (it reports the error; this one exits quietly)."""
 
     reported = True
+
+
+def classes_of_rank(classes: list, world: int, rank: int) -> list:
+    """The classes process `rank` of `world` distills: class indices rank, rank + world, ... (every
+    class once over the ranks, the same share however the run was interrupted)."""
+    return [c for c in classes if c.index % world == rank]
 
 
 class Ranks:
@@ -50,7 +56,7 @@ class Ranks:
             dist.init_process_group("gloo", store=base, rank=rank, world_size=world,
                                     timeout=timedelta(minutes=30))
         except (RuntimeError, ValueError, KeyError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise Mgd3Error(f"cannot join the torchrun process group: {first}") from None
         if rank > 0:  # progress and info lines come from rank 0 only
             logging.getLogger("mgd3").setLevel(logging.WARNING)

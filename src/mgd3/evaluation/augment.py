@@ -43,7 +43,7 @@ def _randint(gen: torch.Generator, low: int, high: int, n: int, same: bool, devi
 
 @dataclass(frozen=True)
 class DSAParams:
-    """The DSA code's `ParamDiffAug` strengths (SPEC §3.1)."""
+    """The DSA code's `ParamDiffAug` strengths (docs/METHODS.md §5.2)."""
 
     strategy: str = "color_crop_cutout_flip_scale_rotate"
     scale: float = 1.2

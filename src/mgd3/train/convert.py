@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from mgd3.errors import Mgd3Error
+from mgd3.errors import Mgd3Error, first_line
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors of many kinds: an unreadable or unsafe file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise Mgd3Error(f"{path} is not a checkpoint torch.load(weights_only=True) can read: {first}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

@@ -14,13 +14,14 @@ import platform
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-import mgd3
-from mgd3 import store
+from mgd3.version import __version__
+from mgd3.io import store
 from mgd3.files import folder_fingerprint
 from mgd3.methods import ClassInfo, Item, item_seed
 
@@ -45,11 +46,6 @@ def git_commit() -> str | None:
         return None
 
 
-def model_fingerprint(path: Path) -> str:
-    """Changes when a file of the model folder changes (names, sizes, first and last MiB)."""
-    return folder_fingerprint(path)
-
-
 def resolved_config(config, cfg_scale: float, options) -> dict:
     """The run's config as a dict with what the model resolved: the CFG scale and every option."""
     d = dataclasses.asdict(config)
@@ -63,12 +59,13 @@ def run_key(config, backend, data, classes: list[ClassInfo], cfg_scale: float, o
     """The resolved settings that determine the images (OUT/.mgd3-run.json): a re-run with the
     same key resumes, another key is refused. Batch size is not in it (an image has its own
     generator), except for methods whose images depend on earlier batches (`order_dependent`)."""
-    key: dict = {"mgd3_version": mgd3.__version__, "method": config.method, "ipc": config.ipc, "seed": config.seed,
+    key: dict = {"mgd3_version": __version__, "method": config.method, "ipc": config.ipc, "seed": config.seed,
                  "data": {"fingerprint": data.fingerprint(), "resolution": data.resolution,
                           "channels": data.channels},
                  "classes": [[c.class_id, c.label] for c in classes],
-                 "model": {"backend": backend.name, "fingerprint": model_fingerprint(backend.path),
-                           "latent_shape": list(backend.latent_shape)}}
+                 "model": None if backend is None else {
+                     "backend": backend.name, "fingerprint": folder_fingerprint(backend.path),
+                     "latent_shape": list(backend.latent_shape)}}
     for k, v in resolved_config(config, cfg_scale, options).items():
         if k not in NOT_IN_RUN_KEY and k not in key:
             key[k] = v
@@ -85,17 +82,33 @@ def warn_resume_differences(out: Path, info: dict) -> None:
                         "from an uninterrupted run in the last float bits", out, flag, info[name], before[name])
 
 
+class Work(NamedTuple):
+    """One batch of a process's work: a shard an interrupted run finished (`items` None), or the
+    items to generate (`shard` None)."""
+
+    shard: dict | None
+    items: list[Item] | None
+
+
+class Assembled(NamedTuple):
+    """The whole set, gathered in class order (`assemble`)."""
+
+    records: list[dict]  # the manifest's image entries
+    latents: torch.Tensor | None  # (N, C, h, w) float32, None for a method without latents
+    grid_rows: list[np.ndarray]  # per class (n, R, R[, 3]) uint8, at most GRID_PER_CLASS
+
+
 def batches_to_generate(classes: list[ClassInfo], ipc: int, seed: int, batch_size: int, out: Path,
-                        resume: bool, order_dependent: bool) -> list[tuple[dict | None, list[Item] | None]]:
+                        resume: bool, order_dependent: bool) -> list[Work]:
     """The work of one process, class by class in index order: (shard, None) for a batch an
     interrupted run finished (its class under shard["cls"]), (None, items) for a batch to generate.
     Missing items of a class are batched in runs of batch_size from where they start, which
     reproduces the original batches. For an order-dependent method everything after the first
     missing item is generated again."""
-    work: list[tuple[dict | None, list[Item] | None]] = []
+    work: list[Work] = []
 
     def add_todo(items: list[Item]) -> None:
-        work.extend((None, items[i:i + batch_size]) for i in range(0, len(items), batch_size))
+        work.extend(Work(None, items[i:i + batch_size]) for i in range(0, len(items), batch_size))
 
     for c in classes:
         shards = store.load_shards(out, c.index, c.class_id) if resume else {}
@@ -107,7 +120,7 @@ def batches_to_generate(classes: list[ClassInfo], ipc: int, seed: int, batch_siz
                 add_todo(todo)
                 todo = []
                 shard["cls"] = c
-                work.append((shard, None))
+                work.append(Work(shard, None))
                 k += len(shard["indices"])
             else:
                 todo.append(Item(c, k, item_seed(seed, c.class_id, k)))
@@ -172,8 +185,8 @@ def merge_info(infos: list[dict]):
     return {k: merge_info([i[k] for i in infos if k in i]) for k in keys}
 
 
-def assemble(classes: list[ClassInfo], outputs: dict[int, ClassOutput]):
-    """(records, latents (N, C, h, w) or None, grid rows) of the whole set, in class order."""
+def assemble(classes: list[ClassInfo], outputs: dict[int, ClassOutput]) -> Assembled:
+    """The whole set's records, latents and grid rows, in class order."""
     records, latents, rows = [], [], []
     for c in classes:
         entry = outputs.get(c.index, ClassOutput())
@@ -182,14 +195,14 @@ def assemble(classes: list[ClassInfo], outputs: dict[int, ClassOutput]):
         row = [entry.grid[k].numpy() for k in sorted(entry.grid)][:GRID_PER_CLASS]
         if row:
             rows.append(np.stack(row))
-    return records, (torch.cat(latents) if latents else None), rows
+    return Assembled(records, (torch.cat(latents) if latents else None), rows)
 
 
 def manifest(config, backend, data, classes: list[ClassInfo], resolved: dict, method_info, timing: dict,
              device: str, processes: int, resumed: int, records: list[dict]) -> dict:
     """manifest.json of a finished set (store adds the format)."""
     return {
-        "mgd3_version": mgd3.__version__,
+        "mgd3_version": __version__,
         "git_commit": git_commit(),
         "method": config.method,
         "ipc": config.ipc,
@@ -197,8 +210,9 @@ def manifest(config, backend, data, classes: list[ClassInfo], resolved: dict, me
         "data": {"name": config.data, "classes": config.classes, "data_root": config.data_root,
                  "resolution": config.save_resolution or data.resolution,
                  "channels": data.channels, "fingerprint": data.fingerprint()},
-        "model": {"path": str(backend.path), "backend": backend.name, "latent_shape": list(backend.latent_shape),
-                  "learned_sigma": backend.learned_sigma},
+        "model": None if backend is None else {
+            "path": str(backend.path), "backend": backend.name, "latent_shape": list(backend.latent_shape),
+            "learned_sigma": backend.learned_sigma},
         "classes": [class_record(c) for c in classes],
         "method_info": method_info,
         "config": resolved,

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mgd3.config import resolve_device
 from mgd3.errors import Mgd3Error
 
 log = logging.getLogger(__name__)
@@ -200,14 +201,14 @@ def _sample_latents(backend, x: Tensor, gen: torch.Generator) -> Tensor:
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune `cfg.model` on `cfg.data` with `cfg.objective`; writes cfg.out; returns a summary."""
-    from mgd3.backends import default_device, load_backend
-    from mgd3.data import load_data
+    from mgd3.backends import load_backend
+    from mgd3.io.data import load_data
     from mgd3.backends.labels import map_labels
-    from mgd3.evaluate.train import tensor_set
+    from mgd3.evaluation.train import tensor_set
 
     t_start = time.perf_counter()
     _validate(cfg)
-    device = default_device() if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     backend = load_backend(cfg.model, device=device)
     if backend.name != "dit":
         raise Mgd3Error(f"mgd3 finetune fine-tunes class-conditional DiT folders; {backend.path} is a "
@@ -290,14 +291,14 @@ def _save(out: Path, backend, ema, cfg: FinetuneConfig, data, stats: dict) -> No
     """transformer/ (EMA weights, as the official checkpoint's `ema` is what it samples from),
     vae/ and scheduler/ copied, mgd3.json (the source's defaults + the fine-tune record),
     MODEL_CARD.md, and model_index.json last: its presence means the folder is complete."""
-    from mgd3.runs import model_fingerprint
+    from mgd3.files import folder_fingerprint
 
     src = backend.path
     for sub in ("vae", "scheduler"):
         shutil.copytree(src / sub, out / sub)
     ema.save_pretrained(out / "transformer", safe_serialization=True)
     extra = json.loads((src / "mgd3.json").read_text()) if (src / "mgd3.json").is_file() else {}
-    record = {"objective": cfg.objective, "base_model": str(src), "base_fingerprint": model_fingerprint(src),
+    record = {"objective": cfg.objective, "base_model": str(src), "base_fingerprint": folder_fingerprint(src),
               "data": cfg.data, "classes": list(data.class_ids), "config": dataclasses.asdict(cfg), "stats": stats}
     meta = {"defaults": extra.get("defaults", {}), "trained_by": "mgd3 finetune", "data": cfg.data,
             "classes": list(data.class_ids), "finetune": record, "base": {k: v for k, v in extra.items()

@@ -1,4 +1,4 @@
-"""Stage: evaluation protocols (SPEC §3) — one frozen dataclass config per protocol, in a registry.
+"""Stage: evaluation protocols (docs/METHODS.md §5) — one frozen dataclass config per protocol, in a registry.
 
 * `dc`: the DC/DSA code's `evaluate_synset` without augmentation (Zhao et al. 2021).
 * `dc-dsa`: the same with DSA, 1000 epochs.
@@ -17,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from mgd3.errors import Mgd3Error
-from mgd3.evaluate.augment import DSAParams
+from mgd3.evaluation.augment import DSAParams
 from mgd3.registry import Registry
 
 # data sets that must not be flipped (DSA code: MNIST drops "flip" from the strategy)

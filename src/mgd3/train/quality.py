@@ -1,7 +1,7 @@
 """Model quality numbers for a pretrained pipeline (used by `mgd3 pretrain --quality` and the
 model card): VAE reconstruction PSNR, class fidelity and classification accuracy score (CAS).
 
-Classifiers are trained with the evaluation stage's networks and loop (`mgd3.evaluate`):
+Classifiers are trained with the evaluation stage's networks and loop (`mgd3.evaluation`):
 ConvNet-3 under the DC protocol (Zhao et al., 2021; SGD lr 0.01, momentum 0.9, weight decay
 5e-4, batch 256, lr x 0.1 at half the epochs), no augmentation, on images scaled to [-1, 1].
 """
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mgd3.evaluate.protocols import Protocol, get_protocol, override
-from mgd3.evaluate.train import Normalization, RunOptions, TensorSet, accuracy, tensor_set, train_and_test
+from mgd3.evaluation.protocols import Protocol, get_protocol, override
+from mgd3.evaluation.train import Normalization, RunOptions, TensorSet, accuracy, tensor_set, train_and_test
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,10 @@ def measure(model_dir, data_name: str, *, device="cpu", fidelity_per_class: int 
     import tempfile
     from pathlib import Path
 
-    from mgd3.api import load_set
     from mgd3.backends import load_backend
-    from mgd3.data import load_data
-    from mgd3.distill import DistillConfig, distill
+    from mgd3.io.data import load_data
+    from mgd3.io.store import load_set
+    from mgd3.run.driver import DistillConfig, distill
     from mgd3.methods import SamplerConfig
 
     b = load_backend(model_dir, device=device)
@@ -104,7 +104,7 @@ def measure(model_dir, data_name: str, *, device="cpu", fidelity_per_class: int 
         subset(train, per_class_subset(train.targets, cas_ipc, seed)), test, k, epochs=cas_epochs, seed=seed,
         device=device)[1], 2)
     scale = cfg if cfg is not None else b.defaults.get("cfg", 4.0)
-    out["settings"] = (f"ConvNet-3 (DC protocol of mgd3.evaluate, no augmentation); real classifier {real_epochs} "
+    out["settings"] = (f"ConvNet-3 (DC protocol of mgd3.evaluation, no augmentation); real classifier {real_epochs} "
                        f"epochs on the full train set; {fidelity_per_class}/class plain samples (CFG {scale}, "
                        f"50 DDPM steps); CAS and random-real: {cas_ipc}/class, {cas_epochs} epochs, seed {seed}")
     return out

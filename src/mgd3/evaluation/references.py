@@ -1,4 +1,4 @@
-"""Stage: evaluation — real-data references under the same protocol (SPEC §3.4) and the
+"""Stage: evaluation — real-data references under the same protocol (docs/METHODS.md §6.1) and the
 soft-label teacher, each trained once and cached under the mgd3 cache directory.
 
 * random-real: IPC real train images per class drawn with a fixed subset seed (subset i is
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from mgd3 import files
-from mgd3.evaluate.protocols import Protocol, to_dict
-from mgd3.evaluate.train import Normalization, RunOptions, TensorSet, dataset_normalization, train_and_test
+from mgd3.evaluation.protocols import Protocol, to_dict
+from mgd3.evaluation.train import Normalization, RunOptions, TensorSet, dataset_normalization, train_and_test
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def get_teacher(p: Protocol, *, train_fp: str, test_fp: str, make_train, test: T
                 norm: Normalization, opts: RunOptions, cache_dir=None, use_cache: bool = True,
                 seed: int = 0) -> tuple[torch.nn.Module, dict]:
     """The cached teacher for protocol `p` (trained on the full train split on a miss)."""
-    from mgd3.evaluate.networks import build_network
+    from mgd3.evaluation.networks import build_network
 
     tp = teacher_protocol(p)
     key = key_of({"v": EVAL_CACHE_VERSION, "train": train_fp, "test": test_fp, "protocol": to_dict(tp),

@@ -8,9 +8,10 @@ activations, the sampler's own arithmetic) is not counted. A DiT forward is esti
 config (`dit_forward_flops`); every other network (VAE encoder and decoder, a UNet) is counted
 once with `FlopCounterMode` on its first call of the run, per batch row.
 
-`StageProfile.attach(backend)` wraps the backend's `encode`, `decode` and `denoiser` on the
-instance (nothing else changes: the same calls, the same results) and books each call to the
-current stage; the driver calls `enter(stage)` as it moves on, then `finish(timing)` turns the
+`StageProfile.observe(backend)` returns the profile and an `ObservedBackend`: a view of the
+backend whose `encode`, `decode` and `denoiser` book each call to the current stage (the same
+calls, the same results) while the backend itself is left as it was (a model loaded once with
+`mgd3.load_model` serves many runs, each with its own view); the driver calls `enter(stage)` as it moves on, then `finish(timing)` turns the
 counts and the stage seconds into the manifest's `profile` and `line()` into the one log line.
 """
 
@@ -94,17 +95,12 @@ class StageProfile:
         self.per_row: dict[str, float] = {}  # FLOPs per batch row of each network
 
     @classmethod
-    def attach(cls, backend) -> "StageProfile":
+    def observe(cls, backend) -> tuple["StageProfile", "ObservedBackend"]:
+        """A new profile and the view of `backend` that books its work (the backend is unchanged)."""
         prof = cls()
         if getattr(backend, "name", None) == "dit" and hasattr(backend, "transformer"):
             prof.per_row["denoiser"] = dit_forward_flops(backend.transformer.config)
-        for name in ("encode", "decode", "denoiser"):
-            inner = getattr(backend, name, None)
-            while getattr(inner, "_stage_profile", False):  # a backend reused by another run (the API)
-                inner = inner.__wrapped__
-            if callable(inner):
-                setattr(backend, name, prof._wrap(name, inner))
-        return prof
+        return prof, ObservedBackend(backend, prof)
 
     def _wrap(self, name: str, inner):
         def call(x, *args, **kwargs):
@@ -125,7 +121,6 @@ class StageProfile:
             return out
 
         call.__wrapped__ = inner
-        call._stage_profile = True
         return call
 
     def enter(self, stage: str, images: int = 0) -> None:
@@ -235,3 +230,32 @@ def matmul_peak(n: int = 2048, repeats: int = 5, device: str | torch.device = "c
         sync()
         best = min(best, time.perf_counter() - t)
     return 2.0 * n ** 3 / best
+
+
+class ObservedBackend:
+    """A backend as one run sees it: `encode`, `decode` and `denoiser` counted by the run's
+    `StageProfile`, every other attribute the backend's own (read and written through)."""
+
+    _OBSERVED = ("encode", "decode", "denoiser")
+
+    def __init__(self, backend, prof: StageProfile):
+        object.__setattr__(self, "_backend", backend)
+        object.__setattr__(self, "_calls", {n: prof._wrap(n, getattr(backend, n)) for n in self._OBSERVED
+                                            if callable(getattr(backend, n, None))})
+
+    @property
+    def unwrapped(self):
+        """The backend itself."""
+        return self._backend
+
+    def __getattr__(self, name: str):
+        calls = object.__getattribute__(self, "_calls")
+        if name in calls:
+            return calls[name]
+        return getattr(object.__getattribute__(self, "_backend"), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._backend, name, value)
+
+    def __repr__(self) -> str:
+        return f"ObservedBackend({self._backend!r})"

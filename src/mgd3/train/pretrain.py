@@ -15,7 +15,7 @@ Stages, in the order they run:
      steps, EMA weights (with warm-up). Fixed variance: a learned range would need the hybrid
      VLB loss (Nichol & Dhariwal, 2021), which pays off for few-step sampling; mgd3 samples
      with 50 DDPM steps, where the posterior variance is what the sampler uses for a
-     fixed-variance model (SPEC §1.2). Label dropout for classifier-free guidance is done here
+     fixed-variance model (docs/METHODS.md §1.3). Label dropout for classifier-free guidance is done here
      by replacing labels with the null class (index = number of classes); every block's own
      LabelEmbedding dropout is switched off.
   5. Save: transformer/ (EMA weights), vae/, scheduler/ (DDIM config, clip_sample False),
@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mgd3.config import FINITE_NON_NEGATIVE, POSITIVE, RANDOM_STATE_MAX, Rule, check_device, check_rules, check_types, convert, fill, resolve_device
 from mgd3.errors import Mgd3Error
 from mgd3.files import to_uint8, write_atomic
 from mgd3.machine import cpu_name
@@ -113,7 +114,7 @@ class PretrainConfig:
     limit: int | None = None  # use only N random train images
     max_steps: int | None = None  # at most N optimiser steps per epoch (smoke tests)
     max_minutes: float | None = None  # DiT time budget per invocation; the epoch it ends counts as done
-    quality: bool = False  # measure class fidelity / CAS / PSNR after training (mgd3.quality)
+    quality: bool = False  # measure class fidelity / CAS / PSNR after training (mgd3.train.quality)
     quality_real_epochs: int = 10
     quality_cas_epochs: int = 300
     overwrite: bool = False
@@ -126,9 +127,7 @@ class PretrainConfig:
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        from mgd3.backends import default_device
-
-        return torch.device(default_device())
+        return torch.device(resolve_device(name))
     try:
         return torch.device(name)
     except RuntimeError:
@@ -235,7 +234,7 @@ def _load_split(cfg: PretrainConfig, split: str, limit: int | None = None):
 
     Images are kept in memory as uint8 (the sources are 8-bit: lossless, 4x smaller than float).
     """
-    from mgd3.data import load_data
+    from mgd3.io.data import load_data
 
     try:
         data = load_data(cfg.data, split, resolution=cfg.resolution, channels=cfg.channels, classes=cfg.classes,
@@ -534,7 +533,7 @@ def encode_all(vae, images: Tensor, device, bs: int = 500) -> Tensor:
 @torch.no_grad()
 def reconstruction_psnr(vae, images: Tensor, device, bs: int = 500) -> float:
     """PSNR (dB, peak-to-peak 2) of decode(encode mean) over uint8 images (N, C, R, R)."""
-    from mgd3.quality import psnr
+    from mgd3.train.quality import psnr
 
     rec = torch.cat([vae.decode(vae.encode(_to_float(images[i:i + bs], device)).latent_dist.mean).sample
                      .clamp(-1, 1).float().cpu() for i in range(0, len(images), bs)])
@@ -568,8 +567,8 @@ def eval_loss(dit, latents: Tensor, labels: Tensor, device, bs: int = 500, seed:
 @torch.no_grad()
 def sample_latents(dit, labels: Tensor, num_classes: int, device, cfg_scale: float, steps: int = 25,
                    seed: int = 1000) -> Tensor:
-    """Plain class-conditional samples (B, c, h, w) through mgd3.sampling (DDPM, fixed variance)."""
-    from mgd3.sampling import CFGDenoiser, ModelOutput, Plan, randn_per_item, sample
+    """Plain class-conditional samples (B, c, h, w) through mgd3.core.sampling (DDPM, fixed variance)."""
+    from mgd3.core.sampling import CFGDenoiser, ModelOutput, Plan, randn_per_item, sample
 
     plan = Plan.from_betas(np.linspace(BETA_START, BETA_END, NUM_TRAIN_TIMESTEPS, dtype=np.float64), steps)
     c, size = dit.config.in_channels, dit.config.sample_size
@@ -585,7 +584,7 @@ def sample_latents(dit, labels: Tensor, num_classes: int, device, cfg_scale: flo
 @torch.no_grad()
 def sample_grid(dit, vae, scaling_factor: float, num_classes: int, path: Path, device, cfg_scale: float) -> None:
     """A few plain samples per class (one row per class, at most 64 classes) -> PNG."""
-    from mgd3.store import to_pixels, write_grid
+    from mgd3.io.store import to_pixels, write_grid
 
     shown = min(num_classes, 64)
     per_class = max(1, min(4, 64 // shown))
@@ -747,8 +746,6 @@ def calibrate(cfg: PretrainConfig, latent_size: int, num_classes: int, steps: in
 
 
 def _validate(cfg: PretrainConfig) -> None:
-    from mgd3.config import validate_pretrain
-
     validate_pretrain(cfg)
     dit_size(cfg)
     if cfg.epochs < (0 if cfg.init else 1):
@@ -885,12 +882,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 
 def add_quality(out: Path, cfg: PretrainConfig, device) -> dict:
-    """Measure class fidelity, CAS vs random real and VAE PSNR (mgd3.quality), then add them to
+    """Measure class fidelity, CAS vs random real and VAE PSNR (mgd3.train.quality), then add them to
     MODEL_CARD.md and mgd3.json."""
     import tempfile
 
-    from mgd3.data import load_data
-    from mgd3.quality import measure
+    from mgd3.io.data import load_data
+    from mgd3.train.quality import measure
 
     if cfg.classes:
         raise Mgd3Error("--quality measures a model of all the data's classes; train without --classes")
@@ -899,7 +896,7 @@ def add_quality(out: Path, cfg: PretrainConfig, device) -> dict:
         q = measure(out, cfg.data, device=str(device), real_epochs=cfg.quality_real_epochs,
                     cas_epochs=cfg.quality_cas_epochs, seed=cfg.seed, workdir=work, progress=cfg.progress)
     q["measure_s"] = round(time.perf_counter() - t, 1)
-    q["command"] = (f"mgd3.quality.measure({str(out)!r}, {cfg.data!r}, real_epochs={cfg.quality_real_epochs}, "
+    q["command"] = (f"mgd3.train.quality.measure({str(out)!r}, {cfg.data!r}, real_epochs={cfg.quality_real_epochs}, "
                     f"cas_epochs={cfg.quality_cas_epochs}, seed={cfg.seed})")
     info = json.loads((out / "mgd3.json").read_text())
     info["quality"] = q
@@ -970,13 +967,54 @@ def write_model_card(out: Path, cfg: PretrainConfig, data, stats: dict, n_params
 
         lines = card_lines(lines, cfg, n_params)
     if quality:
-        lines += ["", "## Quality (measured by mgd3's own code, `mgd3.quality`)", ""]
+        lines += ["", "## Quality (measured by mgd3's own code, `mgd3.train.quality`)", ""]
         lines += [f"- {k}: {v}" for k, v in quality.items()]
     lines += ["", "Per-epoch sample grids are in `samples/` (training output, not part of the model)."]
     (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+# --- settings: rules and checks that need no data (the generic machinery is mgd3.config)
+
+
+def _size_names():
+    return list(SIZES)
+
+
+PRETRAIN_RULES: dict[str, Rule] = {
+    "resolution": Rule(minimum=2, maximum=4096), "channels": Rule(choices=(1, 3)),
+    "latent_channels": Rule(minimum=1, maximum=64), "vae_levels": Rule(minimum=1, maximum=8),
+    "vae_width": Rule(minimum=1, maximum=1024), "vae_epochs": Rule(minimum=1, maximum=100_000),
+    "vae_batch_size": Rule(minimum=1, maximum=1_000_000), "vae_lr": Rule(above=0.0, maximum=10.0),
+    "vae_loss": Rule(choices=("mse", "l1")), "kl_weight": Rule(minimum=0.0),
+    "size": Rule(choices=_size_names), "patch_size": Rule(minimum=1, maximum=64),
+    "epochs": Rule(minimum=0, maximum=1_000_000), "train_steps": Rule(minimum=1, maximum=10**9),
+    "vae_decoder_epochs": Rule(minimum=0, maximum=100_000),
+    "batch_size": Rule(minimum=1, maximum=1_000_000), "lr": Rule(above=0.0, maximum=10.0),
+    "ema_decay": Rule(minimum=0.0, below=1.0), "label_dropout": Rule(minimum=0.0, below=1.0),
+    "cfg": FINITE_NON_NEGATIVE, "seed": Rule(minimum=0, maximum=RANDOM_STATE_MAX), "limit": POSITIVE,
+    "max_steps": POSITIVE, "max_minutes": Rule(above=0.0), "quality_real_epochs": Rule(minimum=1),
+    "quality_cas_epochs": Rule(minimum=1), "arch": Rule(choices=("dit", "unet")),
+}
+
+
+def pretrain_config(values: dict, source: str = "--config", command: str = ""):
+    quiet = convert("quiet", values.pop("quiet", False), "bool", source)
+    top = fill(PretrainConfig, values, source, skip=("progress", "command"))
+    for req in ("data", "out"):
+        if req not in top:
+            raise Mgd3Error(f"--{req} is required")
+    cfg = PretrainConfig(**top, progress=not quiet, command=command)
+    validate_pretrain(cfg)
+    return cfg
+
+
+def validate_pretrain(cfg) -> None:
+    check_types(cfg)
+    check_rules(cfg, PRETRAIN_RULES)
+    check_device(cfg.device)
 
 
 def add_parser(sub) -> None:
@@ -1049,7 +1087,7 @@ def add_parser(sub) -> None:
     g.add_argument("--max-steps", type=int, metavar="N", help="at most N optimiser steps per epoch (smoke tests)")
     g.add_argument("--quality", action="store_true",
                    help="after training, measure class fidelity, classification accuracy score and VAE PSNR "
-                        "(mgd3.quality) and add them to MODEL_CARD.md")
+                        "(mgd3.train.quality) and add them to MODEL_CARD.md")
     g.add_argument("--quality-real-epochs", type=int, default=d.quality_real_epochs,
                    help="epochs of the real-data ConvNet-3 that scores class fidelity")
     g.add_argument("--quality-cas-epochs", type=int, default=d.quality_cas_epochs,
@@ -1065,7 +1103,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     """`mgd3 pretrain`: build the config from the flags (and --config YAML) and train."""
-    from mgd3.config import Rule, convert, merged, pretrain_config
+    from mgd3.config import Rule, convert, merged
 
     values, source = merged(args)
     threads = values.pop("threads", None)

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 from mgd3.errors import Mgd3Error
 
 if TYPE_CHECKING:
-    from mgd3.evaluate.core import EvalConfig
+    from mgd3.evaluation.core import EvalConfig
 
 log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
-    from mgd3.evaluate.networks import NETWORKS
-    from mgd3.evaluate.protocols import PROTOCOLS
+    from mgd3.evaluation.networks import NETWORKS
+    from mgd3.evaluation.protocols import PROTOCOLS
 
     S = argparse.SUPPRESS
     p = subparsers.add_parser(
@@ -105,7 +105,8 @@ def _parse_options(items) -> dict:
 
 
 def config_from_args(args) -> "EvalConfig":
-    from mgd3.config import convert, eval_config, merged
+    from mgd3.config import convert, merged
+    from mgd3.evaluation.settings import eval_config
 
     values, source = merged(args)
     options = _parse_options(values.pop("option", None))
@@ -141,17 +142,10 @@ def summary_line(r: dict) -> str:
 
 
 def run(args) -> int:
-    from mgd3.evaluate.core import evaluate
+    from mgd3.evaluation.core import evaluate
 
     cfg = config_from_args(args)
     result = evaluate(cfg)
     print(summary_line(result))
     return 0
 
-
-if __name__ == "__main__":  # `python -m mgd3.evaluate.cli ...` == `mgd3 evaluate ...`
-    import sys
-
-    from mgd3.cli import main
-
-    raise SystemExit(main(["evaluate", *sys.argv[1:]]))

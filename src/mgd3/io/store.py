@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +75,14 @@ def read_run(out: Path) -> dict | None:
     return run
 
 
-def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | None = None) -> tuple[Path, str]:
+class OpenedRun(NamedTuple):
+    """An output folder made ready for a run (`open_run`)."""
+
+    path: Path
+    state: str  # "new", "resume" or "complete"
+
+
+def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | None = None) -> OpenedRun:
     """Prepare the output folder of a run whose images are determined by `key`; returns
     (folder, state) with state "new", "resume" (the same settings, unfinished: keep what is
     there) or "complete" (the same settings, manifest.json present: nothing to do).
@@ -114,7 +123,7 @@ def open_run(out: str | os.PathLike, overwrite: bool, key: dict, info: dict | No
             tmp.unlink(missing_ok=True)  # left by a killed run
     if state == "new":
         write_text_atomic(out / RUN_FILE, json.dumps({"format": RUN_FORMAT, "key": key, "info": info or {}}, indent=2))
-    return out, state
+    return OpenedRun(out, state)
 
 
 def _is_set(out: Path) -> bool:
@@ -147,7 +156,7 @@ def save_shard(out: Path, class_index: int, first: int, shard: dict) -> None:
         check_finite_batch(shard["latents"], [r["class_id"] for r in shard["records"]], "latents")
     folder = out / PARTIAL
     folder.mkdir(parents=True, exist_ok=True)
-    save_torch(shard, folder / shard_name(class_index, first, len(shard["indices"])))
+    save_torch_atomic(shard, folder / shard_name(class_index, first, len(shard["indices"])))
 
 
 def image_ok(path: Path) -> bool:
@@ -223,12 +232,14 @@ def class_folder(class_index: int, class_id: str, num_classes: int) -> str:
     return f"{class_index:0{width}d}-{class_id}"
 
 
-def write_images(out: Path, folders: list[str], indices: list[int], images: Tensor) -> list[str]:
+def write_images(out: Path, folders: list[str], indices: list[int], images: Tensor,
+                 pixels: np.ndarray | None = None) -> list[str]:
     """Write images (B, C, R, R) in [-1, 1] to images/<folder>/<index>.png (`class_folder`);
-    returns their paths relative to `out`. PNG encoding (zlib, which releases the GIL) runs on up
-    to 8 threads; every file is written when this returns."""
+    returns their paths relative to `out`. `pixels`: the images' `to_pixels` when the caller has
+    them already. PNG encoding (zlib, which releases the GIL) runs on up to 8 threads; every file
+    is written when this returns."""
     check_finite_batch(images, folders, "images")
-    arrays = to_pixels(images)
+    arrays = to_pixels(images) if pixels is None else pixels
     paths = [f"images/{folder}/{k}.png" for folder, k in zip(folders, indices)]
     for rel in dict.fromkeys(str(Path(r).parent) for r in paths):
         (out / rel).mkdir(parents=True, exist_ok=True)
@@ -259,10 +270,6 @@ def write_grid(path: Path, rows: list[np.ndarray], pad: int = 2) -> None:
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             grid[y:y + h, x:x + w] = img
     save_png(grid, path)
-
-
-def save_torch(obj, path: Path) -> None:
-    save_torch_atomic(obj, path)
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
@@ -318,17 +325,42 @@ def read_manifest(out: str | os.PathLike) -> dict:
     return m
 
 
-@dataclass
+@dataclass(repr=False, eq=False)
 class DistilledSet:
-    """A distilled set read back: every path checked to lie inside `path`."""
+    """A distilled set read from its folder (README, "What a run writes"); one class for the
+    Python API (`mgd3.load_set`) and for every reader inside mgd3 (evaluate, report, DM's --init).
+    Every path is checked to lie inside `path`. One vocabulary: `class_index` is the position in
+    `class_ids` (= torchvision ImageFolder's index), `model_labels` the model's class labels."""
 
     path: Path
     class_ids: list[str]
     class_names: list[str]
     files: list[Path]  # resolved, inside `path`
-    targets: np.ndarray  # (N,) class index into class_ids
+    class_index: np.ndarray  # (N,) int64 index into class_ids
     ipc: int
     manifest: dict | None  # None for a plain ImageFolder
+    images: Tensor | None = None  # (N, C, R, R) uint8 as written; read by `load_set`
+    latents: Tensor | None = None  # (N, c, h, w) float32 from latents.pt, when the method has latents
+    summary: Mapping | None = None  # the run's `DistillResult`, for a set `distill` just wrote
+
+    def __len__(self) -> int:
+        return len(self.class_index)
+
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.images.shape[1:])) if self.images is not None else "not loaded"
+        method = (self.manifest or {}).get("method", "image folder")
+        return (f"DistilledSet({str(self.path)!r}, {len(self)} images of {shape}, {len(self.class_ids)} classes, "
+                f"IPC {self.ipc}, method {method!r}{', latents' if self.latents is not None else ''})")
+
+    @property
+    def labels(self) -> Tensor:
+        """(N,) int64 class index of every image (`class_index` as a tensor)."""
+        return torch.as_tensor(self.class_index, dtype=torch.int64)
+
+    @property
+    def targets(self) -> np.ndarray:
+        """`class_index` (the name torchvision data sets use)."""
+        return self.class_index
 
     @property
     def data(self) -> dict:
@@ -336,9 +368,26 @@ class DistilledSet:
         return d if isinstance(d, dict) else {}
 
     @property
-    def labels(self) -> list:
-        """The model label of every class (manifest), None for a plain ImageFolder."""
-        return [c.get("label") for c in (self.manifest or {}).get("classes", [])] or [None] * len(self.class_ids)
+    def model_labels(self) -> Tensor:
+        """(N,) the model's class label of every image (e.g. the ImageNet index for DiT-XL/2)."""
+        return torch.as_tensor([r["label"] for r in (self.manifest or {}).get("images", [])], dtype=torch.int64)
+
+
+def load_set(path: str | os.PathLike) -> DistilledSet:
+    """Read the distilled set mgd3 wrote to `path` with its images as one uint8 tensor (and the
+    latents, when written): what `mgd3.load_set` returns."""
+    s = read_set(path, allow_image_folder=False)  # containment and consistency checked there
+    arrays = []
+    for f in s.files:
+        try:
+            with Image.open(f) as im:
+                a = np.asarray(im)
+        except OSError as e:
+            raise Mgd3Error(f"cannot read image {f} of set {s.path} ({e})") from None
+        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))  # (C, R, R)
+    s.images = torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, dtype=torch.uint8)
+    s.latents = read_latents(s.path)["latents"] if (s.path / "latents.pt").is_file() else None
+    return s
 
 
 def _check_pixels(f: Path) -> None:
@@ -362,7 +411,7 @@ def read_set(path: str | os.PathLike, allow_image_folder: bool = True) -> Distil
     manifest.json, or (allow_image_folder) a plain ImageFolder whose sub-folders are the classes.
     The manifest must agree with its files: every class listed once, every image of a listed
     class, inside the folder and present, IPC an integer with classes × IPC images."""
-    from mgd3.data import IMG_EXTENSIONS
+    from mgd3.io.data import IMG_EXTENSIONS
 
     root = Path(path).expanduser()
     if not root.is_dir():

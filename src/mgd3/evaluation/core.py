@@ -12,21 +12,21 @@ import datetime as _dt
 import logging
 import math
 import platform
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mgd3 import __version__
+from mgd3.version import __version__
 from mgd3.errors import Mgd3Error
-from mgd3.evaluate import references as R
-from mgd3.evaluate.networks import NETWORKS
-from mgd3.evaluate.protocols import PROTOCOLS, Protocol, override, resolve, to_dict
-from mgd3.evaluate.train import (Normalization, RunOptions, TensorSet, center_crop, imagenet_normalization,
+from mgd3.evaluation import references as R
+from mgd3.evaluation.networks import NETWORKS
+from mgd3.evaluation.settings import EvalConfig  # noqa: F401  (re-exported)
+from mgd3.evaluation.protocols import PROTOCOLS, Protocol, override, resolve, to_dict
+from mgd3.evaluation.train import (Normalization, RunOptions, TensorSet, center_crop, imagenet_normalization,
                                  resolve_device, tensor_set, to_uint8)
 from mgd3.machine import cpu_name
-from mgd3.store import DistilledSet, read_set  # noqa: F401  (the one reader of the set format)
+from mgd3.io.store import DistilledSet, read_set  # noqa: F401  (the one reader of the set format)
 
 log = logging.getLogger(__name__)
 
@@ -34,40 +34,10 @@ EVAL_FORMAT = "mgd3-eval/1"
 REFERENCES = ("random-real", "full")
 
 
-@dataclass
-class EvalConfig:
-    """Everything `mgd3 evaluate` takes; written (resolved) into eval.json."""
-
-    set_dir: str | None = None  # the distilled set; None with `reference`
-    data: str | None = None  # real data (default: the manifest's data name)
-    protocol: str = "dc"
-    arch: str | None = None  # default: the protocol's
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int | None = None  # override the protocol's
-    batch_size: int | None = None
-    resolution: int | None = None
-    device: str = "auto"
-    bf16: bool = False
-    compile: bool = False
-    reference: str | None = None  # "random-real" | "full"
-    ipc: int | None = None  # for random-real
-    classes: list[str] | None = None  # for references: a subset of the data's classes
-    data_root: str | None = None
-    class_map: str | None = None
-    out: str | None = None  # default: SET/eval.json; for references only the cache (+ this file if given)
-    cache_dir: str | None = None
-    use_cache: bool = True
-    teacher_epochs: int | None = None  # soft: override the teacher's epochs
-    options: dict = field(default_factory=dict)  # other protocol fields, e.g. {"dsa_same_params": True}
-    workers: int = 0  # image-loading processes for file data sets
-    threads: int | None = None  # torch CPU threads while evaluating (None: torch's default)
-    progress: bool = True
-
-
 def load_set_images(s: DistilledSet, resolution: int, channels: int) -> TensorSet:
     """The set's images as uint8 (N, channels, R, R): resized (shorter side) and centre-cropped
-    to R like the real data (mgd3.data's transform)."""
-    from mgd3.data import read_image, to_model_space
+    to R like the real data (mgd3.io.data's transform)."""
+    from mgd3.io.data import read_image, to_model_space
 
     xs = [to_uint8(to_model_space(read_image(f, channels), resolution, channels)) for f in s.files]
     return TensorSet(torch.stack(xs), torch.as_tensor(s.targets, dtype=torch.int64))
@@ -77,7 +47,7 @@ def load_set_images(s: DistilledSet, resolution: int, channels: int) -> TensorSe
 
 
 def _load_real(name: str, split: str, *, resolution: int, channels: int, classes, cfg: EvalConfig):
-    from mgd3.data import load_data
+    from mgd3.io.data import load_data
 
     return load_data(name, split, resolution=resolution, channels=channels, classes=classes,
                      data_root=cfg.data_root, class_map=cfg.class_map)
@@ -201,7 +171,7 @@ def evaluate_set(cfg: EvalConfig) -> dict:
     train = load_set_images(s, p.resolution, channels)
     log.info("evaluating %s: %d images, %d classes, protocol %s, %s at %dx%d, seeds %s", s.path, len(train),
              len(s.class_ids), p.name, p.arch, p.resolution, p.resolution, cfg.seeds)
-    from mgd3.evaluate.train import train_and_test
+    from mgd3.evaluation.train import train_and_test
 
     runs = [train_and_test(p, train, test, seed=sd, num_classes=len(s.class_ids), norm=norm, opts=opts,
                            teacher=teacher) for sd in cfg.seeds]
@@ -298,7 +268,7 @@ def evaluate_reference(cfg: EvalConfig) -> dict:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """A distilled set (`cfg.set_dir`) or a reference (`cfg.reference`), per `cfg`."""
-    from mgd3.config import validate_eval
+    from mgd3.evaluation.settings import validate_eval
 
     validate_eval(cfg)
     if cfg.reference and cfg.set_dir:
@@ -321,7 +291,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def _attach_references(result: dict, p: Protocol, train_fp: str, ipc: int, cfg: EvalConfig) -> None:
-    """IOR / HLR (SPEC §3.4) from cached references under the same protocol, when present."""
+    """IOR / HLR (docs/METHODS.md §6.1) from cached references under the same protocol, when present."""
     refs = {}
     rr = R.find_reference("random-real", train_fp, p, ipc=ipc, cache_dir=cfg.cache_dir)
     full = R.find_reference("full", train_fp, p, ipc=None, cache_dir=cfg.cache_dir)

@@ -11,13 +11,13 @@ import importlib
 import logging
 import sys
 
-from mgd3 import __version__
+from mgd3.version import __version__
 from mgd3.errors import Mgd3Error
 
 log = logging.getLogger("mgd3")
 
 # other stages' sub-commands: module exposing add_parser(subparsers) and run(args) -> int
-SUBCOMMAND_MODULES = ("mgd3.pretrain", "mgd3.evaluate.cli", "mgd3.report", "mgd3.finetune", "mgd3.convert")
+SUBCOMMAND_MODULES = ("mgd3.train.pretrain", "mgd3.cli.evaluate", "mgd3.report", "mgd3.train.finetune", "mgd3.train.convert")
 
 _TYPES = {"float": float, "int": int, "str": str, "float | None": float, "int | None": int}
 
@@ -40,9 +40,9 @@ def _method_option_fields() -> dict[str, tuple]:
 
 
 def add_distill_parser(sub) -> None:
-    from mgd3.config import option_choices
+    from mgd3.methods import option_choices
     from mgd3.methods import load_methods
-    from mgd3.sampling import UPDATE_RULES
+    from mgd3.core.sampling import UPDATE_RULES
 
     S = argparse.SUPPRESS
     p = sub.add_parser(
@@ -129,23 +129,17 @@ def add_distill_parser(sub) -> None:
     p.set_defaults(func=run_distill)
 
 
-def load_yaml_config(path: str) -> dict:
-    """A YAML mapping of option: value (dashes in keys become underscores); one-line errors."""
-    from mgd3.config import load_yaml
-
-    return load_yaml(path)
-
-
 def run_distill(args) -> int:
-    from mgd3.config import distill_config, merged
-    from mgd3.distill import distill
+    from mgd3.config import merged
+    from mgd3.run.settings import distill_config
+    from mgd3.run.driver import distill
 
     values, source = merged(args)
     cfg = distill_config(values, source)
     s = distill(cfg)
     if s.get("rank"):  # another process of a torchrun launch: rank 0 reports
         return 0
-    if s.get("complete"):
+    if s.already_complete:
         print(f"{s['out']} already holds the complete set ({s['images']} images) for these settings; nothing to do")
         return 0
     if s.get("resumed"):

@@ -2,7 +2,7 @@
 with integer class indices, stable class ids (output folder names), readable names and, where
 known, the model label of each class.
 
-Sources (SPEC §4): Fashion-MNIST (Debian `dataset-fashion-mnist` IDX files), scikit-learn
+Sources (docs/METHODS.md §4): Fashion-MNIST (Debian `dataset-fashion-mnist` IDX files), scikit-learn
 digits, any image folder with class sub-folders (torchvision ImageFolder convention), and the
 ImageNet subsets of the dataset-distillation literature (ImageNette, ImageWoof, ImageIDC,
 ImageNet-100) read from an ImageNet-1K root.
@@ -45,7 +45,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                        "Bag", "Ankle boot"]
 
-# ImageNet subsets (SPEC §4), in the literature's class order. DiT label = index of the wnid among
+# ImageNet subsets (docs/METHODS.md §4), in the literature's class order. DiT label = index of the wnid among
 # the sorted 1000 ImageNet-1K wnids.
 IMAGENETTE = ("n01440764 n02102040 n02979186 n03000684 n03028079 n03394916 n03417042 n03425413 "
               "n03445777 n03888257").split()
@@ -618,7 +618,7 @@ def check_files(source: "_FileSource", targets: np.ndarray, class_ids: list[str]
 
 
 def _imagenet_labels(train: Path, wnids: list[str]) -> list[int | None]:
-    """SPEC §4: a wnid's label is its index among the sorted wnids of a full ImageNet-1K train
+    """docs/METHODS.md §4: a wnid's label is its index among the sorted wnids of a full ImageNet-1K train
     folder; None where the folder is not one."""
     all_wnids = [d for d in _class_dirs(train) if _WNID.fullmatch(d)]
     if len(all_wnids) != 1000:

@@ -19,67 +19,31 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from mgd3 import runs, store
-from mgd3.api import callable_module
+from mgd3.run import bookkeeping as runs
+from mgd3.io import store
 from mgd3.allocator import keep_freed_memory
-from mgd3.backends import Backend, default_device, load_backend
+from mgd3.files import save_torch_atomic
+from mgd3.backends import Backend, load_backend
 from mgd3.backends.labels import class_labels
-from mgd3.config import SAMPLER_RECOMMENDATIONS
+from mgd3.backends.recommended import SAMPLER_RECOMMENDATIONS
+from mgd3.config import resolve_device
 from mgd3.errors import Mgd3Error
-from mgd3.methods import (DEFAULT_STEPS, ClassInfo, Context, Item, Method, SamplerConfig, check_finite, get_method,
-                          item_seed, method_options, option_flag, options_by_field, recommended_options)
-from mgd3.profile import StageProfile
-from mgd3.ranks import Ranks
-from mgd3.runs import NOT_IN_RUN_KEY  # noqa: F401  (re-exported: the fields a run key leaves out)
-from mgd3.sampling import REPRODUCIBILITY, UPDATE_RULES, check_cfg_interval
-from mgd3.config import check_distill_run
+from mgd3.methods import (DEFAULT_STEPS, ClassInfo, Context, Item, Method, check_finite, get_method,
+                          check_recommendations, item_seed, load_methods, method_options, option_flag, options_by_field,
+                          recommended_options)
+from mgd3.run.profile import StageProfile
+from mgd3.run.settings import DistillConfig, check_distill_run, shipped_model, validate_distill  # noqa: F401
+from mgd3.run.ranks import Ranks, classes_of_rank
+from mgd3.run.bookkeeping import NOT_IN_RUN_KEY  # noqa: F401  (re-exported: the fields a run key leaves out)
+from mgd3.core.sampling import REPRODUCIBILITY, UPDATE_RULES, check_cfg_interval
 
 log = logging.getLogger(__name__)
-
-SHIPPED_MODELS = Path(__file__).parent / "models"
-
-
-@dataclass
-class DistillConfig:
-    data: str
-    out: str
-    model: str | None = None  # None: the model shipped with mgd3 for this data, if any
-    method: str = "mgd3"
-    ipc: int = 10
-    seed: int = 0
-    classes: list[str] | None = None
-    data_root: str | None = None
-    class_map: str | None = None
-    batch_size: int = 32
-    encode_batch_size: int = 64
-    encode_workers: int | None = None  # DataLoader workers for encoding (None: 0 on CPU, else up to 16)
-    max_real_per_class: int | None = None  # None: modes from every real image (official)
-    device: str = "auto"
-    precision: str = "fp32"
-    overwrite: bool = False
-    strict: bool = False  # an unreadable or missing image file in an image folder stops the run
-    cache_dir: str | None = None
-    progress: bool = True
-    # text-to-image backends (Stable Diffusion); None: the backend's default
-    prompt: str | None = None  # template, {name} = the class name line ("{name}")
-    negative_prompt: str | None = None  # the unconditional CFG branch ("")
-    resolution: int | None = None  # generation resolution (None: the model's own)
-    save_resolution: int | None = None  # images are resized to this when written (None: as generated)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    options: dict = field(default_factory=dict)  # method options by name (`lambda`, `t_stop` or field names)
-
-
-def shipped_model(data: str) -> Path | None:
-    """The model folder mgd3 ships for a named dataset (e.g. fashion-mnist), if any."""
-    p = SHIPPED_MODELS / data
-    return p if (p / "model_index.json").is_file() else None
-
 
 def _set_resolution(backend: Backend, cfg: DistillConfig) -> None:
     """--resolution: a backend that can generate at other sizes (`set_resolution`) is told;
@@ -104,8 +68,6 @@ def resize_for_saving(images: torch.Tensor, resolution: int | None) -> torch.Ten
 
 
 def _validate(cfg: DistillConfig) -> None:
-    from mgd3.config import validate_distill
-
     validate_distill(cfg)  # types, ranges, choices, device, memory: mgd3.config
     if cfg.ipc < 1:
         raise Mgd3Error(f"--ipc must be at least 1, got {cfg.ipc}")
@@ -126,7 +88,7 @@ def _validate(cfg: DistillConfig) -> None:
     check_cfg_interval(s.cfg_interval)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class DistillResult(Mapping):
     """What `distill` returns. It also reads as a mapping of its fields (`result["images"]`), the
     summary dict it replaces."""
@@ -138,10 +100,23 @@ class DistillResult(Mapping):
     images_per_s: float  # images generated per second of generating and writing
     timing: dict
     resumed: int = 0  # images kept from an interrupted run
-    complete: bool = False  # the folder already held this set: nothing was done
+    already_complete: bool = False  # the folder already held this set: nothing was generated
     rank: int = 0
 
+    @property
+    def complete(self) -> bool:
+        """The old name of `already_complete`."""
+        return self.already_complete
+
+    def __repr__(self) -> str:
+        what = ("already complete, nothing generated" if self.already_complete
+                else f"{self.images_per_s:.2f} images/s" + (f", {self.resumed} resumed" if self.resumed else ""))
+        rank = f", rank {self.rank}" if self.rank else ""
+        return f"DistillResult({self.out!r}, {self.images} images, {self.classes} classes, {self.seconds:.1f} s, {what}{rank})"
+
     def __getitem__(self, key: str):
+        if key == "complete":
+            return self.already_complete
         if key not in self.__dataclass_fields__:
             raise KeyError(key)
         return getattr(self, key)
@@ -169,14 +144,14 @@ class _Run:
     state: str  # "new", "resume" or "complete" (see store.open_run)
     t_start: float
     timing: dict[str, float]
-    prof: StageProfile  # work per stage: forwards, FLOPs (mgd3.profile)
+    prof: StageProfile  # work per stage: forwards, FLOPs (mgd3.run.profile)
     recommended: dict | None = None  # the settings taken from the model's mgd3.json (manifest)
 
 
 def distill(cfg: DistillConfig, backend: Backend | None = None) -> DistillResult:
     """Run one distillation. `backend`: an already-loaded model to use instead of loading
     `cfg.model` (its path, device and precision win over the config's). Under torchrun every
-    process calls this; see `mgd3.ranks.Ranks`."""
+    process calls this; see `mgd3.run.ranks.Ranks`."""
     ranks = Ranks.from_env()
     try:
         return _distill(cfg, ranks, backend)
@@ -193,7 +168,7 @@ def _distill(cfg: DistillConfig, ranks: Ranks, backend: Backend | None = None) -
         n = len(store.read_manifest(run.out).get("images", []))
         log.info("%s already holds the complete set for these settings; nothing to do", run.out)
         return DistillResult(str(run.out), n, len(run.classes), time.perf_counter() - run.t_start, 0.0,
-                             run.timing, resumed=n, complete=True, rank=ranks.rank)
+                             run.timing, resumed=n, already_complete=True, rank=ranks.rank)
     outputs, generated, resumed = _generate(run)
     return _finalize(run, outputs, generated, resumed)
 
@@ -202,7 +177,7 @@ def _distill(cfg: DistillConfig, ranks: Ranks, backend: Backend | None = None) -
 
 
 def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
-    from mgd3.data import load_data
+    from mgd3.io.data import load_data
 
     t_start = time.perf_counter()
     keep_freed_memory()  # no page-fault churn in the sampling loop (allocator.py)
@@ -210,22 +185,31 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     method_cls = get_method(cfg.method)
     method_options(method_cls, cfg.options)  # a bad option stops the run before anything loads
     t = time.perf_counter()
-    backend, cfg = _backend(cfg, ranks, backend)
-    prof = StageProfile.attach(backend)
-    options, recommended = _options(cfg, backend, method_cls)
-    if cfg.sampler.steps is None:  # what _options took from the model (methods that sample), else 50
-        steps = ((recommended or {}).get("taken") or {}).get("--steps", DEFAULT_STEPS)
-        cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=steps))
-    if cfg.sampler.cfg_interval is None and "--cfg-interval" in ((recommended or {}).get("taken") or {}):
-        interval = tuple(recommended["taken"]["--cfg-interval"])  # the manifest records the interval used
-        cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, cfg_interval=interval))
-    _set_resolution(backend, cfg)
-    if cfg.sampler.cfg_channels is not None and cfg.sampler.cfg_channels > backend.latent_shape[0]:
-        raise Mgd3Error(f"--cfg-channels {cfg.sampler.cfg_channels} > latent channels {backend.latent_shape[0]}")
-    data = load_data(cfg.data, "train", resolution=backend.resolution, channels=backend.image_channels,
-                     classes=cfg.classes, data_root=cfg.data_root, class_map=cfg.class_map,
-                     bad_files="strict" if cfg.strict else "skip")
-    labels = class_labels(data, backend, cfg.prompt, cfg.negative_prompt)
+    backend, cfg = _backend(cfg, ranks, backend, method_cls)
+    if backend is None:  # a method that needs no model, and none given (Method.needs)
+        prof, options, recommended = StageProfile(), method_options(method_cls, cfg.options), None
+        if cfg.sampler.steps is None:
+            cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=DEFAULT_STEPS))
+        data = load_data(cfg.data, "train", resolution=cfg.resolution, classes=cfg.classes, data_root=cfg.data_root,
+                         class_map=cfg.class_map, bad_files="strict" if cfg.strict else "skip")
+        labels = list(range(len(data.class_ids)))  # no model: a class's label is its index
+    else:
+        check_recommendations(backend)  # the method options its mgd3.json recommends, before any data loads
+        prof, backend = StageProfile.observe(backend)  # the run's view; the caller's backend stays as it is
+        options, recommended = _options(cfg, backend, method_cls)
+        if cfg.sampler.steps is None:  # what _options took from the model (methods that sample), else 50
+            steps = ((recommended or {}).get("taken") or {}).get("--steps", DEFAULT_STEPS)
+            cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=steps))
+        if cfg.sampler.cfg_interval is None and "--cfg-interval" in ((recommended or {}).get("taken") or {}):
+            interval = tuple(recommended["taken"]["--cfg-interval"])  # the manifest records the interval used
+            cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, cfg_interval=interval))
+        _set_resolution(backend, cfg)
+        if cfg.sampler.cfg_channels is not None and cfg.sampler.cfg_channels > backend.latent_shape[0]:
+            raise Mgd3Error(f"--cfg-channels {cfg.sampler.cfg_channels} > latent channels {backend.latent_shape[0]}")
+        data = load_data(cfg.data, "train", resolution=backend.resolution, channels=backend.image_channels,
+                         classes=cfg.classes, data_root=cfg.data_root, class_map=cfg.class_map,
+                         bad_files="strict" if cfg.strict else "skip")
+        labels = class_labels(data, backend, cfg.prompt, cfg.negative_prompt)
     classes = [ClassInfo(i, cid, data.class_names[i], labels[i]) for i, cid in enumerate(data.class_ids)]
     timing = {"load": time.perf_counter() - t}
 
@@ -234,6 +218,7 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
                   cache_dir=cfg.cache_dir, progress=cfg.progress and ranks.rank == 0,
                   max_real_per_class=cfg.max_real_per_class, method=cfg.method)
     method = method_cls(options) if method_cls.Options else method_cls()
+    options = method.options = method.resolve_options(ctx)  # final: the run key and manifest read these
     method.validate(ctx)
     run = _Run(cfg, ranks, backend, data, classes, method, options, ctx, Path(cfg.out).expanduser(), "new",
                t_start, timing, prof, recommended)
@@ -241,17 +226,31 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     return run
 
 
-def _backend(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> tuple[Backend, DistillConfig]:
-    """The model of the run (`backend` when given: the config then names its path and precision)."""
+def _backend(cfg: DistillConfig, ranks: Ranks, backend: Backend | None,
+             method_cls: type[Method]) -> tuple[Backend | None, DistillConfig]:
+    """The model of the run (`backend` when given: the config then names its path and precision);
+    None for a method that needs no model (`Method.needs`) when none is given or shipped."""
     if backend is not None:
         return backend, dataclasses.replace(cfg, model=str(backend.path), precision=backend.precision)
     model = cfg.model or shipped_model(cfg.data)
+    if model is None and method_cls.needs == "nothing":
+        return None, cfg
     if model is None:
-        raise Mgd3Error(f"no --model given and mgd3 ships no model for {cfg.data!r}; pass --model PATH")
-    device = default_device() if cfg.device == "auto" else cfg.device
+        raise Mgd3Error(f"no --model given and mgd3 ships no model for {cfg.data!r}; pass --model PATH "
+                        f"(methods that need no model: {', '.join(_model_free_methods())})")
+    device = resolve_device(cfg.device)
     if ranks.world > 1 and device == "cuda":
         device = f"cuda:{ranks.local_rank}"  # one GPU per process of the node
     return load_backend(model, device=device, precision=cfg.precision), cfg
+
+
+def _model_free_methods() -> list[str]:
+    reg = load_methods()
+    return [n for n in reg.names() if reg.get(n).needs == "nothing"]
+
+
+def _device_name(run: "_Run") -> str:
+    return str(run.backend.device) if run.backend is not None else "cpu"
 
 
 def _options(cfg: DistillConfig, backend: Backend, method_cls):
@@ -284,7 +283,7 @@ def _open_output(run: _Run) -> str:
     state = None
     if ranks.rank == 0:
         info = {"batch_size": cfg.batch_size, "encode_batch_size": cfg.encode_batch_size,
-                "device": str(run.backend.device), "processes": ranks.world}
+                "device": _device_name(run), "processes": ranks.world}
         out, state = store.open_run(cfg.out, cfg.overwrite, key, info)
         if state == "resume":
             runs.warn_resume_differences(out, info)
@@ -299,7 +298,7 @@ def _generate(run: _Run) -> tuple[dict[int, runs.ClassOutput], int, int]:
     """Generate (or take from an interrupted run) this process's classes r, r+N, ...; returns
     {class index: ClassOutput}, the images generated and the images resumed."""
     cfg, ctx, method = run.cfg, run.ctx, run.method
-    ctx.classes = [c for c in run.classes if c.index % run.ranks.world == run.ranks.rank]
+    ctx.classes = classes_of_rank(run.classes, run.ranks.world, run.ranks.rank)
     t = time.perf_counter()
     run.prof.enter("prepare")
     method.prepare(ctx)  # deterministic (and encodings are cached), so also run on resume
@@ -345,10 +344,11 @@ def _generate_batch(run: _Run, items: list[Item]) -> dict:
     images = result.images if result.images is not None else run.backend.decode(result.latents)
     images = resize_for_saving(images, run.cfg.save_resolution)  # no-op when None
     folders = [store.class_folder(it.cls.index, it.cls.class_id, len(run.classes)) for it in items]
-    paths = store.write_images(run.out, folders, [it.index for it in items], images)
+    pixels = store.to_pixels(images)  # (B, R, R[, 3]) uint8: the PNGs' and the shard's, converted once
+    paths = store.write_images(run.out, folders, [it.index for it in items], images, pixels)
     run.timing["decode_write"] += time.perf_counter() - t
     latents = result.latents.detach().cpu() if result.latents is not None else None
-    shard = runs.make_shard(items, paths, latents, store.to_pixels(images), result.mode_ids, result.extra)
+    shard = runs.make_shard(items, paths, latents, pixels, result.mode_ids, result.extra)
     store.save_shard(run.out, items[0].cls.index, items[0].index, shard)
     return shard
 
@@ -393,15 +393,15 @@ def _write_set(run: _Run, parts: list[dict]) -> int:
                         "with several nodes --out must be a folder every node sees")
     store.write_grid(out / "grid.png", rows)
     if latents is not None:
-        store.save_torch({"latents": latents, "paths": [r["path"] for r in records],
+        save_torch_atomic({"latents": latents, "paths": [r["path"] for r in records],
                           "labels": [r["label"] for r in records]}, out / "latents.pt")
     world = run.ranks.world
     if world > 1:
         timing["ranks"] = [{k: round(v, 3) for k, v in part["timing"].items()} for part in parts]
     timing["total"] = time.perf_counter() - run.t_start
-    device = str(run.backend.device).split(":")[0] if world > 1 else str(run.backend.device)
+    device = _device_name(run).split(":")[0] if world > 1 else _device_name(run)
     config = runs.resolved_config(cfg, run.ctx.cfg_scale, run.options)
-    config.update(model=str(run.backend.path), device=device)
+    config.update(model=str(run.backend.path) if run.backend is not None else None, device=device)
     info = runs.merge_info([part["method_info"] for part in parts])
     resumed = sum(part["resumed"] for part in parts)
     manifest = runs.manifest(cfg, run.backend, run.data, run.classes, config, info, timing, device, world, resumed,
@@ -413,5 +413,3 @@ def _write_set(run: _Run, parts: list[dict]) -> int:
     store.remove_partial(out)  # after the manifest: until then the shards are the resume state
     return len(records)
 
-
-callable_module(__name__)  # mgd3.distill(...) is the Python API's distill (mgd3.api)

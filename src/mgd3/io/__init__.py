@@ -1,0 +1,1 @@
+"""Files in and out: real data sets (`data`) and the distilled set on disk (`store`)."""
