@@ -11,7 +11,7 @@ from mgd3.errors import Mgd3Error
 
 # the sampler settings a model's mgd3.json may recommend: folder-wide, in a "by_ipc" entry, or among
 # a method's options (then that method's own; Backend.defaults_at)
-SAMPLER_RECOMMENDATIONS = ("cfg", "steps")
+SAMPLER_RECOMMENDATIONS = ("cfg", "steps", "cfg_interval")
 
 
 def check_recommended(defaults, source: str, by_ipc: bool = True) -> dict:
@@ -47,7 +47,12 @@ def check_recommended(defaults, source: str, by_ipc: bool = True) -> dict:
 
 
 def _sampler_recommendation(key: str, value, source: str, where: str):
-    """A recommended CFG scale (a finite number >= 0) or step count (as --steps allows)."""
+    """A recommended CFG scale (a finite number >= 0), step count (as --steps allows) or CFG
+    interval ([LOW, HIGH] as --cfg-interval allows)."""
+    if key == "cfg_interval":
+        from mgd3.core.sampling import check_cfg_interval
+
+        return check_cfg_interval(convert(key, value, "tuple[float, float]", source), f"{source}: {key}{where}")
     v = convert(key, value, "float" if key == "cfg" else "int", source)
     (Rule(minimum=0.0) if key == "cfg" else STEPS).check(f"{source}: {key}{where}", v)
     return v

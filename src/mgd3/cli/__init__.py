@@ -113,6 +113,10 @@ def add_distill_parser(sub) -> None:
                                              "recommended value, else 4.0)")
     g.add_argument("--cfg-channels", type=int, help="apply CFG to the first N latent channels only "
                                                     "(3 = the original DiT code); default all")
+    g.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="apply CFG only at the steps whose noise level sqrt((1-ᾱ_t)/ᾱ_t) is in (LOW, HIGH], "
+                        "scale 1 at the others (Kynkäänniemi et al., 2024); default: the model's "
+                        "recommendation, else every step")
     g.add_argument("--eta", type=float, help="DDIM eta (default 0)")
     g = p.add_argument_group("method options")
     for flag, (f, methods) in _method_option_fields().items():

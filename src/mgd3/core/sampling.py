@@ -210,20 +210,83 @@ UPDATE_RULES.add("ddim", UpdateRule(ddim_update, guidance_form="ddim", takes_eta
 # --------------------------------------------------------------------------- CFG wrapper
 
 
+def noise_levels(train_betas: np.ndarray | Tensor) -> np.ndarray:
+    """σ_t = sqrt((1 - ᾱ_t) / ᾱ_t) of every training timestep t (float64): a VP model's noise level
+    in the EDM sense (x_t / sqrt(ᾱ_t) = x0 + σ_t·ε), the unit of `--cfg-interval`."""
+    abar = np.cumprod(1.0 - np.asarray(train_betas, dtype=np.float64))
+    return np.sqrt((1.0 - abar) / abar)
+
+
+def check_cfg_interval(interval, name: str = "--cfg-interval") -> tuple[float, float] | None:
+    """A CFG interval (LOW, HIGH) of noise levels: two finite numbers, 0 <= LOW < HIGH; None: off."""
+    if interval is None:
+        return None
+    try:
+        low, high = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise Mgd3Error(f"{name} takes two noise levels LOW HIGH, got {str(interval)[:60]}") from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0:
+        raise Mgd3Error(f"{name} needs two finite noise levels >= 0, got {low:g} {high:g}")
+    if low >= high:
+        raise Mgd3Error(f"{name}: LOW must be below HIGH, got {low:g} {high:g}")
+    return low, high
+
+
+def cfg_interval_timesteps(train_betas: np.ndarray | Tensor, timesteps: Sequence[int],
+                           interval: tuple[float, float]) -> list[int]:
+    """The training timesteps among `timesteps` whose noise level is in (LOW, HIGH]: where CFG applies."""
+    sigmas = noise_levels(train_betas)
+    low, high = interval
+    return [int(t) for t in timesteps if low < sigmas[int(t)] <= high]
+
+
 class CFGDenoiser:
     """Classifier-free guidance as a model wrapper: ε̃ = ε_u + s·(ε_c - ε_u).
 
     `channels` limits CFG to the first channels (the original DiT code guides 3 of 4 latent
     channels; the rest keep the conditional ε). The variance values come from the conditional
     half, as in the DiT code. Scale 1 calls the inner model once, unguided.
+
+    `interval` (LOW, HIGH) limits CFG to the noise levels σ_t in (LOW, HIGH] (Kynkäänniemi et al.,
+    NeurIPS 2024), σ_t = sqrt((1 - ᾱ_t) / ᾱ_t) from `sigmas` (`noise_levels` of the training
+    betas, indexed by training timestep); elsewhere it is scale 1: one unguided call, no
+    unconditional forward. None: CFG at every step.
     """
 
-    def __init__(self, model: Denoiser, scale: float, uncond: Tensor, channels: int | None = None):
+    def __init__(self, model: Denoiser, scale: float, uncond: Tensor, channels: int | None = None,
+                 interval: tuple[float, float] | None = None, sigmas: np.ndarray | None = None):
         self.model, self.scale, self.uncond, self.channels = model, float(scale), uncond, channels
+        self.interval = check_cfg_interval(interval)
+        if self.interval is not None and sigmas is None:
+            raise ValueError("a CFG interval needs the noise levels of the training timesteps")
+        self.sigmas = sigmas
+
+    def guided(self, t: Tensor) -> Tensor:
+        """(B,) bool: the items whose timestep gets CFG (every one without an interval)."""
+        if self.interval is None:
+            return torch.ones(t.shape, dtype=torch.bool)
+        low, high = self.interval
+        s = self.sigmas[t.cpu().numpy()]
+        return torch.from_numpy((low < s) & (s <= high))
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Tensor) -> ModelOutput:
         if self.scale == 1.0:
             return self.model(x_t, t, cond)
+        if self.interval is None:
+            return self._cfg(x_t, t, cond)
+        on = self.guided(t)
+        if bool(on.all()):
+            return self._cfg(x_t, t, cond)
+        plain = self.model(x_t, t, cond)
+        if not bool(on.any()):
+            return plain
+        # timesteps on both sides of the interval in one batch (the sampler never makes one): each item its own
+        g = self._cfg(x_t, t, cond)
+        m = on.to(x_t.device).view(-1, *([1] * (x_t.dim() - 1)))
+        var = None if plain.var_values is None else torch.where(m, g.var_values, plain.var_values)
+        return ModelOutput(torch.where(m, g.eps, plain.eps), var)
+
+    def _cfg(self, x_t: Tensor, t: Tensor, cond: Tensor) -> ModelOutput:
         b = x_t.shape[0]
         uncond = self.uncond.expand(b, *self.uncond.shape[1:]).to(cond.device)
         out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond]))

@@ -25,7 +25,7 @@ from mgd3.backends.recommended import SAMPLER_RECOMMENDATIONS
 from mgd3.config import RANDOM_STATE_MAX, Rule, convert
 from mgd3.errors import Mgd3Error
 from mgd3.registry import Registry
-from mgd3.core.sampling import CFGDenoiser, Guidance, Plan, randn_per_item, sample
+from mgd3.core.sampling import CFGDenoiser, Guidance, Plan, noise_levels, randn_per_item, sample
 
 if TYPE_CHECKING:
     from mgd3.backends import Backend
@@ -55,6 +55,9 @@ class SamplerConfig:
     cfg: float | None = None  # None: the model's recommended value, else 4.0 (DiT-XL/2)
     cfg_channels: int | None = None  # None: all latent channels; 3: the original DiT quirk
     eta: float = 0.0  # DDIM only
+    # CFG only where the noise level σ_t = sqrt((1 - ᾱ_t) / ᾱ_t) is in (LOW, HIGH], scale 1 elsewhere
+    # (mgd3.core.sampling.CFGDenoiser); None: the model's recommendation, else CFG at every step
+    cfg_interval: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ class Context:
         # --cfg, else the model's recommendation for this IPC and method (mgd3.json), else DiT-XL/2's 4.0
         self.cfg_scale = (sampler.cfg if sampler.cfg is not None or backend is None
                           else float(backend.defaults_at(ipc, method)[0].get("cfg", 4.0)))
+        self.cfg_interval = (sampler.cfg_interval if sampler.cfg_interval is not None or backend is None
+                             else backend.defaults_at(ipc, method)[0].get("cfg_interval"))
         self.max_real_per_class = max_real_per_class
         self._latents = None  # a CachedLatents of `classes` once encoded
         self.observers: list = []  # step observers (progress), set by the driver
@@ -150,7 +155,8 @@ class Context:
     def denoiser(self, wrap=None):
         b = self.backend
         inner = wrap(b.denoiser) if wrap else b.denoiser
-        return CFGDenoiser(inner, self.cfg_scale, b.uncond(), self.sampler.cfg_channels)
+        return CFGDenoiser(inner, self.cfg_scale, b.uncond(), self.sampler.cfg_channels, self.cfg_interval,
+                           noise_levels(b.betas) if self.cfg_interval is not None else None)
 
     def sample(self, items: Sequence[Item], guidance: Sequence[Guidance] = (), *,
                x0: Tensor | None = None, start_index: int | None = None,

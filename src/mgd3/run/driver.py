@@ -43,7 +43,7 @@ from mgd3.run.profile import StageProfile
 from mgd3.run.settings import DistillConfig, check_distill_run, shipped_model, validate_distill  # noqa: F401
 from mgd3.run.ranks import Ranks, classes_of_rank
 from mgd3.run.bookkeeping import NOT_IN_RUN_KEY  # noqa: F401  (re-exported: the fields a run key leaves out)
-from mgd3.core.sampling import REPRODUCIBILITY, UPDATE_RULES
+from mgd3.core.sampling import REPRODUCIBILITY, UPDATE_RULES, check_cfg_interval
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def _validate(cfg: DistillConfig) -> None:
     check_finite("--eta", s.eta)
     if s.cfg_channels is not None and s.cfg_channels < 1:
         raise Mgd3Error("--cfg-channels must be at least 1")
+    check_cfg_interval(s.cfg_interval)
 
 
 @dataclass(eq=False, repr=False)
@@ -206,6 +207,9 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
         if cfg.sampler.steps is None:  # what _options took from the model (methods that sample), else 50
             steps = ((recommended or {}).get("taken") or {}).get("--steps", DEFAULT_STEPS)
             cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=steps))
+        if cfg.sampler.cfg_interval is None and "--cfg-interval" in ((recommended or {}).get("taken") or {}):
+            interval = tuple(recommended["taken"]["--cfg-interval"])  # the manifest records the interval used
+            cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, cfg_interval=interval))
         _set_resolution(backend, cfg)
         if cfg.sampler.cfg_channels is not None and cfg.sampler.cfg_channels > backend.latent_shape[0]:
             raise Mgd3Error(f"--cfg-channels {cfg.sampler.cfg_channels} > latent channels {backend.latent_shape[0]}")
@@ -270,7 +274,7 @@ def _options(cfg: DistillConfig, backend: Backend, method_cls):
     taken = {flags[k]: v for k, v in used.items()}
     for key in SAMPLER_RECOMMENDATIONS:  # no sampler, no CFG and no steps
         if getattr(cfg.sampler, key) is None and key in defaults and method_cls.generative:
-            taken[f"--{key}"] = defaults[key]
+            taken[f"--{key.replace('_', '-')}"] = defaults[key]
     record = None
     if taken:
         where = f" for IPC {ipc_range[0]}..{ipc_range[1]}" if ipc_range else ""
