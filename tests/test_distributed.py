@@ -136,20 +136,45 @@ def _damaged_png() -> bytes:
 
 @pytest.mark.slow
 def test_rank_1_failing_stops_rank_0_with_one_error_line(digits_model, tmp_path):
-    """Rank 1 (class 1) cannot read an image while encoding; rank 0 notices, stops, writes nothing."""
+    """Rank 1 (class 1) cannot read an image while encoding; rank 0 notices, stops, writes nothing.
+    The file passes the load-time check (a damaged PNG is skipped there since the image checks
+    decode it): the read fails in rank 1 alone, injected at its start (sitecustomize)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     data = tmp_path / "imgs"
     for c in range(3):
         (data / str(c)).mkdir(parents=True)
-        for k, img in enumerate(d.images[d.target == c][:4]):
+        for k, img in enumerate(d.images[d.target == c][:5]):
             Image.fromarray((img * 255 / 16).round().astype(np.uint8), mode="L").save(data / str(c) / f"{k}.png")
-    (data / "1" / "9.png").write_bytes(_damaged_png())
+    (data / "1" / "4.png").rename(data / "1" / "9.png")
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import mgd3.images, mgd3.io.data\n"
+        "    from mgd3.errors import Mgd3Error\n"
+        "    real = mgd3.images.read_image\n"
+        "    def read_image(path, *a, **k):\n"
+        "        if str(path).endswith('9.png'):\n"
+        "            raise Mgd3Error(f'cannot read image {path}: damaged (an injected fault)')\n"
+        "        return real(path, *a, **k)\n"
+        "    mgd3.images.read_image = read_image\n"
+        "    if hasattr(mgd3.io.data, 'read_image'):\n"
+        "        mgd3.io.data.read_image = read_image\n")
     out = tmp_path / "set"
     argv = ["distill", "--data", data, "--model", digits_model, "--out", out, "--ipc", "2", "--steps", "4",
             "--quiet", "--device", "cpu"]
-    r = finish(start(argv, tmp_path / "c", 2))
+    env_path = os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    os.environ["PYTHONPATH"], old_path = env_path, os.environ.get("PYTHONPATH")
+    try:
+        r = finish(start(argv, tmp_path / "c", 2))
+    finally:
+        if old_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_path
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("mgd3: error:")]
     assert len(errors) == 1 and "cannot read image" in errors[0] and "9.png" in errors[0], r.stderr

@@ -330,7 +330,8 @@ def test_model_recommendations_are_validated_like_flags(digits_model, tmp_path, 
 def test_help_lists_the_choices_of_enumerated_options(capsys):
     assert main(["distill", "--help"]) == 0
     text = capsys.readouterr().out
-    for choices in ("{bisecting,dbscan,gmm,kmeans,kmeans-closest,kmeans-minibatch,random,spectral}", "{auto,ddpm,ddim,x0}",
+    for choices in ("{bisecting,dbscan,divisive,gmm,kmeans,kmeans-closest,kmeans-minibatch,random,spectral}",
+                    "{auto,ddpm,ddim,x0}",
                     "{fp32,bf16,fp16}", "{minibatch,full}"):
         assert choices in text, choices
 

@@ -167,7 +167,7 @@ def test_torch_writer_failure_of_a_cache_warns_once(digits_model, tmp_path, caps
 def test_a_set_write_failure_never_exits_0(digits_model, tmp_path, capsys, monkeypatch):
     import mgd3.io.store
 
-    monkeypatch.setattr(mgd3.store, "write_text_atomic", lambda p, t: (_ for _ in ()).throw(
+    monkeypatch.setattr(mgd3.io.store, "write_text_atomic", lambda p, t: (_ for _ in ()).throw(
         OSError(errno.ENOSPC, "No space left on device", str(p))))
     out = tmp_path / "set"
     refused(capsys, distill(digits_model, out), "the disk is full", out)

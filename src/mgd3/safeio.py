@@ -155,7 +155,7 @@ def view_problem(t) -> str | None:
 
 def load_error(e: BaseException) -> str:
     """One line for why `torch.load(weights_only=True)` refused a file, without torch's advice to
-    load it with `weights_only=False` (the unsafe action)."""
+    load it with the weights-only check turned off (the unsafe action)."""
     text = str(e).strip()
     if "Weights only load failed" in text or "weights_only" in text:
         m = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith(("WeightsUnpickler error",

@@ -36,14 +36,14 @@ from mgd3.backends.recommended import SAMPLER_RECOMMENDATIONS
 from mgd3.config import resolve_device
 from mgd3.errors import Mgd3Error
 from mgd3.machine import cpu_threads
-from mgd3.methods import (DEFAULT_STEPS, ClassInfo, Context, Item, Method, check_finite, get_method,
+from mgd3.methods import (DEFAULT_STEPS, ClassInfo, Context, Item, Method, get_method,
                           check_recommendations, item_seed, load_methods, method_options, option_flag, options_by_field,
                           recommended_options)
 from mgd3.run.profile import StageProfile
 from mgd3.run.settings import DistillConfig, check_distill_run, shipped_model, validate_distill  # noqa: F401
 from mgd3.run.ranks import Ranks, classes_of_rank
 from mgd3.run.bookkeeping import NOT_IN_RUN_KEY  # noqa: F401  (re-exported: the fields a run key leaves out)
-from mgd3.core.sampling import REPRODUCIBILITY, UPDATE_RULES, check_cfg_interval
+from mgd3.core.sampling import REPRODUCIBILITY, check_cfg_interval
 
 log = logging.getLogger(__name__)
 
@@ -70,26 +70,14 @@ def resize_for_saving(images: torch.Tensor, resolution: int | None) -> torch.Ten
 
 
 def _validate(cfg: DistillConfig) -> None:
-    validate_distill(cfg)  # types, ranges, choices, device, memory: mgd3.config
-    if cfg.ipc < 1:
-        raise Mgd3Error(f"--ipc must be at least 1, got {cfg.ipc}")
+    """Every check that needs no data and no model: the settings' rules (`run.settings`), then the
+    ones that relate two settings."""
+    validate_distill(cfg)  # types, ranges, choices, device, memory
     if cfg.max_real_per_class is not None and cfg.max_real_per_class < cfg.ipc:
         raise Mgd3Error(f"--max-real-per-class ({cfg.max_real_per_class}) must be at least --ipc ({cfg.ipc})")
     if cfg.select_from is not None and cfg.select_from < 1:
         raise Mgd3Error(f"--select-from must be at least 1 (1: no selection), got {cfg.select_from}")
-    if cfg.batch_size < 1 or cfg.encode_batch_size < 1:
-        raise Mgd3Error("--batch-size must be at least 1")
-    if cfg.encode_workers is not None and cfg.encode_workers < 0:
-        raise Mgd3Error(f"--encode-workers must be at least 0, got {cfg.encode_workers}")
-    s = cfg.sampler
-    UPDATE_RULES.get(s.sampler)
-    if s.steps is not None and s.steps < 1:
-        raise Mgd3Error(f"--steps must be at least 1, got {s.steps}")
-    check_finite("--cfg", s.cfg)
-    check_finite("--eta", s.eta)
-    if s.cfg_channels is not None and s.cfg_channels < 1:
-        raise Mgd3Error("--cfg-channels must be at least 1")
-    check_cfg_interval(s.cfg_interval)
+    check_cfg_interval(cfg.sampler.cfg_interval)
 
 
 @dataclass(eq=False, repr=False)
