@@ -63,7 +63,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------- types
 
 
-def _short(value) -> str:
+def short(value) -> str:
     r = repr(value)
     return r if len(r) <= 60 else r[:57] + "..."
 
@@ -133,7 +133,7 @@ def convert(key: str, value, annotation, source: str = "") -> Any:
         except TypeError:
             continue
     where = f"{source}: " if source else ""
-    raise Mgd3Error(f"{where}{key} must be {expected(annotation)}, got {_short(value)}")
+    raise Mgd3Error(f"{where}{key} must be {expected(annotation)}, got {short(value)}")
 
 
 def fill(cls, values: dict, source: str = "--config", skip: Iterable[str] = ()) -> dict:
@@ -180,7 +180,7 @@ class Rule:
         if self.choices is not None:
             known = list(self.choices() if callable(self.choices) else self.choices)
             if v not in known:
-                raise Mgd3Error(f"unknown {self.what or name} {_short(v)}; known: {', '.join(map(str, known))}")
+                raise Mgd3Error(f"unknown {self.what or name} {short(v)}; known: {', '.join(map(str, known))}")
             return
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return
@@ -237,7 +237,7 @@ def check_device(name: str | None, flag_name: str = "--device") -> None:
     try:
         dev = torch.device(str(name))
     except (RuntimeError, ValueError):
-        raise Mgd3Error(f"unknown {flag_name} {_short(name)}; use cpu, cuda, cuda:N or auto") from None
+        raise Mgd3Error(f"unknown {flag_name} {short(name)}; use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise Mgd3Error(f"{flag_name} {name}: CUDA is not available on this machine (use --device cpu or auto)")

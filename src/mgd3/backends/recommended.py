@@ -6,7 +6,7 @@ format and the sampler settings; what a method's options may hold is the method 
 
 from __future__ import annotations
 
-from mgd3.config import STEPS, Rule, _short, convert
+from mgd3.config import STEPS, Rule, short, convert
 from mgd3.errors import Mgd3Error
 
 # the sampler settings a model's mgd3.json may recommend: folder-wide, in a "by_ipc" entry, or among
@@ -23,7 +23,7 @@ def check_recommended(defaults, source: str, by_ipc: bool = True) -> dict:
     if defaults is None:
         return {}
     if not isinstance(defaults, dict):
-        raise Mgd3Error(f"{source}: \"defaults\" must be a mapping, got {_short(defaults)}")
+        raise Mgd3Error(f"{source}: \"defaults\" must be a mapping, got {short(defaults)}")
     if "by_ipc" in defaults:
         if not by_ipc:
             raise Mgd3Error(f"{source}: a \"by_ipc\" entry cannot hold another \"by_ipc\"")
@@ -62,14 +62,14 @@ def _check_by_ipc(entries, source: str) -> list[dict]:
     """mgd3.json "by_ipc": [{"ipc": [low, high], "cfg": ..., "steps": ..., "methods": {...},
     "evidence": "..."}]."""
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise Mgd3Error(f"{source}: \"by_ipc\" must be a list of mappings, got {_short(entries)}")
+        raise Mgd3Error(f"{source}: \"by_ipc\" must be a list of mappings, got {short(entries)}")
     checked, seen = [], []
     for e in entries:
         rng = e.get("ipc")
         if not (isinstance(rng, list) and len(rng) == 2
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in rng) and 1 <= rng[0] <= rng[1]):
             raise Mgd3Error(f"{source}: every \"by_ipc\" entry needs \"ipc\": [low, high], two integers "
-                            f"1 <= low <= high, got {_short(rng)}")
+                            f"1 <= low <= high, got {short(rng)}")
         for lo, hi in seen:
             if rng[0] <= hi and lo <= rng[1]:
                 raise Mgd3Error(f"{source}: \"by_ipc\" ranges {[lo, hi]} and {rng} overlap")

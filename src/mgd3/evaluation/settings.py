@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mgd3.config import RANDOM_STATE_MAX, Rule, _short, check_cache_dir, check_device, check_rules, check_types, convert, fill
+from mgd3.config import RANDOM_STATE_MAX, Rule, short, check_cache_dir, check_device, check_rules, check_types, convert, fill
 from mgd3.errors import Mgd3Error
 
 
@@ -120,7 +120,7 @@ def check_protocol_options(options: dict) -> dict:
             raise Mgd3Error(f"unknown protocol option {k!r} (--option); known: {', '.join(known)}")
         if k in ("dsa", "many_classes"):
             if not isinstance(v, dict):
-                raise Mgd3Error(f"--option {k} must be a mapping, got {_short(v)}")
+                raise Mgd3Error(f"--option {k} must be a mapping, got {short(v)}")
             out[k] = v
             continue
         v = convert(k, v, fields[k].type, "--option")

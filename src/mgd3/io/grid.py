@@ -38,7 +38,7 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _short(text: str) -> str:
+def short(text: str) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= MAX_LABEL_CHARS else text[:MAX_LABEL_CHARS - 3] + "..."
 
@@ -87,12 +87,12 @@ def compare_image(sets: list[list[np.ndarray]], titles: list[str | None], labels
     cell = cell_side(size, cap)
     font = _font(_font_size(cell))
     probe = ImageDraw.Draw(Image.new(mode, (1, 1)))
-    names = [_short(t) for t in labels] if labels is not None else None
+    names = [short(t) for t in labels] if labels is not None else None
     label_w = (max(_text_width(probe, t, font) for t in names) + 4 * pad) if names else 0
     widths = [max((len(r) for r in rows), default=0) for rows in sets]
     gap = 4 * pad if len(sets) > 1 else 0  # between the blocks of two sets
     block_w = [w * (cell + pad) for w in widths]
-    titles = [None if t is None else _short(t) for t in titles]
+    titles = [None if t is None else short(t) for t in titles]
     title_h = (_font_size(cell) + 4 * pad) if any(titles) else 0
     width = label_w + pad + sum(block_w) + gap * (len(sets) - 1)
     height = title_h + pad + n_rows * (cell + pad)

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mgd3.config import (FINITE_NON_NEGATIVE, POSITIVE, RESOLUTION, SEED, STEPS, Rule, _short, check_cache_dir,
+from mgd3.config import (FINITE_NON_NEGATIVE, POSITIVE, RESOLUTION, SEED, STEPS, Rule, short, check_cache_dir,
                          check_device, check_image_memory, check_rules, check_types, convert, fill)
 from mgd3.errors import Mgd3Error
 from mgd3.methods import SamplerConfig
@@ -123,7 +123,7 @@ def validate_distill(cfg) -> None:
     check_types(cfg, skip=("sampler", "options"))
     check_types(cfg.sampler)
     if not isinstance(cfg.options, dict):
-        raise Mgd3Error(f"DistillConfig: options must be a mapping, got {_short(cfg.options)}")
+        raise Mgd3Error(f"DistillConfig: options must be a mapping, got {short(cfg.options)}")
     for k in ("data", "out"):
         if not isinstance(getattr(cfg, k), str) or not getattr(cfg, k).strip():
             raise Mgd3Error(f"--{k} must be a non-empty string")
