@@ -23,7 +23,7 @@ d = load_data("fashion-mnist", "train", resolution=28, channels=1)
 cls = ClassInfo(0, d.class_ids[0], d.class_names[0], 0)
 ctx = Context(b, d, [cls], 10, 0, SamplerConfig(steps=3), progress=False)
 items = [Item(cls, k, item_seed(0, cls.class_id, k)) for k in range(10)]
-ctx.sample(items[:1])  # warm-up
+ctx.sample(items)  # warm-up at the measured batch: the heap has grown to what the loop needs
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 x = ctx.sample(items)
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
@@ -40,8 +40,11 @@ def test_fixed_thresholds_stop_the_page_fault_churn_and_change_no_latent():
         faults, digest = r.stdout.split()
         out[mode] = (int(faults), digest)
     assert out["fixed"][1] == out["default"][1]  # the same latents, bit for bit
-    # 10 images x 3 steps with CFG: tens of thousands of faults by default, about none when fixed
-    assert out["fixed"][0] * 5 < out["default"][0], out
+    # 10 images x 3 steps with CFG after a warm-up at that batch: about no fault with the fixed
+    # thresholds. Whether glibc's default churns (tens of thousands of faults) depends on its
+    # dynamic mmap threshold, which the process's earlier allocations move (a large file read
+    # raises it), so the default count is not asserted.
+    assert out["fixed"][0] < 300, out
 
 
 def test_user_settings_win(monkeypatch):

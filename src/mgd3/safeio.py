@@ -89,15 +89,27 @@ def _size_text(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
+READ_CHUNK = 1 << 20  # bytes per read while a bounded file is read
+
+
 def read_bytes(path: str | os.PathLike, max_bytes: int, name: str | None = None, kind: str = "file") -> bytes:
     """At most `max_bytes` bytes of a regular file; a longer file is an error (the bound holds
     while reading, whatever `stat` says)."""
     name = name or str(path)
+    chunks, n = [], 0
     with open_regular(path, name) as f:
         try:
-            data = f.read(max_bytes + 1)
+            # in chunks: `read(max_bytes + 1)` would allocate the whole bound up front (a 1 GiB
+            # buffer for a manifest), and the freed buffer changes how malloc serves the sampler
+            while n <= max_bytes:
+                chunk = f.read(min(READ_CHUNK, max_bytes + 1 - n))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                n += len(chunk)
         except OSError as e:
             raise Mgd3Error(f"cannot read {name} ({_reason(e)})") from None
+    data = b"".join(chunks)
     if len(data) > max_bytes:
         raise Mgd3Error(f"{name} is larger than {_size_text(max_bytes)}; it is not a {kind}")
     return data
@@ -129,7 +141,14 @@ def read_gzip(path: str | os.PathLike, max_bytes: int, name: str | None = None, 
     with open_regular(path, name) as raw:
         try:
             with gzip.GzipFile(fileobj=raw, mode="rb") as f:
-                data = f.read(max_bytes + 1)
+                chunks, n = [], 0
+                while n <= max_bytes:  # in chunks, as read_bytes
+                    chunk = f.read(min(READ_CHUNK, max_bytes + 1 - n))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    n += len(chunk)
+                data = b"".join(chunks)
         except (OSError, EOFError, zlib.error) as e:
             raise Mgd3Error(f"{name} is corrupt or truncated, not a valid gzip file ({e})") from None
     if len(data) > max_bytes:
