@@ -20,6 +20,7 @@ from mgd3.methods import ClassInfo, Item, SamplerConfig, item_seed
 from mgd3.run import bookkeeping as bk
 from mgd3.run.ranks import classes_of_rank
 from mgd3.run.settings import DistillConfig
+from mgd3.run.spec import RunSpec, resolve_run
 
 A, B = ClassInfo(0, "a", "A", 3), ClassInfo(1, "b", "B", 5)
 
@@ -88,9 +89,9 @@ def test_assemble_orders_the_set_by_class_whatever_order_shards_came_in(tmp_path
 def _key(**over):
     cfg = DistillConfig(**{"data": "d", "out": "o", **{k: v for k, v in over.items() if k != "options"}})
     backend = SimpleNamespace(name="dit", path=".", latent_shape=(4, 2, 2))
-    data = SimpleNamespace(fingerprint=lambda: "f", resolution=8, channels=1)
-    opts = over.get("options")
-    return bk.run_key(cfg, backend, data, [A], 4.0, opts, order_dependent=False)
+    data = SimpleNamespace(resolution=8, channels=1)
+    spec = RunSpec(cfg, over.get("options"), (A,), None, None, data_fingerprint="f", model_fingerprint="m")
+    return bk.run_key(spec, backend, data, order_dependent=False)
 
 
 def test_the_run_key_holds_what_changes_an_image_and_nothing_else():
@@ -153,3 +154,54 @@ def test_a_conflict_that_needs_no_model_is_refused_before_any_model_loads(tmp_pa
     with pytest.raises(Mgd3Error, match="mutually exclusive"):  # not "no-such-model does not exist"
         distill(cfg)
     assert time.perf_counter() - t < 5 and not (tmp_path / "o").exists()
+
+
+# --- the run resolved once (mgd3.run.spec)
+
+
+class _Counting(Backend):
+    calls = 0
+
+    def defaults_at(self, ipc, method=None):
+        type(self).calls += 1
+        return super().defaults_at(ipc, method)
+
+
+def _spec(tmp_path, method="mgd3", recommend=None, **over):
+    from mgd3.methods import get_method
+
+    _Counting.calls = 0
+    b = _Counting(name="dit", path=tmp_path, latent_shape=(4, 2, 2), image_channels=1, resolution=8, num_classes=2,
+                  learned_sigma=False, betas=np.linspace(1e-4, 0.02, 10),
+                  defaults=check_recommended(recommend or {}, "test"))
+    data = SimpleNamespace(class_ids=["a", "b"], class_names=["A", "B"], fingerprint=lambda: "f")
+    cfg = DistillConfig(data="d", out="o", method=method, ipc=10, **over)
+    return resolve_run(cfg, b, data, [1, 0], get_method(method))
+
+
+def test_a_run_is_resolved_from_one_reading_of_the_recommendations(tmp_path):
+    rec = {"cfg": 1.5, "by_ipc": [{"ipc": [5, 20], "steps": 30, "cfg_interval": [0.4, 1.2],
+                                   "methods": {"mgd3": {"lambda": 0.3, "cfg": 2.5}}}]}
+    spec = _spec(tmp_path, recommend=rec)
+    assert _Counting.calls == 1
+    assert (spec.sampler.steps, spec.sampler.cfg, spec.sampler.cfg_interval) == (30, 2.5, (0.4, 1.2))
+    assert spec.options.lam == 0.3 and spec.options.t_stop == 15  # the stop index from the resolved steps
+    assert spec.recommended.ipc_range == [5, 20]
+    assert spec.recommended.taken == {"--lambda": 0.3, "--cfg": 2.5, "--steps": 30, "--cfg-interval": (0.4, 1.2)}
+    assert [(c.class_id, c.label) for c in spec.classes] == [("a", 1), ("b", 0)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.options = None
+
+
+def test_what_the_user_gives_wins_over_the_recommendations(tmp_path):
+    rec = {"cfg": 1.5, "steps": 30, "methods": {"mgd3": {"lambda": 0.3}}}
+    spec = _spec(tmp_path, recommend=rec, sampler=SamplerConfig(steps=8, cfg=3.0), options={"lambda": 0.2})
+    assert (spec.sampler.steps, spec.sampler.cfg, spec.options.lam, spec.options.t_stop) == (8, 3.0, 0.2, 4)
+    assert spec.recommended is None  # nothing was taken
+    plain = _spec(tmp_path, method="plain")
+    assert (plain.sampler.steps, plain.sampler.cfg, plain.sampler.cfg_interval) == (50, 4.0, None)  # the defaults
+
+
+def test_a_method_that_does_not_sample_takes_no_steps_from_the_model(tmp_path):
+    spec = _spec(tmp_path, method="random-real", recommend={"steps": 100, "cfg_interval": [0.4, 1.2]})
+    assert spec.sampler.steps == 50 and spec.sampler.cfg_interval is None and spec.recommended is None

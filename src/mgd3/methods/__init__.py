@@ -29,6 +29,7 @@ from mgd3.core.sampling import CFGDenoiser, Guidance, Plan, noise_levels, randn_
 
 if TYPE_CHECKING:
     from mgd3.backends import Backend
+    from mgd3.backends.base import Recommendation
 
 
 def option(default: Any, help: str, flag: str | None = None, choices: Sequence[str] | None = None):
@@ -43,9 +44,6 @@ def option_flag(f) -> str:
 DEFAULT_STEPS = 50  # sampling steps when neither the command line nor the model's mgd3.json sets them
 
 
-def recommended_steps(backend: "Backend", ipc: int, method: str | None = None) -> int:
-    """The sampling steps the model's mgd3.json recommends for this IPC and method, else DEFAULT_STEPS."""
-    return int(backend.defaults_at(ipc, method)[0].get("steps", DEFAULT_STEPS))
 
 
 @dataclass
@@ -58,6 +56,26 @@ class SamplerConfig:
     # CFG only where the noise level σ_t = sqrt((1 - ᾱ_t) / ᾱ_t) is in (LOW, HIGH], scale 1 elsewhere
     # (mgd3.core.sampling.CFGDenoiser); None: the model's recommendation, else CFG at every step
     cfg_interval: tuple[float, float] | None = None
+
+
+def resolve_sampler(sampler: SamplerConfig, recommendation: "Recommendation | None", *,
+                    sample: bool = True) -> SamplerConfig:
+    """`sampler` with every setting the user left unset filled in from the model's mgd3.json at
+    this IPC and method (`Backend.defaults_at`), else the defaults (DEFAULT_STEPS, CFG 4.0 as
+    DiT-XL/2, CFG at every step). Without a model (`recommendation` None) only the steps are
+    filled in. `sample` False (a method that does not sample): the steps and interval are not
+    taken from the model, as nothing uses them."""
+    if recommendation is None:
+        return sampler if sampler.steps is not None else dataclasses.replace(sampler, steps=DEFAULT_STEPS)
+    rec = recommendation.settings
+    steps, cfg, interval = sampler.steps, sampler.cfg, sampler.cfg_interval
+    if steps is None:
+        steps = int(rec.get("steps", DEFAULT_STEPS)) if sample else DEFAULT_STEPS
+    if cfg is None:
+        cfg = float(rec.get("cfg", 4.0))
+    if interval is None and sample and rec.get("cfg_interval") is not None:
+        interval = tuple(rec["cfg_interval"])
+    return dataclasses.replace(sampler, steps=steps, cfg=cfg, cfg_interval=interval)
 
 
 @dataclass(frozen=True)
@@ -97,22 +115,22 @@ class Context:
     def __init__(self, backend: "Backend | None", data, classes: list[ClassInfo], ipc: int, seed: int,
                  sampler: SamplerConfig, *, encode_batch_size: int = 64, encode_workers: int | None = None,
                  cache_dir=None, progress: bool = True, max_real_per_class: int | None = None,
-                 method: str | None = None):
+                 method: str | None = None, recommendation: "Recommendation | None" = None):
         self.backend, self.data, self.classes = backend, data, classes
         # every class of the run; `classes` is this process's share when several run (torchrun)
         self.all_classes = list(classes)
-        if sampler.steps is None and backend is not None:  # `distill` resolves it first; here for a Context made directly
-            sampler = dataclasses.replace(sampler, steps=recommended_steps(backend, ipc, method))
+        if backend is not None:  # what the user left unset: the model's mgd3.json, read here unless given
+            if recommendation is None:  # (`distill` gives the one its run spec read)
+                recommendation = backend.defaults_at(ipc, method)
+            sampler = resolve_sampler(sampler, recommendation)
         self.ipc, self.seed, self.sampler = ipc, seed, sampler
         self.encode_batch_size, self.cache_dir, self.progress = encode_batch_size, cache_dir, progress
         self.encode_workers = encode_workers  # DataLoader workers for encoding; None: 0 on CPU, else up to 16
         # no model (a method that needs none, `Method.needs`): no plan and no CFG scale
         self.plan = Plan.from_betas(backend.betas, sampler.steps) if backend is not None else None
         # --cfg, else the model's recommendation for this IPC and method (mgd3.json), else DiT-XL/2's 4.0
-        self.cfg_scale = (sampler.cfg if sampler.cfg is not None or backend is None
-                          else float(backend.defaults_at(ipc, method)[0].get("cfg", 4.0)))
-        self.cfg_interval = (sampler.cfg_interval if sampler.cfg_interval is not None or backend is None
-                             else backend.defaults_at(ipc, method)[0].get("cfg_interval"))
+        self.cfg_scale = sampler.cfg
+        self.cfg_interval = sampler.cfg_interval
         self.max_real_per_class = max_real_per_class
         self._latents = None  # a CachedLatents of `classes` once encoded
         self.observers: list = []  # step observers (progress), set by the driver
@@ -198,11 +216,12 @@ class Method:
     def __init__(self, options=None):
         self.options = options
 
-    def resolve_options(self, ctx: Context):
-        """The options with every default that depends on the run filled in (e.g. a stop index from
-        the steps); called once, by the driver, before `validate`. Returns new options, never
-        changes `self.options` (the driver installs the result)."""
-        return self.options
+    @classmethod
+    def resolve_options(cls, options, sampler: SamplerConfig):
+        """`options` with every default that depends on the run's resolved sampler filled in (e.g.
+        a stop index from the steps); called once, by `mgd3.run.spec.resolve_run`. Returns new
+        options, never changes the given ones."""
+        return options
 
     def validate(self, ctx: Context) -> None:
         """Raise Mgd3Error on options that do not fit the context (the options are resolved)."""
@@ -304,11 +323,13 @@ def method_options(method_cls: type[Method], given: Mapping[str, Any]):
     return method_cls.Options(**fields) if method_cls.Options is not None else None
 
 
-def recommended_options(backend: "Backend", method_cls: type[Method], ipc: int) -> dict[str, Any]:
-    """The model's recommended options for this method at this IPC, by field name, from its mgd3.json:
+def recommended_options(backend: "Backend", method_cls: type[Method],
+                        recommendation: "Recommendation") -> dict[str, Any]:
+    """The model's recommended options for this method, by field name, from its mgd3.json at the
+    run's IPC (`recommendation`, `Backend.defaults_at`):
     {"defaults": {"methods": {"mgd3": {"lambda": 0.3}}, "by_ipc": [{"ipc": [5, 20], "methods": ...}]}}
     (keys are documented names, e.g. `t-stop` or `t_stop`, as in a --config file)."""
-    rec = dict((backend.defaults_at(ipc)[0].get("methods") or {}).get(method_cls.name) or {})
+    rec = dict((recommendation.settings.get("methods") or {}).get(method_cls.name) or {})
     for key in SAMPLER_RECOMMENDATIONS:  # a method's recommended CFG scale or steps are sampler settings
         rec.pop(key, None)  # (Backend.defaults_at)
     if not rec:

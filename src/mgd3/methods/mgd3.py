@@ -54,12 +54,12 @@ class MGD3(Method):
         self.stop_index: int | None = None  # guidance while step index > stop_index (set by validate)
         self.stop_info: dict = {}
 
-    def resolve_options(self, ctx) -> MGD3Options:
+    @classmethod
+    def resolve_options(cls, options: MGD3Options, sampler) -> MGD3Options:
         """The default stop index is half the run's steps (the paper's 25 of 50)."""
-        o = self.options
-        if o.t_stop is None and o.t_stop_timestep is None:
-            return dataclasses.replace(o, t_stop=ctx.sampler.steps // 2)
-        return o
+        if options.t_stop is None and options.t_stop_timestep is None:
+            return dataclasses.replace(options, t_stop=sampler.steps // 2)
+        return options
 
     def validate(self, ctx):
         o = self.options
@@ -73,7 +73,7 @@ class MGD3(Method):
             # guided while timesteps[i] > T  <=>  i > (the last index whose timestep is <= T)
             self.stop_index = max((i for i, t in enumerate(timesteps) if t <= o.t_stop_timestep), default=-1)
         else:
-            t_stop = o.t_stop if o.t_stop is not None else self.resolve_options(ctx).t_stop
+            t_stop = o.t_stop if o.t_stop is not None else self.resolve_options(o, ctx.sampler).t_stop
             if not -1 <= t_stop <= steps:
                 raise Mgd3Error(f"--t-stop must be in -1..{steps} for {steps} steps, got {t_stop}")
             self.stop_index = t_stop

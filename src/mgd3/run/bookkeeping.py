@@ -22,7 +22,6 @@ from torch import Tensor
 
 from mgd3.version import __version__
 from mgd3.io import store
-from mgd3.files import folder_fingerprint
 from mgd3.methods import ClassInfo, Item, item_seed
 
 log = logging.getLogger(__name__)
@@ -50,27 +49,20 @@ def git_commit() -> str | None:
         return None
 
 
-def resolved_config(config, cfg_scale: float, options) -> dict:
-    """The run's config as a dict with what the model resolved: the CFG scale and every option."""
-    d = dataclasses.asdict(config)
-    d["sampler"]["cfg"] = cfg_scale
-    d["options"] = dataclasses.asdict(options) if options is not None else {}
-    return d
-
-
-def run_key(config, backend, data, classes: list[ClassInfo], cfg_scale: float, options,
-            order_dependent: bool) -> dict:
-    """The resolved settings that determine the images (OUT/.mgd3-run.json): a re-run with the
-    same key resumes, another key is refused. Batch size is not in it (an image has its own
-    generator), except for methods whose images depend on earlier batches (`order_dependent`)."""
+def run_key(spec, backend, data, order_dependent: bool) -> dict:
+    """The resolved settings that determine the images (OUT/.mgd3-run.json), from the run's
+    `RunSpec` (mgd3.run.spec): a re-run with the same key resumes, another key is refused. Batch
+    size is not in it (an image has its own generator), except for methods whose images depend on
+    earlier batches (`order_dependent`)."""
+    config = spec.config
     key: dict = {"mgd3_version": __version__, "method": config.method, "ipc": config.ipc, "seed": config.seed,
-                 "data": {"fingerprint": data.fingerprint(), "resolution": data.resolution,
+                 "data": {"fingerprint": spec.data_fingerprint, "resolution": data.resolution,
                           "channels": data.channels},
-                 "classes": [[c.class_id, c.label] for c in classes],
+                 "classes": [[c.class_id, c.label] for c in spec.classes],
                  "model": None if backend is None else {
-                     "backend": backend.name, "fingerprint": folder_fingerprint(backend.path),
+                     "backend": backend.name, "fingerprint": spec.model_fingerprint,
                      "latent_shape": list(backend.latent_shape)}}
-    for k, v in resolved_config(config, cfg_scale, options).items():
+    for k, v in spec.resolved_config().items():
         if k not in NOT_IN_RUN_KEY and k not in key and not (k in IN_RUN_KEY_WHEN_SET and v is None):
             key[k] = v
     if isinstance(key.get("sampler"), dict):
@@ -204,9 +196,12 @@ def assemble(classes: list[ClassInfo], outputs: dict[int, ClassOutput]) -> Assem
     return Assembled(records, (torch.cat(latents) if latents else None), rows)
 
 
-def manifest(config, backend, data, classes: list[ClassInfo], resolved: dict, method_info, timing: dict,
-             device: str, processes: int, resumed: int, records: list[dict]) -> dict:
-    """manifest.json of a finished set (store adds the format)."""
+def manifest(spec, backend, data, method_info, timing: dict, device: str, processes: int, resumed: int,
+             records: list[dict]) -> dict:
+    """manifest.json of a finished set, from the run's `RunSpec` (store adds the format)."""
+    config = spec.config
+    resolved = spec.resolved_config()
+    resolved.update(model=str(backend.path) if backend is not None else None, device=device)
     return {
         "mgd3_version": __version__,
         "git_commit": git_commit(),
@@ -215,11 +210,11 @@ def manifest(config, backend, data, classes: list[ClassInfo], resolved: dict, me
         "seed": config.seed,
         "data": {"name": config.data, "classes": config.classes, "data_root": config.data_root,
                  "resolution": config.save_resolution or data.resolution,
-                 "channels": data.channels, "fingerprint": data.fingerprint()},
+                 "channels": data.channels, "fingerprint": spec.data_fingerprint},
         "model": None if backend is None else {
-            "path": str(backend.path), "fingerprint": folder_fingerprint(backend.path), "backend": backend.name,
+            "path": str(backend.path), "fingerprint": spec.model_fingerprint, "backend": backend.name,
             "latent_shape": list(backend.latent_shape), "learned_sigma": backend.learned_sigma},
-        "classes": [class_record(c) for c in classes],
+        "classes": [class_record(c) for c in spec.classes],
         "method_info": method_info,
         "config": resolved,
         "timing_s": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in timing.items()},

@@ -32,14 +32,13 @@ from mgd3.allocator import keep_freed_memory
 from mgd3.files import save_torch_atomic
 from mgd3.backends import Backend, load_backend
 from mgd3.backends.labels import class_labels
-from mgd3.backends.recommended import SAMPLER_RECOMMENDATIONS
 from mgd3.config import resolve_device
 from mgd3.errors import Mgd3Error
 from mgd3.machine import cpu_threads
-from mgd3.methods import (DEFAULT_STEPS, ClassInfo, Context, Item, Method, get_method,
-                          check_recommendations, item_seed, load_methods, method_options, option_flag, options_by_field,
-                          recommended_options)
+from mgd3.methods import (ClassInfo, Context, Item, Method, get_method, check_recommendations, item_seed,
+                          load_methods, method_options)
 from mgd3.run.profile import StageProfile
+from mgd3.run.spec import RunSpec, resolve_run
 from mgd3.run.settings import DistillConfig, check_distill_run, shipped_model, validate_distill  # noqa: F401
 from mgd3.run.ranks import Ranks, classes_of_rank
 from mgd3.run.bookkeeping import NOT_IN_RUN_KEY  # noqa: F401  (re-exported: the fields a run key leaves out)
@@ -124,21 +123,24 @@ class DistillResult(Mapping):
 class _Run:
     """A set-up run: what generating and finalizing need."""
 
-    cfg: DistillConfig
+    cfg: DistillConfig  # the settings as given (`spec.config`: resolved)
+    spec: RunSpec  # the run resolved once (mgd3.run.spec)
     ranks: Ranks
     backend: Backend
     data: object
-    classes: list[ClassInfo]  # every class of the run (ctx.classes: this process's share)
     method: Method
-    options: object  # the method's options dataclass, or None
     ctx: Context
     out: Path
     state: str  # "new", "resume" or "complete" (see store.open_run)
     t_start: float
     timing: dict[str, float]
     prof: StageProfile  # work per stage: forwards, FLOPs (mgd3.run.profile)
-    recommended: dict | None = None  # the settings taken from the model's mgd3.json (manifest)
     selector: selection.Selector | None = None  # --select-from G > 1: the candidates' selector
+
+    @property
+    def classes(self) -> list[ClassInfo]:
+        """Every class of the run (ctx.classes: this process's share)."""
+        return list(self.spec.classes)
 
 
 def distill(cfg: DistillConfig, backend: Backend | None = None) -> DistillResult:
@@ -181,42 +183,32 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     selection.check(method_cls, given, cfg.select_from)
     t = time.perf_counter()
     backend, cfg = _backend(cfg, ranks, backend, method_cls)
+    strictness = "strict" if cfg.strict else "skip"
     if backend is None:  # a method that needs no model, and none given (Method.needs)
-        prof, options, recommended = StageProfile(), method_options(method_cls, cfg.options), None
-        if cfg.sampler.steps is None:
-            cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=DEFAULT_STEPS))
+        prof = StageProfile()
         data = load_data(cfg.data, "train", resolution=cfg.resolution, classes=cfg.classes, data_root=cfg.data_root,
-                         class_map=cfg.class_map, bad_files="strict" if cfg.strict else "skip", cache_dir=cfg.cache_dir)
+                         class_map=cfg.class_map, bad_files=strictness, cache_dir=cfg.cache_dir)
         labels = list(range(len(data.class_ids)))  # no model: a class's label is its index
     else:
         check_recommendations(backend)  # the method options its mgd3.json recommends, before any data loads
         prof, backend = StageProfile.observe(backend)  # the run's view; the caller's backend stays as it is
-        options, recommended = _options(cfg, backend, method_cls)
-        if cfg.sampler.steps is None:  # what _options took from the model (methods that sample), else 50
-            steps = ((recommended or {}).get("taken") or {}).get("--steps", DEFAULT_STEPS)
-            cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, steps=steps))
-        if cfg.sampler.cfg_interval is None and "--cfg-interval" in ((recommended or {}).get("taken") or {}):
-            interval = tuple(recommended["taken"]["--cfg-interval"])  # the manifest records the interval used
-            cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, cfg_interval=interval))
         _set_resolution(backend, cfg)
         if cfg.sampler.cfg_channels is not None and cfg.sampler.cfg_channels > backend.latent_shape[0]:
             raise Mgd3Error(f"--cfg-channels {cfg.sampler.cfg_channels} > latent channels {backend.latent_shape[0]}")
         data = load_data(cfg.data, "train", resolution=backend.resolution, channels=backend.image_channels,
                          classes=cfg.classes, data_root=cfg.data_root, class_map=cfg.class_map,
-                         bad_files="strict" if cfg.strict else "skip", cache_dir=cfg.cache_dir)
+                         bad_files=strictness, cache_dir=cfg.cache_dir)
         labels = class_labels(data, backend, cfg.prompt, cfg.negative_prompt)
-    classes = [ClassInfo(i, cid, data.class_names[i], labels[i]) for i, cid in enumerate(data.class_ids)]
+    spec = resolve_run(cfg, backend, data, labels, method_cls)
     timing = {"load": time.perf_counter() - t}
-
-    ctx = Context(backend, data, classes, cfg.ipc, cfg.seed, cfg.sampler,
+    ctx = Context(backend, data, list(spec.classes), cfg.ipc, cfg.seed, spec.sampler,
                   encode_batch_size=cfg.encode_batch_size, encode_workers=cfg.encode_workers,
                   cache_dir=cfg.cache_dir, progress=cfg.progress and ranks.rank == 0,
-                  max_real_per_class=cfg.max_real_per_class, method=cfg.method)
-    method = method_cls(options) if method_cls.Options else method_cls()
-    options = method.options = method.resolve_options(ctx)  # final: the run key and manifest read these
+                  max_real_per_class=cfg.max_real_per_class, method=cfg.method, recommendation=spec.recommendation)
+    method = method_cls(spec.options) if method_cls.Options else method_cls()
     method.validate(ctx)
-    run = _Run(cfg, ranks, backend, data, classes, method, options, ctx, Path(cfg.out).expanduser(), "new",
-               t_start, timing, prof, recommended)
+    run = _Run(cfg, spec, ranks, backend, data, method, ctx, Path(cfg.out).expanduser(), "new", t_start, timing,
+               prof)
     run.state = _open_output(run)
     return run
 
@@ -251,34 +243,12 @@ def _device_name(run: "_Run") -> str:
     return str(run.backend.device) if run.backend is not None else "cpu"
 
 
-def _options(cfg: DistillConfig, backend: Backend, method_cls):
-    """The method's options: what the user gave wins over what the model recommends (for this
-    IPC). Returns them and what was taken from the model's mgd3.json (for the log and manifest)."""
-    given = options_by_field(method_cls, cfg.options)
-    recommended = recommended_options(backend, method_cls, cfg.ipc)
-    used = {k: v for k, v in recommended.items() if k not in given}
-    defaults, ipc_range = backend.defaults_at(cfg.ipc, method_cls.name)
-    flags = {f.name: option_flag(f) for f in dataclasses.fields(method_cls.Options)} if method_cls.Options else {}
-    taken = {flags[k]: v for k, v in used.items()}
-    for key in SAMPLER_RECOMMENDATIONS:  # no sampler, no CFG and no steps
-        if getattr(cfg.sampler, key) is None and key in defaults and method_cls.generative:
-            taken[f"--{key.replace('_', '-')}"] = defaults[key]
-    record = None
-    if taken:
-        where = f" for IPC {ipc_range[0]}..{ipc_range[1]}" if ipc_range else ""
-        log.info("%s settings recommended by %s/mgd3.json%s: %s", cfg.method, backend.path, where,
-                 ", ".join(f"{k} {v}" for k, v in taken.items()))
-        record = {"source": f"{backend.path}/mgd3.json", "ipc_range": ipc_range, "taken": taken}
-    return method_options(method_cls, {**recommended, **given}), record
-
-
 def _open_output(run: _Run) -> str:
     """Open the output folder (rank 0, only after every check passed); every process gets its state."""
     cfg, ranks = run.cfg, run.ranks
-    check_distill_run(cfg, run.backend, run.classes, run.ctx.cfg_scale)  # before the output folder is touched
+    check_distill_run(cfg, run.backend, run.classes, run.spec.sampler.cfg)  # before the output folder is touched
     store.refuse_out_inside_data(cfg.out, cfg.data)  # issue 32: it would become a class on the next run
-    key = runs.run_key(cfg, run.backend, run.data, run.classes, run.ctx.cfg_scale, run.options,
-                       run.method.order_dependent)
+    key = runs.run_key(run.spec, run.backend, run.data, run.method.order_dependent)
     state = None
     if ranks.rank == 0:
         info = {"batch_size": cfg.batch_size, "encode_batch_size": cfg.encode_batch_size,
@@ -307,7 +277,7 @@ def _generate(run: _Run) -> tuple[dict[int, runs.ClassOutput], int, int]:
                                     run.state == "resume", method.order_dependent)
     todo = [items for _, items in work if items is not None]
     generative = type(method).generative
-    bar = tqdm(total=len(todo) * (cfg.sampler.steps if generative else 1),
+    bar = tqdm(total=len(todo) * (run.spec.sampler.steps if generative else 1),
                desc=f"{cfg.method} ×{sum(map(len, todo))}", unit="step", disable=not ctx.progress)
     if generative:
         ctx.observers = [lambda step: bar.update(1)]
@@ -405,14 +375,12 @@ def _write_set(run: _Run, parts: list[dict]) -> int:
         timing["ranks"] = [{k: round(v, 3) for k, v in part["timing"].items()} for part in parts]
     timing["total"] = time.perf_counter() - run.t_start
     device = _device_name(run).split(":")[0] if world > 1 else _device_name(run)
-    config = runs.resolved_config(cfg, run.ctx.cfg_scale, run.options)
-    config.update(model=str(run.backend.path) if run.backend is not None else None, device=device)
     info = runs.merge_info([part["method_info"] for part in parts])
     resumed = sum(part["resumed"] for part in parts)
-    manifest = runs.manifest(cfg, run.backend, run.data, run.classes, config, info, timing, device, world, resumed,
-                             records)
+    manifest = runs.manifest(run.spec, run.backend, run.data, info, timing, device, world, resumed, records)
     manifest["profile"] = run.prof.finish(timing)  # this process's work per stage
-    manifest["recommended"] = run.recommended  # what the model's mgd3.json set (None: nothing)
+    recommended = run.spec.recommended  # what the model's mgd3.json set (None: nothing)
+    manifest["recommended"] = recommended.record() if recommended is not None else None
     manifest["reproducibility"] = REPRODUCIBILITY  # what is bit-identical and what is not
     store.write_manifest(out, manifest)
     store.remove_partial(out)  # after the manifest: until then the shards are the resume state
