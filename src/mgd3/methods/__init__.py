@@ -68,14 +68,14 @@ def resolve_sampler(sampler: SamplerConfig, recommendation: "Recommendation | No
     if recommendation is None:
         return sampler if sampler.steps is not None else dataclasses.replace(sampler, steps=DEFAULT_STEPS)
     rec = recommendation.settings
-    steps, cfg, interval = sampler.steps, sampler.cfg, sampler.cfg_interval
+    steps, scale, interval = sampler.steps, sampler.cfg, sampler.cfg_interval
     if steps is None:
         steps = int(rec.get("steps", DEFAULT_STEPS)) if sample else DEFAULT_STEPS
-    if cfg is None:
-        cfg = float(rec.get("cfg", 4.0))
+    if scale is None:
+        scale = float(rec.get("cfg", 4.0))
     if interval is None and sample and rec.get("cfg_interval") is not None:
         interval = tuple(rec["cfg_interval"])
-    return dataclasses.replace(sampler, steps=steps, cfg=cfg, cfg_interval=interval)
+    return dataclasses.replace(sampler, steps=steps, cfg=scale, cfg_interval=interval)
 
 
 @dataclass(frozen=True)
