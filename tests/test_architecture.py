@@ -163,3 +163,19 @@ def test_the_layer_check_sees_function_level_imports(tmp_path):
     tree = ast.parse(src)
     found = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert found and found[0].module == "mgd3.cli"
+
+
+def test_a_command_loads_only_its_own_stage():
+    """`mgd3 distill` builds distill's parser only: no training, evaluation or report code loads
+    (the CLI imports the named command's module alone; `mgd3 --help` imports every one)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mgd3.cli import build_parser; build_parser(['distill', '--ipc', '1']); "
+            "print(' '.join(m for m in sys.modules if m.startswith('mgd3.')))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert "mgd3.cli.distill" in loaded and "mgd3.methods.mgd3" in loaded  # every method's flags
+    assert not {m for m in loaded if m.startswith(("mgd3.train", "mgd3.evaluation", "mgd3.report", "mgd3.cli.evaluate"))}
+    code = "import sys; from mgd3.cli import build_parser; build_parser([]); print(' '.join(sys.modules))"
+    everything = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert {"mgd3.train.pretrain", "mgd3.cli.evaluate", "mgd3.report", "mgd3.train.convert"} <= everything
