@@ -67,7 +67,7 @@ class CoDAGuidance:
         return ModelOutput(torch.cat([eps_c + delta, eps[b:]]), out.var_values)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CoDAOptions:
     coda_modes: str = option("umap-hdbscan", "CoDA (every backend: DiT, LDM UNet, SD) core samples: umap-hdbscan (the released code; needs "
                                              "umap-learn) or pooled-kmeans (k-means on 8×8-pooled latents)",

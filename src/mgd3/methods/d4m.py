@@ -18,7 +18,7 @@ from mgd3.methods import METHODS, Batch, Method, as_tensor_modes, class_modes_pr
 from mgd3.core.modes import find_modes
 
 
-@dataclass
+@dataclass(frozen=True)
 class D4MOptions:
     strength: float = option(0.7, "img2img strength: the fraction of sampling steps run from the noised "
                                   "prototype (0 returns the prototypes)")

@@ -51,7 +51,7 @@ EMBED_NETS = ("convnet-3", "convnet-6")  # networks with a `features` extractor 
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 
-@dataclass
+@dataclass(frozen=True)
 class DMOptions:
     iterations: int = option(20000, "DM: optimisation iterations (paper / official code: 20000)")
     lr_img: float = option(1.0, "DM: SGD learning rate of the synthetic images (official: 1.0)")

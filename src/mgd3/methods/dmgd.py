@@ -19,6 +19,8 @@ fixed: class-major, batch by batch).
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import math
 from dataclasses import dataclass
@@ -117,7 +119,7 @@ class OTDistributionMatching:
         return step.mean_from_eps(step.eps + math.sqrt(1.0 - step.alpha_bar) * self.rho * grad)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DMGDOptions:
     semantic: bool = option(False, "semantic matching term (with neither --semantic nor "
                                    "--distribution, both terms are on)")
@@ -137,10 +139,14 @@ class DMGD(Method):
     Options = DMGDOptions
 
     def __init__(self, options=None):
-        super().__init__(options or DMGDOptions())
-        o = self.options
-        if not o.semantic and not o.distribution:
-            o.semantic = o.distribution = True
+        super().__init__(self.resolve_options(options or DMGDOptions(), None))
+
+    @classmethod
+    def resolve_options(cls, options: DMGDOptions, sampler) -> DMGDOptions:
+        """With neither term asked for, both are on."""
+        if not options.semantic and not options.distribution:
+            return dataclasses.replace(options, semantic=True, distribution=True)
+        return options
 
     def validate(self, ctx):
         o = self.options

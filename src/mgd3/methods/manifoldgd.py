@@ -129,7 +129,7 @@ class ManifoldGuidance:
         return step.mean_from_eps(step.eps_from_x0(x0))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ManifoldGDOptions:
     mode_guidance_scale: float = option(0.1, "ManifoldGD (every backend: DiT, LDM UNet, SD): mode guidance "
                                              "scale λ (official --mode_guidance_scale)")

@@ -19,7 +19,7 @@ from mgd3.methods import METHODS, Batch, Method, as_tensor_modes, check_finite, 
 from mgd3.core.modes import MODE_FINDERS, find_modes
 
 
-@dataclass
+@dataclass(frozen=True)
 class MGD3Options:
     lam: float = option(0.1, "mode guidance scale λ (paper: 0.1; a model's mgd3.json may recommend "
                                  "another)", flag="--lambda")

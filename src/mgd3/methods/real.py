@@ -51,7 +51,7 @@ class RandomReal(RealSubset):
             self.chosen[c.index] = np.random.default_rng(s).choice(pool, size=ctx.ipc, replace=False)
 
 
-@dataclass
+@dataclass(frozen=True)
 class KMeansRealOptions:
     mode_seed: int = option(0, "random_state of the clustering (official: 0)")
 
