@@ -42,13 +42,13 @@ def test_unknown_data_is_named_as_unknown_data(tmp_path):
 ])
 def test_interrupt_names_the_command_to_run_again(command, words, tmp_path, monkeypatch, capsys):
     import mgd3.cli.distill
-    import mgd3.report
+    import mgd3.report.cli
 
     def ctrl_c(*a, **kw):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(mgd3.cli.distill, "run", ctrl_c)
-    monkeypatch.setattr(mgd3.report, "run", ctrl_c)
+    monkeypatch.setattr(mgd3.report.cli, "run", ctrl_c)
     out = tmp_path / "my set"
     argv = (["distill", "--data", "fashion-mnist", "--ipc", "2", "--out", str(out)] if command == "distill"
             else ["report", str(out), "--out", str(tmp_path / "r")])
