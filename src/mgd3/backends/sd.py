@@ -85,11 +85,46 @@ def _quiet_transformers():
             tf_logging.enable_progress_bar()
 
 
+def _load_parts(path: Path) -> tuple:
+    """(unet, VAE, text encoder, tokenizer) of a Stable Diffusion folder; the tokenizer is tried
+    on one prompt, so a broken one fails here."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        with warnings.catch_warnings(), _quiet_transformers():
+            warnings.simplefilter("ignore")
+            unet = UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False)
+            vae = AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False)
+            text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+            tokenizer(["probe"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+    except Exception as e:  # noqa: BLE001  (tokenizers fail in many ways: all are a broken folder)
+        first = first_line(e)
+        raise Mgd3Error(f"could not load the Stable Diffusion pipeline in {path}: {first}") from None
+    return unet, vae, text_encoder, tokenizer
+
+
+def _check_parts(path: Path, unet, vae, text_encoder) -> None:
+    """A one-line Mgd3Error unless the loaded parts make a plain text-to-image model."""
+    uc, vc = unet.config, vae.config
+    c = vc.latent_channels
+    if uc.in_channels != c:
+        raise Mgd3Error(f"{path}/unet: in_channels {uc.in_channels} != VAE latent channels {c} "
+                        "(an inpainting or depth model is not a text-to-image model)")
+    if uc.out_channels != c:
+        raise Mgd3Error(f"{path}/unet: out_channels {uc.out_channels} != VAE latent channels {c}")
+    if uc.addition_embed_type is not None or uc.class_embed_type is not None:
+        raise Mgd3Error(f"{path}/unet needs extra conditioning ({uc.addition_embed_type or uc.class_embed_type}); "
+                        "only plain text-conditioned UNets (SD v1.x/v2.x) are supported")
+    hidden = text_encoder.config.hidden_size
+    if uc.cross_attention_dim != hidden:
+        raise Mgd3Error(f"{path}: unet cross_attention_dim {uc.cross_attention_dim} != text encoder "
+                        f"hidden size {hidden}")
+
+
 class StableDiffusionBackend(KLVaeMixin, Backend):
     def __init__(self, path: Path, index: dict, device: torch.device, precision: str):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if not (path / sub).is_dir():
                 raise Mgd3Error(f"{path} is not a Stable Diffusion pipeline folder (no {sub}/ sub-folder)")
@@ -100,31 +135,10 @@ class StableDiffusionBackend(KLVaeMixin, Backend):
         if prediction not in PREDICTION_TYPES:
             raise Mgd3Error(f"{path}/scheduler: prediction_type {prediction!r} is not supported; "
                             f"supported: {', '.join(PREDICTION_TYPES)}")
-        try:
-            with warnings.catch_warnings(), _quiet_transformers():
-                warnings.simplefilter("ignore")
-                unet = UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False)
-                vae = AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False)
-                text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
-                tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-                tokenizer(["probe"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
-        except Exception as e:  # noqa: BLE001  (tokenizers fail in many ways: all are a broken folder)
-            first = first_line(e)
-            raise Mgd3Error(f"could not load the Stable Diffusion pipeline in {path}: {first}") from None
+        unet, vae, text_encoder, tokenizer = _load_parts(path)
+        _check_parts(path, unet, vae, text_encoder)
         uc, vc = unet.config, vae.config
         c = vc.latent_channels
-        if uc.in_channels != c:
-            raise Mgd3Error(f"{path}/unet: in_channels {uc.in_channels} != VAE latent channels {c} "
-                            "(an inpainting or depth model is not a text-to-image model)")
-        if uc.out_channels != c:
-            raise Mgd3Error(f"{path}/unet: out_channels {uc.out_channels} != VAE latent channels {c}")
-        if uc.addition_embed_type is not None or uc.class_embed_type is not None:
-            raise Mgd3Error(f"{path}/unet needs extra conditioning ({uc.addition_embed_type or uc.class_embed_type}); "
-                            "only plain text-conditioned UNets (SD v1.x/v2.x) are supported")
-        hidden = text_encoder.config.hidden_size
-        if uc.cross_attention_dim != hidden:
-            raise Mgd3Error(f"{path}: unet cross_attention_dim {uc.cross_attention_dim} != text encoder "
-                            f"hidden size {hidden}")
         self.down = 2 ** (len(vc.block_out_channels) - 1)  # VAE downsampling (8 for SD)
         size = uc.sample_size if isinstance(uc.sample_size, int) else int(uc.sample_size[0])
         defaults = {"cfg": DEFAULT_CFG, **read_recommendations(path)}

@@ -163,52 +163,71 @@ def _read_json(f: Path) -> dict:
     return read_json_object(f)
 
 
+def _check_configs(path: Path) -> str:
+    """The VAE class of an LDM folder ("VQModel" or "AutoencoderKL"), after the checks that need no weights."""
+    for sub in SUBFOLDERS:
+        if not (path / sub).is_dir():
+            raise Mgd3Error(f"{path} is not a class-conditional LDM folder (no {sub}/ sub-folder)")
+    vae_json = _read_json(path / "vae" / "config.json")
+    vae_cls = vae_json.get("_class_name")
+    if vae_cls not in ("VQModel", "AutoencoderKL"):
+        raise Mgd3Error(f"{path}/vae is a {vae_cls!r}; a class-conditional LDM needs a VQModel or AutoencoderKL")
+    # configs that do not fit each other, said before the weights fail to load
+    unet_json = _read_json(path / "unet" / "config.json")
+    emb_json = _read_json(path / "class_embedder" / "config.json")
+    ctx, emb = unet_json.get("cross_attention_dim"), emb_json.get("embed_dim")
+    if ctx is not None and emb is not None and ctx != emb:
+        raise Mgd3Error(f"{path}: unet cross_attention_dim ({ctx}) != class embedder embed_dim ({emb})")
+    lat = (vae_json.get("vq_embed_dim") if vae_cls == "VQModel" else None) or vae_json.get("latent_channels")
+    if lat is not None and unet_json.get("in_channels") is not None and lat != unet_json["in_channels"]:
+        raise Mgd3Error(f"{path}: unet in_channels ({unet_json['in_channels']}) != VAE latent channels ({lat})")
+    return vae_cls
+
+
+def _load_parts(path: Path, vae_cls: str) -> tuple:
+    """(unet, class embedder, VAE) of an LDM folder, each through its own `from_pretrained`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel, VQModel
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            unet = UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False)
+            embedder = ClassEmbedder.from_pretrained(path / "class_embedder", low_cpu_mem_usage=False)
+            vae = (VQModel if vae_cls == "VQModel" else AutoencoderKL).from_pretrained(
+                path / "vae", low_cpu_mem_usage=False)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, EnvironmentError) as e:
+        raise Mgd3Error(f"could not load the class-conditional LDM in {path}: {first_line(e)}") from None
+    return unet, embedder, vae
+
+
+def _check_parts(path: Path, unet, embedder: ClassEmbedder, vae, vq: bool) -> int:
+    """The latent channels of loaded LDM parts that fit each other (else a one-line Mgd3Error)."""
+    uc, vc, ec = unet.config, vae.config, embedder.config
+    c = (vc.vq_embed_dim or vc.latent_channels) if vq else vc.latent_channels
+    if uc.in_channels != c:
+        raise Mgd3Error(f"{path}: unet in_channels ({uc.in_channels}) != VAE latent channels ({c})")
+    if uc.out_channels not in (c, 2 * c):
+        raise Mgd3Error(f"{path}/unet: out_channels {uc.out_channels} is neither {c} nor {2 * c}")
+    if uc.class_embed_type is not None or uc.addition_embed_type is not None or uc.num_class_embeds:
+        raise Mgd3Error(f"{path}/unet has its own class/added embedding; the class-conditional LDM takes the "
+                        "class through class_embedder/ and cross-attention only")
+    if uc.cross_attention_dim != ec.embed_dim:
+        raise Mgd3Error(f"{path}: unet cross_attention_dim ({uc.cross_attention_dim}) != class embedder "
+                        f"embed_dim ({ec.embed_dim})")
+    rows = embedder.embedding_table.num_embeddings
+    if rows != ec.num_classes + 1:
+        raise Mgd3Error(f"{path}/class_embedder: {rows} embedding rows, but num_classes {ec.num_classes} "
+                        "needs one per class and a null row")
+    return c
+
+
 class LDMBackend(ClassLabelMixin, KLVaeMixin, Backend):
     def __init__(self, path: Path, index: dict, device: torch.device, precision: str):
-        from diffusers import AutoencoderKL, UNet2DConditionModel, VQModel
-
-        for sub in SUBFOLDERS:
-            if not (path / sub).is_dir():
-                raise Mgd3Error(f"{path} is not a class-conditional LDM folder (no {sub}/ sub-folder)")
-        vae_json = _read_json(path / "vae" / "config.json")
-        vae_cls = vae_json.get("_class_name")
-        if vae_cls not in ("VQModel", "AutoencoderKL"):
-            raise Mgd3Error(f"{path}/vae is a {vae_cls!r}; a class-conditional LDM needs a VQModel or AutoencoderKL")
-        # configs that do not fit each other, said before the weights fail to load
-        unet_json = _read_json(path / "unet" / "config.json")
-        emb_json = _read_json(path / "class_embedder" / "config.json")
-        ctx, emb = unet_json.get("cross_attention_dim"), emb_json.get("embed_dim")
-        if ctx is not None and emb is not None and ctx != emb:
-            raise Mgd3Error(f"{path}: unet cross_attention_dim ({ctx}) != class embedder embed_dim ({emb})")
-        lat = (vae_json.get("vq_embed_dim") if vae_cls == "VQModel" else None) or vae_json.get("latent_channels")
-        if lat is not None and unet_json.get("in_channels") is not None and lat != unet_json["in_channels"]:
-            raise Mgd3Error(f"{path}: unet in_channels ({unet_json['in_channels']}) != VAE latent channels ({lat})")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                unet = UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False)
-                embedder = ClassEmbedder.from_pretrained(path / "class_embedder", low_cpu_mem_usage=False)
-                vae = (VQModel if vae_cls == "VQModel" else AutoencoderKL).from_pretrained(
-                    path / "vae", low_cpu_mem_usage=False)
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError, EnvironmentError) as e:
-            raise Mgd3Error(f"could not load the class-conditional LDM in {path}: {first_line(e)}") from None
+        vae_cls = _check_configs(path)
+        unet, embedder, vae = _load_parts(path, vae_cls)
         uc, vc, ec = unet.config, vae.config, embedder.config
         self.vq = vae_cls == "VQModel"
-        c = (vc.vq_embed_dim or vc.latent_channels) if self.vq else vc.latent_channels
-        if uc.in_channels != c:
-            raise Mgd3Error(f"{path}: unet in_channels ({uc.in_channels}) != VAE latent channels ({c})")
-        if uc.out_channels not in (c, 2 * c):
-            raise Mgd3Error(f"{path}/unet: out_channels {uc.out_channels} is neither {c} nor {2 * c}")
-        if uc.class_embed_type is not None or uc.addition_embed_type is not None or uc.num_class_embeds:
-            raise Mgd3Error(f"{path}/unet has its own class/added embedding; the class-conditional LDM takes the "
-                            "class through class_embedder/ and cross-attention only")
-        if uc.cross_attention_dim != ec.embed_dim:
-            raise Mgd3Error(f"{path}: unet cross_attention_dim ({uc.cross_attention_dim}) != class embedder "
-                            f"embed_dim ({ec.embed_dim})")
-        rows = embedder.embedding_table.num_embeddings
-        if rows != ec.num_classes + 1:
-            raise Mgd3Error(f"{path}/class_embedder: {rows} embedding rows, but num_classes {ec.num_classes} "
-                            "needs one per class and a null row")
+        c = _check_parts(path, unet, embedder, vae, self.vq)
         id2label = {int(k): v for k, v in (index.get("id2label") or {}).items()}
         outside = sorted(k for k in id2label if not 0 <= k < ec.num_classes)
         if outside:

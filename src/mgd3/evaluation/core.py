@@ -147,23 +147,7 @@ def evaluate_set(cfg: EvalConfig, ranks=None) -> dict:
         raise Mgd3Error("give at least one evaluation seed")
     s = read_set(cfg.set_dir)
     p0 = _protocol(cfg)
-    name = cfg.data or s.data.get("name")
-    if name is not None and not isinstance(name, str):
-        raise Mgd3Error(f"{s.path}/manifest.json: data.name must be a string, got {str(name)[:40]!r}")
-    if not name:
-        raise Mgd3Error(f"{s.path} does not name its data set (plain ImageFolder): pass --data")
-    if not cfg.data:  # what the manifest names is read only inside the set, else the user names it (issue 32)
-        from mgd3.io.data import DATASETS
-        from mgd3.io.store import named_outside
-
-        head, sep, tail = name.partition(":")
-        if head in DATASETS and sep:  # "imagenette:/path/to/imagenet"
-            named_outside(s.path, tail, "the data root", f"--data {name}")
-        elif name not in DATASETS:
-            name = named_outside(s.path, name, "the data folder", f"--data {name}")
-        if cfg.data_root is None and s.data.get("data_root"):
-            cfg = dataclasses.replace(cfg, data_root=named_outside(
-                s.path, s.data["data_root"], "the data root", f"--data-root {s.data['data_root']}"))
+    name, cfg = _set_data(cfg, s)
     channels = _manifest_int(s, "channels", (1, 3)) or _channels_of(s)
     set_res = _manifest_int(s, "resolution", range(1, 16385)) or _resolution_of(s)
     if cfg.data_root is not None and not isinstance(cfg.data_root, str):
@@ -197,18 +181,8 @@ def evaluate_set(cfg: EvalConfig, ranks=None) -> dict:
     if ranks.rank != 0:
         ranks.share("written", None)  # wait for rank 0's eval.json: its failure is this process's too
         return {}
-    result = {
-        "format": EVAL_FORMAT, "mgd3_version": __version__, "kind": "distilled",
-        "set": {"path": str(s.path), "method": (s.manifest or {}).get("method"), "ipc": s.ipc,
-                "generation_seed": (s.manifest or {}).get("seed"), "num_images": len(train),
-                "num_classes": len(s.class_ids), "class_ids": s.class_ids, "manifest": s.manifest is not None},
-        "data": {"name": str(name), "test_images": len(test), "train_fingerprint": train_data.fingerprint(),
-                 "test_fingerprint": test_data.fingerprint(), "resolution": p.resolution, "channels": channels},
-        "protocol": to_dict(p), "arch": p.arch, "reported": p.describe(),
-        "normalization": dataclasses.asdict(norm), "seeds": list(cfg.seeds), "runs": runs, **_summary(runs),
-        "std_note": "population std over evaluation seeds (numpy ddof=0, as the DC code)",
-        "environment": _environment(device, cfg), "config": _config_dict(cfg),
-    }
+    result = _set_result(cfg, s, str(name), p, channels, len(train), test, train_data, test_data, norm, runs,
+                         device)
     if teacher_rec:
         result["teacher"] = teacher_rec
     if distributed:
@@ -225,6 +199,47 @@ def evaluate_set(cfg: EvalConfig, ranks=None) -> dict:
     ranks.share("written", True)
     result["out"] = str(out)
     return result
+
+
+def _set_data(cfg: EvalConfig, s: DistilledSet) -> tuple[str, EvalConfig]:
+    """The data set a distilled set is scored on (`--data`, else the manifest's) and `cfg` with the
+    manifest's data root; what the manifest names must lie inside the set, else the user names it."""
+    name = cfg.data or s.data.get("name")
+    if name is not None and not isinstance(name, str):
+        raise Mgd3Error(f"{s.path}/manifest.json: data.name must be a string, got {str(name)[:40]!r}")
+    if not name:
+        raise Mgd3Error(f"{s.path} does not name its data set (plain ImageFolder): pass --data")
+    if not cfg.data:  # what the manifest names is read only inside the set, else the user names it (issue 32)
+        from mgd3.io.data import DATASETS
+        from mgd3.io.store import named_outside
+
+        head, sep, tail = name.partition(":")
+        if head in DATASETS and sep:  # "imagenette:/path/to/imagenet"
+            named_outside(s.path, tail, "the data root", f"--data {name}")
+        elif name not in DATASETS:
+            name = named_outside(s.path, name, "the data folder", f"--data {name}")
+        if cfg.data_root is None and s.data.get("data_root"):
+            cfg = dataclasses.replace(cfg, data_root=named_outside(
+                s.path, s.data["data_root"], "the data root", f"--data-root {s.data['data_root']}"))
+    return name, cfg
+
+
+def _set_result(cfg: EvalConfig, s: DistilledSet, name: str, p: Protocol, channels: int, num_images: int,
+                test: TensorSet, train_data, test_data, norm: Normalization, runs: list[dict],
+                device: torch.device) -> dict:
+    """eval.json of a distilled set, before the teacher, distribution and reference records."""
+    return {
+        "format": EVAL_FORMAT, "mgd3_version": __version__, "kind": "distilled",
+        "set": {"path": str(s.path), "method": (s.manifest or {}).get("method"), "ipc": s.ipc,
+                "generation_seed": (s.manifest or {}).get("seed"), "num_images": num_images,
+                "num_classes": len(s.class_ids), "class_ids": s.class_ids, "manifest": s.manifest is not None},
+        "data": {"name": name, "test_images": len(test), "train_fingerprint": train_data.fingerprint(),
+                 "test_fingerprint": test_data.fingerprint(), "resolution": p.resolution, "channels": channels},
+        "protocol": to_dict(p), "arch": p.arch, "reported": p.describe(),
+        "normalization": dataclasses.asdict(norm), "seeds": list(cfg.seeds), "runs": runs, **_summary(runs),
+        "std_note": "population std over evaluation seeds (numpy ddof=0, as the DC code)",
+        "environment": _environment(device, cfg), "config": _config_dict(cfg),
+    }
 
 
 def _prepare(p: Protocol, train_data, test: TensorSet, channels: int, opts: RunOptions, cfg: EvalConfig,
@@ -343,21 +358,8 @@ def evaluate_reference(cfg: EvalConfig) -> dict:
                                    train_fp=train_fp, test_fp=test_data.fingerprint(), make_train=make_train,
                                    test=test, num_classes=num_classes, norm=norm, opts=opts, teacher=teacher,
                                    cache_dir=cfg.cache_dir, use_cache=cfg.use_cache)
-    result = {
-        "format": EVAL_FORMAT, "mgd3_version": __version__, "kind": kind,
-        "ipc": ipc if kind == "random-real" else None,
-        "subset_seeds": list(cfg.seeds) if kind == "random-real" else None,
-        "subset_rule": "subset i: numpy.random.default_rng(seed i).choice of IPC items per class, no replacement"
-        if kind == "random-real" else None,
-        "set": {"num_images": n_images, "num_classes": num_classes, "class_ids": list(train_data.class_ids)},
-        "data": {"name": cfg.data, "test_images": len(test), "train_fingerprint": train_fp,
-                 "test_fingerprint": test_data.fingerprint(), "resolution": p.resolution, "channels": channels},
-        "protocol": to_dict(p), "arch": p.arch, "reported": p.describe(),
-        "epochs_overridden": cfg.epochs is not None,
-        "normalization": dataclasses.asdict(norm), "seeds": list(cfg.seeds), "runs": runs, **_summary(runs),
-        "std_note": "population std over evaluation seeds (numpy ddof=0, as the DC code)",
-        "environment": _environment(device, cfg), "config": _config_dict(cfg),
-    }
+    result = _reference_result(cfg, ipc, n_images, num_classes, p, channels, test, train_data, test_data, norm,
+                               runs, device)
     if teacher_rec:
         result["teacher"] = teacher_rec
     if R.cache_json(folder / "result.json", result):
@@ -366,6 +368,28 @@ def evaluate_reference(cfg: EvalConfig) -> dict:
         R.write_json_atomic(Path(cfg.out), result)
         result["out"] = cfg.out
     return result
+
+
+def _reference_result(cfg: EvalConfig, ipc: int, n_images: int, num_classes: int, p: Protocol, channels: int,
+                      test: TensorSet, train_data, test_data, norm: Normalization, runs: list[dict],
+                      device: torch.device) -> dict:
+    """The result of a reference (`cfg.reference`), before the teacher and cache records."""
+    kind = cfg.reference
+    return {
+        "format": EVAL_FORMAT, "mgd3_version": __version__, "kind": kind,
+        "ipc": ipc if kind == "random-real" else None,
+        "subset_seeds": list(cfg.seeds) if kind == "random-real" else None,
+        "subset_rule": "subset i: numpy.random.default_rng(seed i).choice of IPC items per class, no replacement"
+        if kind == "random-real" else None,
+        "set": {"num_images": n_images, "num_classes": num_classes, "class_ids": list(train_data.class_ids)},
+        "data": {"name": cfg.data, "test_images": len(test), "train_fingerprint": train_data.fingerprint(),
+                 "test_fingerprint": test_data.fingerprint(), "resolution": p.resolution, "channels": channels},
+        "protocol": to_dict(p), "arch": p.arch, "reported": p.describe(),
+        "epochs_overridden": cfg.epochs is not None,
+        "normalization": dataclasses.asdict(norm), "seeds": list(cfg.seeds), "runs": runs, **_summary(runs),
+        "std_note": "population std over evaluation seeds (numpy ddof=0, as the DC code)",
+        "environment": _environment(device, cfg), "config": _config_dict(cfg),
+    }
 
 
 def evaluate(cfg: EvalConfig, ranks=None) -> dict:

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -248,24 +249,15 @@ def train_and_test(p: Protocol, train: TensorSet, test: TensorSet, *, seed: int,
     if p.loss == "kl" and teacher is None:
         raise Mgd3Error(f"protocol {p.name} needs a teacher network (soft labels)")
     channels, resolution = int(train.images.shape[1]), int(train.images.shape[-1])
-    model = build_network(p.arch, channels, num_classes, resolution, seed=seed)
-    if shard is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        # batch statistics over the global batch, as one process computes them
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=shard.group)
-    model = model.to(device)
-    model.train()
-    if teacher is not None:
-        teacher = teacher.to(device).eval()
-        for q in teacher.parameters():
-            q.requires_grad_(False)
+    model = _fresh_model(p, channels, num_classes, resolution, seed, shard, device)
+    teacher = _frozen_teacher(teacher, device)
     gen = torch.Generator().manual_seed(int(seed))  # batch order and augmentation draws
     rng = np.random.default_rng(int(seed))  # CutMix's Beta draws (as IDC, numpy)
     train_d, test_d = train.to(device), test.to(device)
     mean, std = norm.tensors(device)
-    scale, shift = 1.0 / (255.0 * std), -mean / std
+    pixels = _Pixels(mean, std, 1.0 / (255.0 * std), -mean / std)
     total = p.epochs + 1 if (p.schedule == "dc" and p.dc_extra_epoch) else p.epochs
     opt = _optimizer(p, model.parameters(), p.lr)
-    n, bs = len(train_d), p.batch_size
     eval_bs = _eval_batch(resolution, opts)
     evaluations: list[list] = []
     train_seconds = 0.0
@@ -273,77 +265,149 @@ def train_and_test(p: Protocol, train: TensorSet, test: TensorSet, *, seed: int,
     state = checkpoint.load() if checkpoint is not None else None
     if state is not None:  # continue exactly where the saved epoch ended
         start, evaluations, train_seconds = restore(state, model, opt, gen, rng, p, total)
-    net = model
-    if shard is not None:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      process_group=shard.group)
-    fwd = torch.compile(net) if opts.compile else net
+    fwd = _forward(model, shard, device, opts.compile)
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"{p.name}/{p.arch} seed {seed}",
                unit="epoch", disable=not opts.progress, leave=False)
     for ep in bar:
         t0 = time.perf_counter()
-        f = lr_factor(p, ep, total)
-        if p.schedule == "dc" and ep > 0 and f != lr_factor(p, ep - 1, total):
-            opt = _optimizer(p, model.parameters(), p.lr * f)  # DC code re-creates SGD (momentum reset)
-        for g in opt.param_groups:
-            g["lr"] = p.lr * f
-        loss_sum = torch.zeros((), device=device)
-        perm = torch.randperm(n, generator=gen).to(device)
-        for s in range(0, n, bs):
-            idx = perm[s:s + bs]
-            xb = train_d.images.index_select(0, idx)  # (b, C, R, R) uint8
-            yb = train_d.targets.index_select(0, idx)
-            if p.augment in ("minimax", "crop-flip"):
-                x = xb.float() / 255.0  # [0, 1]
-                if p.augment == "minimax":
-                    x = A.minimax_transform(x, gen, rrc_scale=p.rrc_scale, jitter=p.jitter, lighting_std=p.lighting)
-                else:
-                    x = A.random_hflip(A.random_resized_crop(x, gen, scale=p.rrc_scale), gen)
-                x = (x - mean) / std
-            else:
-                x = xb.float() * scale + shift  # normalised
-                if p.augment == "dsa":
-                    x = A.dsa(x, p.dsa, gen)
-            perm_b, ratio = None, 1.0
-            if p.cutmix_beta > 0 and x.shape[0] > 1:
-                x, perm_b, ratio = A.cutmix(x, p.cutmix_beta, gen, rng)
-            if shard is not None:
-                loss = _shard_loss(p, fwd, teacher, x, yb, perm_b, ratio, shard, device, opts.bf16)
-            else:
-                with _autocast(device, opts.bf16):
-                    out = fwd(x)  # (b, classes)
-                    if p.loss == "kl":
-                        with torch.no_grad():
-                            soft = F.softmax(teacher(x).float() / p.temperature, dim=1)
-                        loss = F.kl_div(F.log_softmax(out.float() / p.temperature, dim=1), soft, reduction="batchmean")
-                    elif perm_b is not None:
-                        loss = ratio * F.cross_entropy(out.float(), yb) + \
-                            (1 - ratio) * F.cross_entropy(out.float(), yb.index_select(0, perm_b))
-                    else:
-                        loss = F.cross_entropy(out.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * x.shape[0]
+        opt = _epoch_optimizer(p, opt, model, ep, total)
+        loss_sum = _train_epoch(p, fwd, opt, teacher, train_d, gen, rng, pixels, shard, device, opts.bf16)
         train_seconds += time.perf_counter() - t0
         k = ep + 1
         if _should_eval(p, k, total):
             acc = accuracy(fwd if shard is None else model, test_d, norm, device=device, batch_size=eval_bs,
                            bf16=opts.bf16, shard=shard)
             evaluations.append([k, round(acc, 2)])
-            bar.set_postfix(loss=f"{float(loss_sum) / n:.3f}", acc=f"{acc:.1f}")
+            bar.set_postfix(loss=f"{float(loss_sum) / len(train_d):.3f}", acc=f"{acc:.1f}")
             log.debug("%s seed %d epoch %d: test accuracy %.2f", p.name, seed, k, acc)
         if checkpoint is not None and k < total and checkpoint.due():
             checkpoint.save(snapshot(k, model, opt, gen, rng, evaluations, train_seconds))
+    return _result(p, seed, evaluations, train_seconds, total, len(train_d), model if return_model else None)
+
+
+class _Pixels(NamedTuple):
+    """uint8 pixels -> normalised input, on the training device: (x01 - mean) / std, or in one
+    multiply-add from the raw bytes, x * scale + shift. Each (1, C, 1, 1)."""
+
+    mean: Tensor
+    std: Tensor
+    scale: Tensor
+    shift: Tensor
+
+
+def _fresh_model(p: Protocol, channels: int, num_classes: int, resolution: int, seed: int, shard: Shard | None,
+                 device: torch.device) -> nn.Module:
+    """The network to train: `p.arch` initialised from `seed`, on `device`, in training mode."""
+    model = build_network(p.arch, channels, num_classes, resolution, seed=seed)
+    if shard is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        # batch statistics over the global batch, as one process computes them
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=shard.group)
+    model = model.to(device)
+    model.train()
+    return model
+
+
+def _frozen_teacher(teacher: nn.Module | None, device: torch.device) -> nn.Module | None:
+    """The soft-label teacher on `device`, in eval mode, without gradients (None stays None)."""
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+        for q in teacher.parameters():
+            q.requires_grad_(False)
+    return teacher
+
+
+def _forward(model: nn.Module, shard: Shard | None, device: torch.device, compiled: bool) -> nn.Module:
+    """What the training batches go through: `model`, wrapped in DistributedDataParallel for a
+    shard, compiled with `torch.compile` when asked."""
+    net = model
+    if shard is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      process_group=shard.group)
+    return torch.compile(net) if compiled else net
+
+
+def _epoch_optimizer(p: Protocol, opt: torch.optim.Optimizer, model: nn.Module, ep: int,
+                     total: int) -> torch.optim.Optimizer:
+    """The optimizer of pass `ep` with the schedule's lr set."""
+    f = lr_factor(p, ep, total)
+    if p.schedule == "dc" and ep > 0 and f != lr_factor(p, ep - 1, total):
+        opt = _optimizer(p, model.parameters(), p.lr * f)  # DC code re-creates SGD (momentum reset)
+    for g in opt.param_groups:
+        g["lr"] = p.lr * f
+    return opt
+
+
+def _train_epoch(p: Protocol, fwd, opt: torch.optim.Optimizer, teacher, train_d: TensorSet, gen: torch.Generator,
+                 rng: np.random.Generator, pixels: _Pixels, shard: Shard | None, device: torch.device,
+                 bf16: bool) -> Tensor:
+    """One pass over `train_d` in a batch order drawn from `gen`; the summed loss (for the progress bar)."""
+    loss_sum = torch.zeros((), device=device)
+    n, bs = len(train_d), p.batch_size
+    perm = torch.randperm(n, generator=gen).to(device)
+    for s in range(0, n, bs):
+        idx = perm[s:s + bs]
+        xb = train_d.images.index_select(0, idx)  # (b, C, R, R) uint8
+        yb = train_d.targets.index_select(0, idx)
+        x = _augmented(p, xb, gen, pixels)
+        perm_b, ratio = None, 1.0
+        if p.cutmix_beta > 0 and x.shape[0] > 1:
+            x, perm_b, ratio = A.cutmix(x, p.cutmix_beta, gen, rng)
+        if shard is not None:
+            loss = _shard_loss(p, fwd, teacher, x, yb, perm_b, ratio, shard, device, bf16)
+        else:
+            loss = _batch_loss(p, fwd, teacher, x, yb, perm_b, ratio, device, bf16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach() * x.shape[0]
+    return loss_sum
+
+
+def _augmented(p: Protocol, xb: Tensor, gen: torch.Generator, pixels: _Pixels) -> Tensor:
+    """A uint8 batch (b, C, R, R) normalised and augmented under `p` (draws from `gen`)."""
+    if p.augment in ("minimax", "crop-flip"):
+        x = xb.float() / 255.0  # [0, 1]
+        if p.augment == "minimax":
+            x = A.minimax_transform(x, gen, rrc_scale=p.rrc_scale, jitter=p.jitter, lighting_std=p.lighting)
+        else:
+            x = A.random_hflip(A.random_resized_crop(x, gen, scale=p.rrc_scale), gen)
+        return (x - pixels.mean) / pixels.std
+    x = xb.float() * pixels.scale + pixels.shift  # normalised
+    if p.augment == "dsa":
+        x = A.dsa(x, p.dsa, gen)
+    return x
+
+
+def _batch_loss(p: Protocol, fwd, teacher, x: Tensor, yb: Tensor, perm_b, ratio: float, device: torch.device,
+                bf16: bool) -> Tensor:
+    """The batch-mean loss of one process's training: cross-entropy (mixed for CutMix) or the
+    KL divergence to the teacher's soft labels."""
+    with _autocast(device, bf16):
+        out = fwd(x)  # (b, classes)
+        if p.loss == "kl":
+            with torch.no_grad():
+                soft = F.softmax(teacher(x).float() / p.temperature, dim=1)
+            loss = F.kl_div(F.log_softmax(out.float() / p.temperature, dim=1), soft, reduction="batchmean")
+        elif perm_b is not None:
+            loss = ratio * F.cross_entropy(out.float(), yb) + \
+                (1 - ratio) * F.cross_entropy(out.float(), yb.index_select(0, perm_b))
+        else:
+            loss = F.cross_entropy(out.float(), yb)
+    return loss
+
+
+def _result(p: Protocol, seed: int, evaluations: list, train_seconds: float, total: int, n: int,
+            model: nn.Module | None) -> dict:
+    """`train_and_test`'s record of a finished training (with the model when it is given)."""
     best_epoch, best = max(evaluations, key=lambda e: (e[1], -e[0]))
     last = evaluations[-1][1]
     out = {"seed": int(seed), "final_acc": best if p.report == "best" else last, "best_acc": best,
            "best_epoch": int(best_epoch), "last_acc": last, "train_seconds": round(train_seconds, 2),
            "epochs": total, "images_per_s": round(total * n / max(train_seconds, 1e-9), 1),
            "evaluations": evaluations}
-    if return_model:
+    if model is not None:
         out["model"] = model
     return out
 
