@@ -188,7 +188,7 @@ def part_spread(args, backend, train, test, norm) -> list[str]:
 
 
 def part_loss(args, train, test) -> list[str]:
-    from mgd3.train.pretrain import eval_loss
+    from mgd3.train.dit_stage import eval_loss
 
     lines = ["| model | held-out ε-loss (2000 test images) | VAE round-trip PSNR (test) |", "|---|---|---|"]
     for model in args.model:

@@ -54,7 +54,7 @@ def spread(latents: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def main() -> None:
-    from mgd3.train.pretrain import PretrainConfig
+    from mgd3.train.pretrain_settings import PretrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="fashion-mnist")
@@ -94,7 +94,8 @@ def main() -> None:
     from mgd3.run.driver import DistillConfig, distill
     from mgd3.methods import SamplerConfig
     from mgd3.machine import cpu_name
-    from mgd3.train.pretrain import calibrate, pretrain
+    from mgd3.train.dit_stage import calibrate
+    from mgd3.train.pretrain import pretrain
     from mgd3.api import load_set
     from mgd3.evaluation.networks import build_network
     from mgd3.evaluation.train import TensorSet

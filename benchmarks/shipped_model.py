@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from mgd3.train.pretrain import PretrainConfig, SIZES, pretrain, write_model_card
+from mgd3.train.model_card import write_model_card
+from mgd3.train.pretrain import pretrain
+from mgd3.train.pretrain_settings import SIZES, PretrainConfig
 from mgd3.train.quality import measure
 
 

@@ -100,7 +100,7 @@ def test_null_class_at_1000_keeps_every_sample(digits_model, tmp_path):
     from mgd3.backends.dit import null_class_at_1000
     from mgd3.run.driver import DistillConfig, distill
     from mgd3.methods import SamplerConfig
-    from mgd3.train.pretrain import _own_class_rows
+    from mgd3.train.dit_stage import _own_class_rows
 
     moved = tmp_path / "model"
     shutil.copytree(digits_model, moved)

@@ -84,13 +84,14 @@ def distill_args(model, out, *more):
 
 
 def test_pretrain_checkpoint_pickle_does_not_run(tmp_path, capsys):
-    from mgd3.train.pretrain import VAE_KEYS, PretrainConfig, _signature
+    from mgd3.train.checkpoints import signature
+    from mgd3.train.pretrain_settings import VAE_KEYS, PretrainConfig
 
     out, marker = tmp_path / "m", tmp_path / "PWNED"
     cfg = PretrainConfig(data="digits", out=str(out), limit=64, vae_width=8, vae_levels=2)
     (out / ".checkpoints").mkdir(parents=True)
     plant(out / ".checkpoints" / "vae.pt", marker)
-    (out / ".checkpoints" / "vae.json").write_text(json.dumps({"epoch": 1, "signature": _signature(cfg, VAE_KEYS)}))
+    (out / ".checkpoints" / "vae.json").write_text(json.dumps({"epoch": 1, "signature": signature(cfg, VAE_KEYS)}))
     refused(capsys, ["pretrain", *TINY_PRETRAIN, "--out", out], "is unreadable")
     assert not marker.exists()
 

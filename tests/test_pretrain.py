@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from mgd3.errors import Mgd3Error
-from mgd3.train.pretrain import SIZES, PretrainConfig, build_dit, pretrain
+from mgd3.train.latent_models import build_dit
+from mgd3.train.pretrain import pretrain
+from mgd3.train.pretrain_settings import SIZES, PretrainConfig
 
 # 200 digits, 8x8 -> 4x4 latents, a 2-layer DiT, 3 optimiser steps per epoch: about a second a run
 TINY = dict(data="digits", size="tiny", vae_epochs=1, epochs=1, limit=200, batch_size=64, vae_width=8,
@@ -69,7 +71,7 @@ def test_folder_has_the_dit_pipeline_layout_and_a_model_card(trained):
 
 def test_loads_through_the_backend_and_samples(trained):
     from mgd3.backends import load_backend
-    from mgd3.train.pretrain import _load_split
+    from mgd3.train.pretrain_data import load_split
     from mgd3.core.sampling import CFGDenoiser, Plan, randn_per_item, sample
 
     b = load_backend(trained)
@@ -78,7 +80,7 @@ def test_loads_through_the_backend_and_samples(trained):
     np.testing.assert_allclose(b.betas, np.linspace(1e-4, 0.02, 1000))
     assert b.defaults["cfg"] == 1.5 and b.id2label[7] == "7"
     # scaling factor = 1 / std of the train latents' means: the scaled train latents have std 1
-    _, images, _ = _load_split(_cfg(trained), "train", 200)
+    _, images, _ = load_split(_cfg(trained), "train", 200)
     z = b.encode(images.float() / 127.5 - 1.0)
     assert abs(z.std().item() - 1.0) < 1e-3
     gens = [torch.Generator().manual_seed(i) for i in range(4)]
@@ -150,10 +152,10 @@ def test_label_dropout_belongs_to_the_trainer(trained):
 
 
 def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
-    import mgd3.train.pretrain as pt
+    import mgd3.train.dit_stage as dit_stage
 
     direct = pretrain(_cfg(tmp_path / "direct", epochs=2))
-    real_grid, calls = pt.sample_grid, []
+    real_grid, calls = dit_stage.sample_grid, []
 
     def crash_in_epoch_2(*args, **kw):  # the grid is drawn just before the epoch's checkpoint
         calls.append(1)
@@ -161,10 +163,10 @@ def test_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_grid(*args, **kw)
 
-    monkeypatch.setattr(pt, "sample_grid", crash_in_epoch_2)
+    monkeypatch.setattr(dit_stage, "sample_grid", crash_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         pretrain(_cfg(tmp_path / "resumed", epochs=2))
-    monkeypatch.setattr(pt, "sample_grid", real_grid)
+    monkeypatch.setattr(dit_stage, "sample_grid", real_grid)
     assert not (tmp_path / "resumed" / "model_index.json").exists()  # not a finished folder
     with pytest.raises(Mgd3Error, match="size='tiny'"):  # other options cannot continue these checkpoints
         pretrain(_cfg(tmp_path / "resumed", epochs=2, size="small"))
@@ -406,11 +408,11 @@ def test_decoder_training_bad_input_is_a_one_line_error(tmp_path, kw, match):
 
 
 def test_interrupted_decoder_training_continues_from_its_checkpoint(trained, tmp_path, monkeypatch):
-    import mgd3.train.pretrain as pt
+    from mgd3.train.checkpoints import Checkpoints
 
     kw = dict(vae=str(trained), init=str(trained), epochs=0, vae_decoder_epochs=2)
     direct = pretrain(_cfg(tmp_path / "direct", **kw))
-    real_save, calls = pt._Checkpoints.save, []
+    real_save, calls = Checkpoints.save, []
 
     def crash_at_epoch_2(self, stage, state, meta):
         calls.append(stage)
@@ -418,10 +420,10 @@ def test_interrupted_decoder_training_continues_from_its_checkpoint(trained, tmp
             raise KeyboardInterrupt
         return real_save(self, stage, state, meta)
 
-    monkeypatch.setattr(pt._Checkpoints, "save", crash_at_epoch_2)
+    monkeypatch.setattr(Checkpoints, "save", crash_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         pretrain(_cfg(tmp_path / "resumed", **kw))
-    monkeypatch.setattr(pt._Checkpoints, "save", real_save)
+    monkeypatch.setattr(Checkpoints, "save", real_save)
     assert not (tmp_path / "resumed" / "model_index.json").exists()
     resumed = pretrain(_cfg(tmp_path / "resumed", **kw))
     a, b = _weights(direct, "vae"), _weights(resumed, "vae")

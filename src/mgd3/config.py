@@ -7,7 +7,7 @@ before any file is written or any data or model loads.
   the type it needs. Unknown keys are refused with the known ones.
 - Ranges, finiteness and choices are `Rule`s; each command keeps its table of rules beside its
   own configuration (`mgd3.run.settings`, `mgd3.evaluation.settings`, `mgd3.report`,
-  `mgd3.train.pretrain`).
+  `mgd3.train.pretrain_settings`).
 - Resources are checked before they are used: a device that is not there, a cache folder that is
   a file, an image size that does not fit in memory.
 """

@@ -150,71 +150,66 @@ def _heads(u: dict, ch: int) -> int:
     return int(u["num_heads"])
 
 
+def _wb(prefix: str) -> list[str]:
+    return [f"{prefix}.weight", f"{prefix}.bias"]
+
+
+def _res_keys(prefix: str, cin: int, cout: int) -> list[str]:
+    """An openaimodel ResBlock's keys (a skip connection when the width changes)."""
+    keys = [k for name in ("in_layers.0", "in_layers.2", "emb_layers.1", "out_layers.0", "out_layers.3")
+            for k in _wb(f"{prefix}.{name}")]
+    return keys + (_wb(f"{prefix}.skip_connection") if cin != cout else [])
+
+
+def _transformer_keys(prefix: str, u: dict) -> list[str]:
+    """A SpatialTransformer's keys: `transformer_depth` blocks of self- and cross-attention."""
+    keys = _wb(f"{prefix}.norm") + _wb(f"{prefix}.proj_in")
+    for d in range(int(u.get("transformer_depth", 1))):
+        b = f"{prefix}.transformer_blocks.{d}"
+        for attn in ("attn1", "attn2"):
+            keys.extend(f"{b}.{attn}.to_{x}.weight" for x in "qkv")
+            keys += _wb(f"{b}.{attn}.to_out.0")
+            if attn == "attn1":
+                keys += _wb(f"{b}.ff.net.0.proj") + _wb(f"{b}.ff.net.2")
+        for n in ("norm1", "norm2", "norm3"):
+            keys += _wb(f"{b}.{n}")
+    return keys + _wb(f"{prefix}.proj_out")
+
+
 def unet_keys(u: dict) -> list[str]:
     """Every state-dict key (without `model.diffusion_model.`) of the openaimodel UNetModel that the
     YAML's `unet_config.params` describe, in module order (spatial-transformer variant)."""
-    keys: list[str] = []
-
-    def wb(prefix: str) -> None:
-        keys.extend((f"{prefix}.weight", f"{prefix}.bias"))
-
-    def res(prefix: str, cin: int, cout: int) -> None:
-        for name in ("in_layers.0", "in_layers.2", "emb_layers.1", "out_layers.0", "out_layers.3"):
-            wb(f"{prefix}.{name}")
-        if cin != cout:
-            wb(f"{prefix}.skip_connection")
-
-    def transformer(prefix: str) -> None:
-        wb(f"{prefix}.norm")
-        wb(f"{prefix}.proj_in")
-        for d in range(int(u.get("transformer_depth", 1))):
-            b = f"{prefix}.transformer_blocks.{d}"
-            for attn in ("attn1", "attn2"):
-                keys.extend(f"{b}.{attn}.to_{x}.weight" for x in "qkv")
-                wb(f"{b}.{attn}.to_out.0")
-                if attn == "attn1":
-                    wb(f"{b}.ff.net.0.proj")
-                    wb(f"{b}.ff.net.2")
-            for n in ("norm1", "norm2", "norm3"):
-                wb(f"{b}.{n}")
-        wb(f"{prefix}.proj_out")
-
     mc, mults, nres = int(u["model_channels"]), list(u["channel_mult"]), int(u["num_res_blocks"])
     attn = set(u["attention_resolutions"])
-    wb("time_embed.0")
-    wb("time_embed.2")
-    wb("input_blocks.0.0")
+    keys = _wb("time_embed.0") + _wb("time_embed.2") + _wb("input_blocks.0.0")
     chans, ch, ds, idx = [mc], mc, 1, 1
     for level, mult in enumerate(mults):
         for _ in range(nres):
-            res(f"input_blocks.{idx}.0", ch, mult * mc)
+            keys += _res_keys(f"input_blocks.{idx}.0", ch, mult * mc)
             ch = mult * mc
             if ds in attn:
-                transformer(f"input_blocks.{idx}.1")
+                keys += _transformer_keys(f"input_blocks.{idx}.1", u)
             chans.append(ch)
             idx += 1
         if level != len(mults) - 1:
-            wb(f"input_blocks.{idx}.0.op")
+            keys += _wb(f"input_blocks.{idx}.0.op")
             chans.append(ch)
             ds, idx = ds * 2, idx + 1
-    res("middle_block.0", ch, ch)
-    transformer("middle_block.1")
-    res("middle_block.2", ch, ch)
+    keys += _res_keys("middle_block.0", ch, ch) + _transformer_keys("middle_block.1", u)
+    keys += _res_keys("middle_block.2", ch, ch)
     idx = 0
     for level, mult in list(enumerate(mults))[::-1]:
         for i in range(nres + 1):
-            res(f"output_blocks.{idx}.0", ch + chans.pop(), mc * mult)
+            keys += _res_keys(f"output_blocks.{idx}.0", ch + chans.pop(), mc * mult)
             ch, j = mc * mult, 1
             if ds in attn:
-                transformer(f"output_blocks.{idx}.1")
+                keys += _transformer_keys(f"output_blocks.{idx}.1", u)
                 j = 2
             if level and i == nres:
-                wb(f"output_blocks.{idx}.{j}.conv")
+                keys += _wb(f"output_blocks.{idx}.{j}.conv")
                 ds //= 2
             idx += 1
-    wb("out.0")
-    wb("out.2")
-    return keys
+    return keys + _wb("out.0") + _wb("out.2")
 
 
 def _first_missing(state: dict, keys: list[str], source: str) -> None:
@@ -255,9 +250,9 @@ def _strict_load(module, state: dict, what: str, source: str) -> None:
 def convert_ldm(checkpoint: str | Path, config: str | Path, out: str | Path,
                 id2label: dict[int, str] | None = None):
     """Convert; returns the written folder. `out` must not exist or be empty."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, VQModel
+    from diffusers import DDIMScheduler
 
-    from mgd3.backends.unet import ClassEmbedder, save_pipeline
+    from mgd3.backends.unet import ClassEmbedder
 
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -269,11 +264,31 @@ def convert_ldm(checkpoint: str | Path, config: str | Path, out: str | Path,
     p = cfg["model"]["params"]
     u = dict(p["unet_config"]["params"])
     fs = p["first_stage_config"]["params"]
-    dd = fs["ddconfig"]
-    vq = not str(p["first_stage_config"]["target"]).endswith("AutoencoderKL")
 
     # every UNet key and the class table before anything is converted
     _first_missing(state, [UNET_PREFIX + k for k in unet_keys(u)] + [COND_KEY], source)
+    table, n_classes, ctx = _class_table(state, p, u, id2label, source)
+    unet, latent_size = _convert_unet(state, p, u, source)
+    vae = _convert_vae(state, cfg, config, source)
+    if unet.config.in_channels != int(fs["embed_dim"]):
+        raise Mgd3Error(f"{config}: unet in_channels {unet.config.in_channels} != first stage embed_dim "
+                        f"{fs['embed_dim']}")
+
+    embedder = ClassEmbedder(num_classes=n_classes - 1, embed_dim=ctx)  # the last row is the null class
+    with torch.no_grad():
+        embedder.embedding_table.weight.copy_(table)
+    scheduler = DDIMScheduler(num_train_timesteps=int(p.get("timesteps", 1000)),
+                              beta_start=float(p.get("linear_start", 1e-4)), beta_end=float(p.get("linear_end", 2e-2)),
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+    _write_folder(out, unet, embedder, vae, scheduler, id2label)
+    log.info("converted %s (%d classes + null, latent %dx%dx%d) into %s", source, n_classes - 1,
+             unet.config.in_channels, latent_size, latent_size, out)
+    return out
+
+
+def _class_table(state: dict, p: dict, u: dict, id2label: dict[int, str] | None, source: str):
+    """The ClassEmbedder's table (n_classes, context_dim), checked against the YAML and --labels-from;
+    returns (table, n_classes, context_dim). Its last row is the null class."""
     table = state[COND_KEY]
     ctx = u["context_dim"] if isinstance(u["context_dim"], int) else u["context_dim"][0]
     n_classes = int(p["cond_stage_config"]["params"].get("n_classes", table.shape[0]))
@@ -286,14 +301,19 @@ def convert_ldm(checkpoint: str | Path, config: str | Path, out: str | Path,
     if outside:
         raise Mgd3Error(f"--labels-from names label {outside[0]}, but the checkpoint has {n_classes - 1} classes "
                         f"(0..{n_classes - 2}) and the null class")
+    return table, n_classes, ctx
 
+
+def _convert_unet(state: dict, p: dict, u: dict, source: str):
+    """The UNet2DConditionModel of the YAML's `unet_config` with the checkpoint's converted weights;
+    returns (unet, latent size). `u` is a copy of `unet_config.params` (its num_heads may be cleared)."""
+    from diffusers import UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.convert_from_ckpt import (
         convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
         create_unet_diffusers_config,
-        create_vae_diffusers_config,
     )
 
+    dd = p["first_stage_config"]["params"]["ddconfig"]
     down = 2 ** (len(dd["ch_mult"]) - 1)
     latent_size = int(u.get("image_size") or p.get("image_size"))
     if u.get("num_head_channels", -1) not in (-1, None):  # heads per level from the head width
@@ -311,7 +331,22 @@ def convert_ldm(checkpoint: str | Path, config: str | Path, out: str | Path,
         raise Mgd3Error(f"{source} is not a checkpoint of this config: key {UNET_PREFIX}{e.args[0]!r} is missing") \
             from None
     _strict_load(unet, unet_sd, "unet", source)
+    return unet, latent_size
 
+
+def _convert_vae(state: dict, cfg: dict, config: str | Path, source: str):
+    """The first stage: a VQModel (its codebook copied) or an AutoencoderKL, with the checkpoint's
+    converted weights and the YAML's `scale_factor` (default 1.0)."""
+    from diffusers import AutoencoderKL, VQModel
+    from diffusers.pipelines.stable_diffusion.convert_from_ckpt import (
+        convert_ldm_vae_checkpoint,
+        create_vae_diffusers_config,
+    )
+
+    p = cfg["model"]["params"]
+    fs = p["first_stage_config"]["params"]
+    dd = fs["ddconfig"]
+    vq = not str(p["first_stage_config"]["target"]).endswith("AutoencoderKL")
     vae_cfg = create_vae_diffusers_config(cfg, image_size=int(dd["resolution"]))
     try:
         with _quiet():
@@ -334,17 +369,13 @@ def convert_ldm(checkpoint: str | Path, config: str | Path, out: str | Path,
         with _quiet():
             vae = AutoencoderKL(**vae_cfg, scaling_factor=scale)
     _strict_load(vae, vae_sd, "vae", source)
-    if unet.config.in_channels != int(fs["embed_dim"]):
-        raise Mgd3Error(f"{config}: unet in_channels {unet.config.in_channels} != first stage embed_dim "
-                        f"{fs['embed_dim']}")
+    return vae
 
-    embedder = ClassEmbedder(num_classes=n_classes - 1, embed_dim=ctx)  # the last row is the null class
-    with torch.no_grad():
-        embedder.embedding_table.weight.copy_(table)
-    scheduler = DDIMScheduler(num_train_timesteps=int(p.get("timesteps", 1000)),
-                              beta_start=float(p.get("linear_start", 1e-4)), beta_end=float(p.get("linear_end", 2e-2)),
-                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
-    # write beside the target, then move into place: an interrupted conversion leaves no half folder
+
+def _write_folder(out: Path, unet, embedder, vae, scheduler, id2label: dict[int, str] | None) -> None:
+    """Write beside the target, then move into place: an interrupted conversion leaves no half folder."""
+    from mgd3.backends.unet import save_pipeline
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -355,9 +386,6 @@ def convert_ldm(checkpoint: str | Path, config: str | Path, out: str | Path,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    log.info("converted %s (%d classes + null, latent %dx%dx%d) into %s", source, n_classes - 1,
-             unet.config.in_channels, latent_size, latent_size, out)
-    return out
 
 
 # --------------------------------------------------------------------------- CLI

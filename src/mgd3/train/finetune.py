@@ -205,7 +205,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from mgd3.backends import load_backend
     from mgd3.io.data import load_data
     from mgd3.backends.labels import map_labels
-    from mgd3.evaluation.train import tensor_set
 
     t_start = time.perf_counter()
     _validate(cfg)
@@ -218,16 +217,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                      classes=cfg.classes, data_root=cfg.data_root, class_map=cfg.class_map)
     labels = map_labels(data, backend)
     out = _prepare_out(cfg, backend.path)
-
-    # the images that take part: all, or the first finetune_ipc of a seeded permutation per class
-    rng = np.random.default_rng(cfg.seed)
-    items = [rng.permutation(data.indices(c))[:cfg.finetune_ipc] if cfg.finetune_ipc else data.indices(c)
-             for c in range(len(data.class_ids))]
-    idx = np.sort(np.concatenate(items))
-    if len(idx) < cfg.batch_size:
-        raise Mgd3Error(f"--batch-size {cfg.batch_size} is larger than the {len(idx)} training images")
-    images = tensor_set(data.dataset(idx), progress=cfg.progress, desc=f"loading {cfg.data}").images  # uint8
-    classes = torch.as_tensor(data.targets[idx], dtype=torch.long)  # (N,) data class index
+    idx, images, classes = _training_images(cfg, data)
     label_of = torch.as_tensor(labels, dtype=torch.long)
 
     transformer = backend.transformer
@@ -237,9 +227,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     params = [p for p in transformer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     abar = torch.from_numpy(np.cumprod(1.0 - backend.betas)).float().to(backend.device)  # (T,)
-    n_t = len(abar)
-    c_lat = backend.latent_shape[0]
-    null = backend.null_label
     memory = MinimaxMemory(cfg.memory_size)
     gen = torch.Generator().manual_seed(cfg.seed)
     log.info("fine-tuning %s (%s, %d of %d parameters trainable) on %d images of %s for %d steps", backend.path,
@@ -252,29 +239,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if len(order) < cfg.batch_size:  # a new epoch (drop_last, as the code's DataLoader)
             order = torch.randperm(len(idx), generator=gen)
         b, order = order[:cfg.batch_size], order[cfg.batch_size:]
-        x = images[b].float() / 127.5 - 1.0  # (B, C, R, R) in [-1, 1]
-        if cfg.flip:
-            x = torch.where(torch.rand(len(b), 1, 1, 1, generator=gen) < 0.5, x.flip(3), x)
-        z = _sample_latents(backend, x, gen)  # (B, c, h, w) clean latents
-        ry = classes[b]
-        y = label_of[ry]
-        y = torch.where(torch.rand(len(b), generator=gen) < cfg.label_dropout, torch.full_like(y, null), y)
-        t = torch.randint(0, n_t, (len(b),), generator=gen).to(backend.device)
-        noise = torch.randn(z.shape, generator=gen).to(backend.device)
-        a = abar[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * z + (1 - a).sqrt() * noise  # (B, c, h, w)
-        eps = transformer(x_t, timestep=t, class_labels=y.to(backend.device)).sample.float()[:, :c_lat]
-        loss = F.mse_loss(eps, noise)
-        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()  # ẑ, the code's "output"
-        rep, div = memory.terms(x0, z, ry, cfg.lambda_rep, cfg.lambda_div)
-        opt.zero_grad(set_to_none=True)
-        (loss + rep + div).backward()
-        opt.step()
+        terms = _minimax_step(cfg, backend, opt, memory, abar, gen, images[b], classes[b], label_of)
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), transformer.parameters()):
                 if p.requires_grad:
                     pe.lerp_(p, 1 - cfg.ema_decay)
-        for k, v in (("loss", loss), ("rep", rep), ("div", div)):
+        for k, v in zip(("loss", "rep", "div"), terms):
             history[k].append(float(v.detach()))
         if cfg.progress:
             bar.set_postfix(loss=f"{np.mean(history['loss'][-50:]):.4f}", rep=f"{np.mean(history['rep'][-50:]):.5f}",
@@ -286,6 +256,48 @@ def finetune(cfg: FinetuneConfig) -> dict:
              **{f"{k}_last100": round(float(np.mean(v[-100:])), 6) for k, v in history.items()}}
     _save(out, backend, ema, cfg, data, stats)
     return {"out": str(out), "seconds": seconds, "steps": cfg.steps, **stats}
+
+
+def _training_images(cfg: FinetuneConfig, data) -> tuple[np.ndarray, Tensor, Tensor]:
+    """The images that take part: all, or the first finetune_ipc of a seeded permutation per class;
+    returns (their indices in data, images uint8 (N, C, R, R), data class indices (N,))."""
+    from mgd3.evaluation.train import tensor_set
+
+    rng = np.random.default_rng(cfg.seed)
+    items = [rng.permutation(data.indices(c))[:cfg.finetune_ipc] if cfg.finetune_ipc else data.indices(c)
+             for c in range(len(data.class_ids))]
+    idx = np.sort(np.concatenate(items))
+    if len(idx) < cfg.batch_size:
+        raise Mgd3Error(f"--batch-size {cfg.batch_size} is larger than the {len(idx)} training images")
+    images = tensor_set(data.dataset(idx), progress=cfg.progress, desc=f"loading {cfg.data}").images  # uint8
+    classes = torch.as_tensor(data.targets[idx], dtype=torch.long)  # (N,) data class index
+    return idx, images, classes
+
+
+def _minimax_step(cfg: FinetuneConfig, backend, opt, memory: MinimaxMemory, abar: Tensor, gen: torch.Generator,
+                  images: Tensor, ry: Tensor, label_of: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One optimiser step of the MinMax objective on a batch of uint8 images (B, C, R, R) of data
+    classes ry (B,); draws the flips, the posterior sample, the label drops, t and the noise from
+    gen, in that order. Returns (diffusion loss, weighted representativeness, weighted diversity)."""
+    transformer = backend.transformer
+    x = images.float() / 127.5 - 1.0  # (B, C, R, R) in [-1, 1]
+    if cfg.flip:
+        x = torch.where(torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5, x.flip(3), x)
+    z = _sample_latents(backend, x, gen)  # (B, c, h, w) clean latents
+    y = label_of[ry]
+    y = torch.where(torch.rand(len(x), generator=gen) < cfg.label_dropout, torch.full_like(y, backend.null_label), y)
+    t = torch.randint(0, len(abar), (len(x),), generator=gen).to(backend.device)
+    noise = torch.randn(z.shape, generator=gen).to(backend.device)
+    a = abar[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * z + (1 - a).sqrt() * noise  # (B, c, h, w)
+    eps = transformer(x_t, timestep=t, class_labels=y.to(backend.device)).sample.float()[:, :backend.latent_shape[0]]
+    loss = F.mse_loss(eps, noise)
+    x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()  # ẑ, the code's "output"
+    rep, div = memory.terms(x0, z, ry, cfg.lambda_rep, cfg.lambda_div)
+    opt.zero_grad(set_to_none=True)
+    (loss + rep + div).backward()
+    opt.step()
+    return loss, rep, div
 
 
 def _save(out: Path, backend, ema, cfg: FinetuneConfig, data, stats: dict) -> None:
