@@ -117,6 +117,24 @@ def test_torch_allocation_error_is_one_line_with_the_right_hint(digits_model, tm
 # --------------------------------------------------------------------------- broken networks
 
 
+@pytest.mark.parametrize("path, hint", [
+    ("mgd3/evaluation/train.py", "smaller --batch-size"), ("mgd3/train/dit_stage.py", "smaller --batch-size"),
+    ("mgd3/train/vae_stage.py", "smaller --batch-size"), ("mgd3/core/encode.py", "smaller --batch-size"),
+    ("mgd3/methods/mgd3.py", "smaller --batch-size"), ("mgd3/io/store.py", "asks for more memory"),
+])
+def test_the_allocation_hint_knows_every_stage_that_holds_a_batch(path, hint):
+    """The hint follows the package layout: a failed allocation in a module that holds a batch (its
+    frame innermost) says to lower --batch-size; elsewhere, that an input asks for too much."""
+    from mgd3.faults import allocation_line
+
+    code = compile("raise RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB')", f"/site/{path}", "exec")
+    try:
+        exec(code, {})
+    except RuntimeError as e:
+        line = allocation_line(e)
+    assert hint in line and f"in {path}:1" in line, line
+
+
 @pytest.mark.parametrize("method", ["kmeans-real", "mgd3", "d4m"])
 def test_nan_encoder_latents_stop_before_kmeans(digits_model, tmp_path, capsys, method):
     from safetensors.torch import load_file, save_file

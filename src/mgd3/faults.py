@@ -16,8 +16,9 @@ from pathlib import Path
 
 _ALLOC = re.compile(r"can't allocate memory|out of memory|not enough memory|failed to allocate|"
                     r"allocation.*failed|DefaultCPUAllocator", re.IGNORECASE)
-_BATCH_STAGES = ("mgd3/sampling.py", "mgd3/encode.py", "mgd3/methods/", "mgd3/evaluate/train.py",
-                 "mgd3/pretrain.py", "mgd3/finetune.py", "mgd3/guidance.py", "mgd3/modes.py")
+# where a batch is in memory: the sampler, guidance, modes and encoding, the methods, the
+# evaluation's training loop, and pretraining and fine-tuning (paths as `_where` gives them)
+_BATCH_STAGES = ("mgd3/core/", "mgd3/methods/", "mgd3/evaluation/train.py", "mgd3/train/")
 
 
 def is_allocation_error(e: BaseException) -> bool:
@@ -51,7 +52,7 @@ def allocation_line(e: BaseException) -> str:
     where = _where(e)
     size = _size(str(e))
     what = "out of memory" + (f" allocating {size}" if size else "") + (f" in {where}" if where else "")
-    if where and any(s.split("/", 1)[1] in where for s in _BATCH_STAGES):
+    if where and where.startswith(_BATCH_STAGES):
         return f"{what}; try a smaller --batch-size (or --encode-batch-size) or resolution"
     return (f"{what}; an input (a file or an option's size) asks for more memory than this machine has: "
             "check the sizes the files and options above it name")
