@@ -25,7 +25,7 @@ from mgd3.backends import load_backend
 from mgd3.errors import Mgd3Error
 from mgd3.methods import SamplerConfig, get_method
 from mgd3.methods.coda import CoDAOptions, guided_until
-from mgd3.core.modes import core_samples, pooled_kmeans_modes
+from mgd3.core.mode_discovery import core_samples, pooled_kmeans_modes
 from reference_models import build_reference_dit
 from test_reference import float64_table, gens, items_for, make_ctx, random_modes, _scheduler_kwargs
 
@@ -102,7 +102,7 @@ def ours(backend, items, samples, *, steps=50, cfg=4.0, **options):
     by_class: dict[int, list] = {}
     for it, m in zip(items, samples):
         by_class.setdefault(it.cls.index, []).append(m.reshape(-1).numpy())
-    method.modes = {c: SimpleNamespace(modes=np.stack(v), info={}) for c, v in by_class.items()}
+    method.class_modes = {c: SimpleNamespace(points=np.stack(v), info={}) for c, v in by_class.items()}
     return method.generate(ctx, items).latents, ctx
 
 
@@ -307,7 +307,7 @@ def test_umap_embedding_is_the_library_call():
     from sklearn.preprocessing import StandardScaler
     from umap import UMAP
 
-    from mgd3.core.modes import umap_embedding
+    from mgd3.core.mode_discovery import umap_embedding
 
     x = np.random.default_rng(0).normal(size=(120, 16)).astype(np.float32)
     ref = UMAP(n_components=50, n_neighbors=85, min_dist=0.0, random_state=42).fit_transform(
@@ -324,7 +324,7 @@ def test_pooled_kmeans_modes_are_real_latents_nearest_the_pooled_centroids():
     km = KMeans(5, random_state=0, n_init="auto").fit(pooled)
     idx = np.argmin(((pooled[:, None] - km.cluster_centers_[None]) ** 2).sum(-1), axis=0)
     np.testing.assert_array_equal(m.nearest_real, idx)
-    np.testing.assert_array_equal(m.modes, x[idx])
+    np.testing.assert_array_equal(m.points, x[idx])
     small = pooled_kmeans_modes(x[:, :4 * 4 * 4], (4, 4, 4), 3)  # latents under 8×8 are not pooled
     assert small.info["pool"] == [4, 4]
 

@@ -12,7 +12,7 @@ from mgd3 import files
 from mgd3.io import store
 from mgd3.backends.hub import files_to_fetch
 from mgd3.evaluation.core import ars, ddrs, lrs
-from mgd3.core.modes import MODE_FINDERS, find_modes, nearest
+from mgd3.core.mode_discovery import MODE_FINDERS, find_modes, nearest
 
 SD15 = """.gitattributes README.md v1-5-pruned.ckpt v1-5-pruned-emaonly.safetensors model_index.json
 feature_extractor/preprocessor_config.json safety_checker/config.json safety_checker/model.safetensors
@@ -90,7 +90,7 @@ def test_kmeans_minibatch_finder_is_d4ms_clustering():
     x = np.random.default_rng(1).normal(size=(60, 8)).astype(np.float32)
     m = find_modes("kmeans-minibatch", x, 4, seed=0)
     km = MiniBatchKMeans(n_clusters=4, random_state=0, n_init="auto").fit(x)
-    assert np.array_equal(m.modes, km.cluster_centers_.astype(np.float32)) and np.array_equal(m.assignment, km.labels_)
+    assert np.array_equal(m.points, km.cluster_centers_.astype(np.float32)) and np.array_equal(m.assignment, km.labels_)
     assert "kmeans-minibatch" in MODE_FINDERS.names()
 
 

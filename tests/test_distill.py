@@ -78,14 +78,14 @@ def test_mgd3_modes_come_from_kmeans_on_the_real_latents(digits_model, tmp_path)
     from mgd3.backends import load_backend
     from mgd3.io.data import load_data
     from mgd3.core.encode import encode_classes
-    from mgd3.core.modes import find_modes
+    from mgd3.core.mode_discovery import find_modes
 
     distill(_cfg(digits_model, tmp_path / "s", method="mgd3", ipc=2, classes=["4"],
                  options={"t_stop": -1, "lam": 1.0, "guidance_form": "x0"}))
     b = load_backend(digits_model)
     data = load_data("digits", resolution=8, channels=1, classes=["4"])
     lat = encode_classes(b, data, [0], progress=False)[0]
-    modes = torch.from_numpy(find_modes("kmeans", lat.numpy(), 2).modes).view(2, 4, 4, 4)
+    modes = torch.from_numpy(find_modes("kmeans", lat.numpy(), 2).points).view(2, 4, 4, 4)
     got = torch.load(tmp_path / "s" / "latents.pt", weights_only=True)["latents"]
     # x0-form guidance at scale 1 over every step lands exactly on the modes
     torch.testing.assert_close(got, modes, atol=1e-4, rtol=1e-4)

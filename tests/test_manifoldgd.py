@@ -25,7 +25,7 @@ from mgd3.backends import load_backend
 from mgd3.errors import Mgd3Error
 from mgd3.methods import SamplerConfig, get_method
 from mgd3.methods.manifoldgd import ManifoldGDOptions, cloud_generators
-from mgd3.core.modes import divisive_modes
+from mgd3.core.mode_discovery import divisive_modes
 from reference_models import build_reference_dit
 from test_reference import OfficialDiffusion, gens, items_for, make_ctx, official_forward_with_cfg, random_modes
 
@@ -232,7 +232,7 @@ def ours(backend, items, modes, *, sampler, stop_t, lam=0.1, steps=50, cfg=4.0, 
     by_class: dict[int, list] = {}
     for it, m in zip(items, modes):
         by_class.setdefault(it.cls.index, []).append(m.reshape(-1).numpy())
-    method.modes = {c: SimpleNamespace(modes=np.stack(v), info={}) for c, v in by_class.items()}
+    method.class_modes = {c: SimpleNamespace(points=np.stack(v), info={}) for c, v in by_class.items()}
     return method.generate(ctx, items).latents
 
 
@@ -366,7 +366,7 @@ def test_divisive_modes_match_the_released_hierarchy(ipc, level, criterion, seed
     x = np.random.default_rng(seed).normal(size=(120, 16)).astype(np.float32)
     x[:40] += 3.0
     ref = released_divisive_layer(x, ipc, random_state=seed, criterion=criterion, level_i=level)
-    got = divisive_modes(x, ipc, seed, level, criterion).modes
+    got = divisive_modes(x, ipc, seed, level, criterion).points
     np.testing.assert_array_equal(got, ref.astype(np.float32))
 
 
@@ -377,7 +377,7 @@ def test_divisive_leaves_equal_bisecting_kmeans_on_separated_clusters():
     rng = np.random.default_rng(0)
     centers = rng.normal(scale=20.0, size=(6, 8))
     x = np.concatenate([c + rng.normal(size=(15 + 5 * j, 8)) for j, c in enumerate(centers)]).astype(np.float32)
-    ours_ = divisive_modes(x, 6, 0).modes
+    ours_ = divisive_modes(x, 6, 0).points
     lib = BisectingKMeans(n_clusters=6, bisecting_strategy="biggest_inertia", n_init=10,
                           random_state=0).fit(x).cluster_centers_
     def key(a):

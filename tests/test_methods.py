@@ -10,7 +10,7 @@ from inprocess import run_main
 from mgd3.run.driver import DistillConfig, distill
 from mgd3.methods import SamplerConfig, load_methods
 from mgd3.methods.dmgd import semantic_lambda, sinkhorn
-from mgd3.core.modes import MODE_FINDERS, find_modes
+from mgd3.core.mode_discovery import MODE_FINDERS, find_modes
 
 METHODS = load_methods().names()
 
@@ -123,9 +123,9 @@ def test_every_mode_finder_gives_k_modes(finder):
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(c, 0.1, size=(40, 6)) for c in (-2, 0, 2)]).astype(np.float32)
     m = find_modes(finder, x, 5, seed=0)
-    assert m.modes.shape == (5, 6) and len(m.nearest_real) == 5 and len(m.assignment) == 120
+    assert m.points.shape == (5, 6) and len(m.nearest_real) == 5 and len(m.assignment) == 120
     again = find_modes(finder, x, 5, seed=0)
-    assert np.array_equal(m.modes, again.modes)
+    assert np.array_equal(m.points, again.points)
 
 
 def test_mgd3_modes_option_through_cli_records_finder(digits_model, tmp_path, capsys):

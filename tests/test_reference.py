@@ -95,7 +95,7 @@ def run_mgd3_method(backend, items, modes: torch.Tensor, sampler: SamplerConfig,
     by_class: dict[int, list] = {}
     for it, m in zip(items, modes):
         by_class.setdefault(it.cls.index, []).append(m.reshape(-1).numpy())
-    method.modes = {c: SimpleNamespace(modes=np.stack(v), info={}) for c, v in by_class.items()}
+    method.class_modes = {c: SimpleNamespace(points=np.stack(v), info={}) for c, v in by_class.items()}
     return method.generate(ctx, items).latents
 
 

@@ -29,13 +29,13 @@ class ModeGuidance:
     def __init__(self, modes: Tensor, scale: float, form: str = "auto"):
         if form not in GUIDANCE_FORMS:
             raise Mgd3Error(f"unknown guidance form {form!r}; known: {', '.join(GUIDANCE_FORMS)}")
-        self.modes, self.scale, self.form = modes, float(scale), form
+        self.targets, self.scale, self.form = modes, float(scale), form
 
     def __call__(self, step: Step) -> Tensor:
         form = self.form
         if form == "auto":
             form = step.guidance_form
-        g = self.modes - step.x0  # (B, C, h, w)
+        g = self.targets - step.x0  # (B, C, h, w)
         if form == "ddpm":
             return step.mean + self.scale * step.sigma * g
         if form == "ddim":

@@ -379,7 +379,7 @@ def option_choices(f: dataclasses.Field) -> list[str] | None:
     if f.metadata.get("choices"):
         return list(f.metadata["choices"])
     if f.name == "modes":
-        from mgd3.core.modes import MODE_FINDERS
+        from mgd3.core.mode_discovery import MODE_FINDERS
 
         return list(MODE_FINDERS.names())
     return None

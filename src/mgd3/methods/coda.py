@@ -7,7 +7,7 @@ Models to Training-Free Dataset Distillation", ICLR 2026; released code github.c
   min_dist 0, random_state 42), HDBSCAN (min_cluster_size 55, min_samples 3), then the released
   post-processing to exactly k clusters (the k largest; or splitting the largest clusters by
   sub-HDBSCAN-seeded 2-means; or k-means on the points HDBSCAN left as noise), each represented
-  by a real latent (`mgd3.core.modes.core_samples`). pooled-kmeans (an independent reproduction's
+  by a real latent (`mgd3.core.mode_discovery.core_samples`). pooled-kmeans (an independent reproduction's
   variant, better there: 39.0 vs 35.0 on ImageWoof IPC 10): k-means on latents average-pooled to
   min(8, size)², mode = the real latent nearest each centroid.
 - Guidance inside classifier-free guidance, on the conditional branch only: x̂0_c from the
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from mgd3.errors import Mgd3Error
 from mgd3.methods import METHODS, Batch, Method, as_tensor_modes, check_finite, class_modes_progress, option
-from mgd3.core.modes import coda_umap_hdbscan_modes, pooled_kmeans_modes
+from mgd3.core.mode_discovery import ClassModes, coda_umap_hdbscan_modes, pooled_kmeans_modes
 from mgd3.core.sampling import ModelOutput
 
 CODA_MODES = ("umap-hdbscan", "pooled-kmeans")
@@ -104,7 +104,7 @@ class CoDA(Method):
 
     def __init__(self, options: CoDAOptions | None = None):
         super().__init__(options or CoDAOptions())
-        self.modes: dict[int, object] = {}
+        self.class_modes: dict[int, ClassModes] = {}
         self.stop_t = -1
 
     def validate(self, ctx):
@@ -122,9 +122,9 @@ class CoDA(Method):
         for c in class_modes_progress(ctx, f"CoDA {o.coda_modes}"):
             x = np.ascontiguousarray(latents[c.index].numpy().reshape(len(latents[c.index]), -1), dtype=np.float32)
             if o.coda_modes == "pooled-kmeans":
-                self.modes[c.index] = pooled_kmeans_modes(x, shape, ctx.ipc, o.coda_seed, o.pool_size)
+                self.class_modes[c.index] = pooled_kmeans_modes(x, shape, ctx.ipc, o.coda_seed, o.pool_size)
             else:
-                self.modes[c.index] = coda_umap_hdbscan_modes(x, ctx.ipc, n_neighbors=o.umap_neighbors,
+                self.class_modes[c.index] = coda_umap_hdbscan_modes(x, ctx.ipc, n_neighbors=o.umap_neighbors,
                                                               components=o.umap_components,
                                                               min_cluster_size=o.min_cluster_size,
                                                               min_samples=o.min_samples)
@@ -132,7 +132,7 @@ class CoDA(Method):
     def generate(self, ctx, items):
         o = self.options
         shape = ctx.backend.latent_shape
-        samples = torch.cat([as_tensor_modes(self.modes[it.cls.index].modes[it.index], shape)
+        samples = torch.cat([as_tensor_modes(self.class_modes[it.cls.index].points[it.index], shape)
                              for it in items]).to(ctx.backend.device)  # (B, C, h, w)
         acp = np.cumprod(1.0 - np.asarray(ctx.backend.betas, dtype=np.float64))
 
@@ -145,4 +145,4 @@ class CoDA(Method):
         o = self.options
         return {"guided_while_timestep_above": self.stop_t, "sigma_scale": o.coda_sigma_scale,
                 "core_samples": {"finder": o.coda_modes, "k": "ipc",
-                                 "per_class": {str(c): m.info for c, m in self.modes.items()}}}
+                                 "per_class": {str(c): m.info for c, m in self.class_modes.items()}}}

@@ -15,7 +15,7 @@ import torch
 
 from mgd3.errors import Mgd3Error
 from mgd3.methods import METHODS, Batch, Method, as_tensor_modes, class_modes_progress, option
-from mgd3.core.modes import find_modes
+from mgd3.core.mode_discovery import find_modes
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class D4M(Method):
         finder = "kmeans-minibatch" if self.options.kmeans == "minibatch" else "kmeans"
         latents = ctx.real_latents()
         for c in class_modes_progress(ctx, "prototypes"):
-            self.protos[c.index] = find_modes(finder, latents[c.index].numpy(), ctx.ipc, self.options.mode_seed).modes
+            self.protos[c.index] = find_modes(finder, latents[c.index].numpy(), ctx.ipc, self.options.mode_seed).points
 
     def generate(self, ctx, items):
         shape = ctx.backend.latent_shape

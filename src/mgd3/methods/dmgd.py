@@ -31,7 +31,7 @@ from torch import Tensor
 
 from mgd3.errors import Mgd3Error
 from mgd3.methods import METHODS, Batch, Method, check_finite, class_modes_progress, option
-from mgd3.core.modes import find_modes
+from mgd3.core.mode_discovery import find_modes
 from mgd3.core.sampling import ModelOutput, Step
 
 
@@ -170,9 +170,9 @@ class DMGD(Method):
             k = min(o.ot_clusters, len(x))
             m = find_modes("kmeans", x.numpy(), k, o.mode_seed)
             sizes = np.bincount(m.assignment, minlength=k).astype(np.float32)
-            self.centroids[c.index] = torch.from_numpy(m.modes)
+            self.centroids[c.index] = torch.from_numpy(m.points)
             self.masses[c.index] = torch.from_numpy(sizes / sizes.sum())
-            self.memory[c.index] = torch.zeros(0, m.modes.shape[1])
+            self.memory[c.index] = torch.zeros(0, m.points.shape[1])
 
     def generate(self, ctx, items):
         o = self.options

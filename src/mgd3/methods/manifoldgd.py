@@ -8,7 +8,7 @@ second term as "the mode-alignment vector projected onto the local tangent space
 computes it as below, and the equivalence test holds mgd3 to the code):
 
 - Modes: the k = IPC leaves of a divisive (bisecting) k-means tree of the class's VAE latents,
-  largest-SSE leaf split first (`mgd3.core.modes.divisive_tree`), their means ordered level by level
+  largest-SSE leaf split first (`mgd3.core.mode_discovery.divisive_tree`), their means ordered level by level
   from --divisive-level (`pick_by_levels`); the tree's random_state is the run's --seed.
 - Mode guidance, as MGD³ (official DDPM: μ + λ·σ_t·(m − x̂0); DDIM: x̂0 + λ·(m − x̂0)).
 - Manifold guidance, per item and step: a cloud of --manifold-points points around the mode m
@@ -39,7 +39,7 @@ from torch import Tensor
 from mgd3.errors import Mgd3Error
 from mgd3.core.guidance import StopWindow
 from mgd3.methods import METHODS, Batch, Method, as_tensor_modes, check_finite, class_modes_progress, option
-from mgd3.core.modes import divisive_modes
+from mgd3.core.mode_discovery import ClassModes, divisive_modes
 from mgd3.core.sampling import Step
 
 RADIUS_SCHEDULES = ("linear", "cosine", "exp")
@@ -103,7 +103,7 @@ class ManifoldGuidance:
                  stop: int, steps: int, form: str = "auto", neighbors: int = 12, tangent_dim: int = 3,
                  points: int = 300, radius: float = 0.1, bandwidth: float = 0.2, warm_steps: int = 5,
                  max_mult: float = 2.0, schedule: str = "exp"):
-        self.modes, self.lam, self.scale, self.generators = modes, float(lam), float(scale), generators
+        self.targets, self.lam, self.scale, self.generators = modes, float(lam), float(scale), generators
         self.stop, self.steps, self.form = stop, steps, form
         self.neighbors, self.tangent_dim, self.points = neighbors, tangent_dim, points
         self.radius, self.bandwidth = radius, bandwidth
@@ -114,14 +114,14 @@ class ManifoldGuidance:
                         self.warm_steps)
         terms = []
         for b, gen in enumerate(self.generators):
-            cloud = noisy_cloud(self.modes[b], r, step.alpha_bar, self.points, gen).to(step.x_t.device)
+            cloud = noisy_cloud(self.targets[b], r, step.alpha_bar, self.points, gen).to(step.x_t.device)
             x = step.x_t[b].reshape(1, -1).float()
             terms.append(manifold_pull(x, cloud, self.neighbors, self.tangent_dim, self.bandwidth))
         return self.scale * torch.cat(terms).reshape(step.x_t.shape)  # (B, C, h, w)
 
     def __call__(self, step: Step) -> Tensor:
         form = step.guidance_form if self.form == "auto" else self.form
-        g = self.modes - step.x0  # (B, C, h, w)
+        g = self.targets - step.x0  # (B, C, h, w)
         term = self.manifold_term(step) if self.scale > 0 else 0.0
         if form == "ddpm":
             return step.mean + self.lam * step.sigma * g + term
@@ -184,7 +184,7 @@ class ManifoldGD(Method):
 
     def __init__(self, options: ManifoldGDOptions | None = None):
         super().__init__(options or ManifoldGDOptions())
-        self.modes: dict[int, object] = {}
+        self.class_modes: dict[int, ClassModes] = {}
         self.stop_index: int | None = None
         self.seed = 0
 
@@ -207,13 +207,13 @@ class ManifoldGD(Method):
         latents = ctx.real_latents()
         for c in class_modes_progress(ctx, "divisive modes"):
             flat = latents[c.index].numpy().reshape(len(latents[c.index]), -1)
-            self.modes[c.index] = divisive_modes(np.ascontiguousarray(flat, dtype=np.float32), ctx.ipc, self.seed,
+            self.class_modes[c.index] = divisive_modes(np.ascontiguousarray(flat, dtype=np.float32), ctx.ipc, self.seed,
                                                  o.divisive_level, o.divisive_criterion)
 
     def generate(self, ctx, items):
         o = self.options
         shape = ctx.backend.latent_shape
-        targets = torch.cat([as_tensor_modes(self.modes[it.cls.index].modes[it.index], shape)
+        targets = torch.cat([as_tensor_modes(self.class_modes[it.cls.index].points[it.index], shape)
                              for it in items]).to(ctx.backend.device)  # (B, C, h, w)
         guide = ManifoldGuidance(targets, o.mode_guidance_scale, o.manifold_guidance_scale, cloud_generators(items),
                                  stop=self.stop_index, steps=ctx.sampler.steps, form=o.manifold_form,
@@ -229,7 +229,7 @@ class ManifoldGD(Method):
                 "mode_discovery": {"finder": "divisive", "k": "ipc", "random_state": self.seed,
                                    "level": self.options.divisive_level,
                                    "assignment": "image k of a class is guided toward mode k",
-                                   "per_class": {str(c): m.info for c, m in self.modes.items()}},
+                                   "per_class": {str(c): m.info for c, m in self.class_modes.items()}},
                 "cloud_noise": "one generator per image, seeded from sha256('manifoldgd/<image seed>')"}
 
 

@@ -16,7 +16,7 @@ import torch
 from mgd3.errors import Mgd3Error
 from mgd3.core.guidance import GUIDANCE_FORMS, ModeGuidance, StopWindow
 from mgd3.methods import METHODS, Batch, Method, as_tensor_modes, check_finite, class_modes_progress, option
-from mgd3.core.modes import MODE_FINDERS, find_modes
+from mgd3.core.mode_discovery import MODE_FINDERS, ClassModes, find_modes
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class MGD3(Method):
 
     def __init__(self, options: MGD3Options | None = None):
         super().__init__(options or MGD3Options())
-        self.modes: dict[int, object] = {}
+        self.class_modes: dict[int, ClassModes] = {}
         self.stop_index: int | None = None  # guidance while step index > stop_index (set by validate)
         self.stop_info: dict = {}
 
@@ -94,19 +94,19 @@ class MGD3(Method):
     def prepare(self, ctx):
         latents = ctx.real_latents()
         for c in class_modes_progress(ctx, "modes"):
-            self.modes[c.index] = find_modes(self.options.modes, latents[c.index].numpy(), ctx.ipc,
-                                             self.options.mode_seed)
+            self.class_modes[c.index] = find_modes(self.options.modes, latents[c.index].numpy(), ctx.ipc,
+                                                   self.options.mode_seed)
 
     def generate(self, ctx, items):
         shape = ctx.backend.latent_shape
-        targets = torch.cat([as_tensor_modes(self.modes[it.cls.index].modes[it.index], shape)
+        targets = torch.cat([as_tensor_modes(self.class_modes[it.cls.index].points[it.index], shape)
                              for it in items]).to(ctx.backend.device)  # (B, C, h, w)
         o = self.options
         guide = StopWindow(ModeGuidance(targets, o.lam, o.guidance_form), self.stop_index)
         return Batch(ctx.sample(items, guidance=[guide]), mode_ids=[it.index for it in items])
 
     def manifest_info(self):
-        per_class = {str(c): m.info for c, m in self.modes.items()}
+        per_class = {str(c): m.info for c, m in self.class_modes.items()}
         return {"stop_guidance": self.stop_info,
                 "mode_discovery": {"finder": self.options.modes, "k": "ipc",
                                    "random_state": self.options.mode_seed,

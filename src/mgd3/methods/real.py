@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from mgd3.methods import METHODS, Batch, Method, class_modes_progress, option
-from mgd3.core.modes import find_modes
+from mgd3.core.mode_discovery import find_modes
 
 
 def _images(ctx, indices: list[int]) -> torch.Tensor:

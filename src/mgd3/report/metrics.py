@@ -10,7 +10,7 @@ caches), flattened to vectors of C·h·w.
   latent, the mean cosine similarity to its k most similar real latents of the class (k = min(50,
   |R|) by default), averaged over the distilled latents — higher is better;
 - ``mode_coverage(D, M)``: the modes M are k-means centroids (k = IPC, random_state 0, exactly
-  `mgd3.core.modes.find_modes("kmeans", ...)`) of the class's real latents; every distilled latent is
+  `mgd3.core.mode_discovery.find_modes("kmeans", ...)`) of the class's real latents; every distilled latent is
   assigned to its nearest mode (Euclidean, as k-means; ties to the lower index); a mode is covered
   when at least one distilled latent is assigned to it. Coverage = covered / k.
 """
@@ -38,7 +38,7 @@ DEFINITIONS = {
     "representativeness": "per class: for each distilled latent, the mean cosine similarity to its k most "
                           "similar real latents of the class (k = min(K, number of real latents)), averaged "
                           "over the class's distilled latents (higher = closer to the real data)",
-    "mode_coverage": "per class: k-means with k = IPC (random_state 0, mgd3.core.modes.find_modes('kmeans')) on the "
+    "mode_coverage": "per class: k-means with k = IPC (random_state 0, mgd3.core.mode_discovery.find_modes('kmeans')) on the "
                      "class's real latents; each distilled latent is assigned to its nearest centroid "
                      "(Euclidean); a mode is covered when at least one distilled latent is assigned to it; "
                      "coverage = covered modes / k, averaged over classes per set",
@@ -89,7 +89,7 @@ def representativeness(distilled: np.ndarray, real: np.ndarray, k: int = 50) -> 
 
 def nearest_mode(points: np.ndarray, modes: np.ndarray) -> np.ndarray:
     """(n, ...) points, (k, ...) modes -> (n,) index of the nearest mode (Euclidean; ties: lowest)."""
-    from mgd3.core.modes import nearest
+    from mgd3.core.mode_discovery import nearest
 
     p = np.asarray(points, dtype=np.float64).reshape(len(points), -1)
     m = np.asarray(modes, dtype=np.float64).reshape(len(modes), -1)
@@ -107,7 +107,7 @@ def mode_coverage(distilled: np.ndarray, modes: np.ndarray) -> tuple[int, np.nda
 def set_metrics(distilled: dict[str, np.ndarray], real: dict[str, np.ndarray], ipc: int,
                 neighbors: int = 50) -> dict:
     """Per-class diversity, representativeness and mode coverage, and their means over classes."""
-    from mgd3.core.modes import find_modes
+    from mgd3.core.mode_discovery import find_modes
 
     per_class = {}
     for cid, d in distilled.items():
@@ -115,7 +115,7 @@ def set_metrics(distilled: dict[str, np.ndarray], real: dict[str, np.ndarray], i
         if r is None or len(r) == 0:
             raise Mgd3Error(f"class {cid!r} of the set has no real images in the data")
         k = min(ipc, len(r))
-        modes = find_modes("kmeans", r, k, seed=0).modes  # (k, D), exactly mgd3's modes (random_state 0)
+        modes = find_modes("kmeans", r, k, seed=0).points  # (k, D), exactly mgd3's modes (random_state 0)
         covered, assign = mode_coverage(d, modes)
         per_class[cid] = {"n_distilled": len(d), "n_real": len(r), "diversity": diversity(d),
                           "representativeness": representativeness(d, r, neighbors),

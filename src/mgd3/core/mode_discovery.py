@@ -18,16 +18,17 @@ from mgd3.registry import Registry
 
 
 @dataclass
-class Modes:
-    """k modes of one class: modes (k, D) float32; `source` says how each was chosen."""
+class ClassModes:
+    """The k modes of one class: `points` (k, D) float32, the modes as flattened latents; `info` says how
+    they were chosen."""
 
-    modes: np.ndarray  # (k, D)
+    points: np.ndarray  # (k, D)
     assignment: np.ndarray  # (N,) cluster of each real latent
     nearest_real: np.ndarray  # (k,) index of the real latent nearest each mode
     info: dict = field(default_factory=dict)
 
 
-ModeFinder = Callable[[np.ndarray, int, int], Modes]
+ModeFinder = Callable[[np.ndarray, int, int], ClassModes]
 MODE_FINDERS: Registry[ModeFinder] = Registry("mode finder")
 
 
@@ -55,30 +56,30 @@ def _kmeans(latents: np.ndarray, k: int, seed: int, minibatch: bool = False) -> 
 
 
 @MODE_FINDERS.register("kmeans")
-def kmeans_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
+def kmeans_modes(latents: np.ndarray, k: int, seed: int = 0) -> ClassModes:
     _check(latents, k)
     centers, labels = _kmeans(latents, k, seed)
-    return Modes(centers, labels, nearest(latents, centers), {"finder": "kmeans", "random_state": seed})
+    return ClassModes(centers, labels, nearest(latents, centers), {"finder": "kmeans", "random_state": seed})
 
 
 @MODE_FINDERS.register("kmeans-minibatch")
-def kmeans_minibatch_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
+def kmeans_minibatch_modes(latents: np.ndarray, k: int, seed: int = 0) -> ClassModes:
     """MiniBatchKMeans centroids (the official D4M prototypes)."""
     _check(latents, k)
     centers, labels = _kmeans(latents, k, seed, minibatch=True)
-    return Modes(centers, labels, nearest(latents, centers), {"finder": "kmeans-minibatch", "random_state": seed})
+    return ClassModes(centers, labels, nearest(latents, centers), {"finder": "kmeans-minibatch", "random_state": seed})
 
 
 @MODE_FINDERS.register("kmeans-closest")
-def kmeans_closest_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
+def kmeans_closest_modes(latents: np.ndarray, k: int, seed: int = 0) -> ClassModes:
     _check(latents, k)
     centers, labels = _kmeans(latents, k, seed)
     closest = nearest(latents, centers)
-    return Modes(latents[closest].astype(np.float32), labels, closest,
+    return ClassModes(latents[closest].astype(np.float32), labels, closest,
                  {"finder": "kmeans-closest", "random_state": seed})
 
 
-def find_modes(name: str, latents: np.ndarray, k: int, seed: int = 0) -> Modes:
+def find_modes(name: str, latents: np.ndarray, k: int, seed: int = 0) -> ClassModes:
     """latents: (N, ...) real latents of one class -> k modes, flattened to (k, D)."""
     flat = np.ascontiguousarray(latents.reshape(len(latents), -1), dtype=np.float32)
     return MODE_FINDERS.get(name)(flat, k, seed)
@@ -97,38 +98,38 @@ def _cluster_means(latents: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.
 
 
 @MODE_FINDERS.register("random")
-def random_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
+def random_modes(latents: np.ndarray, k: int, seed: int = 0) -> ClassModes:
     """k distinct random real latents (the paper's 'random modes' row)."""
     _check(latents, k)
     idx = np.random.default_rng(seed).choice(len(latents), size=k, replace=False)
     modes = latents[idx].astype(np.float32)
-    return Modes(modes, nearest(modes, latents), idx, {"finder": "random", "seed": seed})
+    return ClassModes(modes, nearest(modes, latents), idx, {"finder": "random", "seed": seed})
 
 
 @MODE_FINDERS.register("gmm")
-def gmm_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
+def gmm_modes(latents: np.ndarray, k: int, seed: int = 0) -> ClassModes:
     """Means of a diagonal-covariance Gaussian mixture with k components."""
     from sklearn.mixture import GaussianMixture
 
     _check(latents, k)
     gm = GaussianMixture(k, covariance_type="diag", random_state=seed, reg_covar=1e-4).fit(latents)
     modes = gm.means_.astype(np.float32)
-    return Modes(modes, gm.predict(latents), nearest(latents, modes), {"finder": "gmm", "random_state": seed})
+    return ClassModes(modes, gm.predict(latents), nearest(latents, modes), {"finder": "gmm", "random_state": seed})
 
 
 @MODE_FINDERS.register("bisecting")
-def bisecting_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
+def bisecting_modes(latents: np.ndarray, k: int, seed: int = 0) -> ClassModes:
     """Divisive (bisecting) k-means centroids."""
     from sklearn.cluster import BisectingKMeans
 
     _check(latents, k)
     bk = BisectingKMeans(n_clusters=k, random_state=seed).fit(latents)
     modes = bk.cluster_centers_.astype(np.float32)
-    return Modes(modes, bk.labels_, nearest(latents, modes), {"finder": "bisecting", "random_state": seed})
+    return ClassModes(modes, bk.labels_, nearest(latents, modes), {"finder": "bisecting", "random_state": seed})
 
 
 @MODE_FINDERS.register("spectral")
-def spectral_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
+def spectral_modes(latents: np.ndarray, k: int, seed: int = 0) -> ClassModes:
     """Cluster means of spectral clustering on a nearest-neighbour graph."""
     from sklearn.cluster import SpectralClustering
 
@@ -140,11 +141,11 @@ def spectral_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
         labels = SpectralClustering(k, affinity="nearest_neighbors", n_neighbors=n_neighbors,
                                     random_state=seed, assign_labels="cluster_qr").fit_predict(latents)
     modes, info = _cluster_means(latents, labels, k)
-    return Modes(modes, labels, nearest(latents, modes), {"finder": "spectral", "random_state": seed, **info})
+    return ClassModes(modes, labels, nearest(latents, modes), {"finder": "spectral", "random_state": seed, **info})
 
 
 @MODE_FINDERS.register("dbscan")
-def dbscan_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
+def dbscan_modes(latents: np.ndarray, k: int, seed: int = 0) -> ClassModes:
     """DBSCAN cluster means. eps = median distance to the 10th nearest neighbour; the number of
     clusters is DBSCAN's own, so modes are the largest clusters first, cycled when fewer than k."""
     from sklearn.cluster import DBSCAN
@@ -160,7 +161,7 @@ def dbscan_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
         eps = float(np.median(dist[:, -1]))
         labels = DBSCAN(eps=max(eps, 1e-6), min_samples=m).fit_predict(latents)
     modes, info = _cluster_means(latents, labels, k)
-    return Modes(modes, labels, nearest(latents, modes), {"finder": "dbscan", "eps": eps, **info})
+    return ClassModes(modes, labels, nearest(latents, modes), {"finder": "dbscan", "eps": eps, **info})
 
 
 def _sse(points: np.ndarray) -> float:
@@ -225,7 +226,7 @@ def pick_by_levels(depths: list[int], k: int, level: int, seed: int = 0) -> list
     return picked[:k]
 
 
-def divisive_modes(latents: np.ndarray, k: int, seed: int = 0, level: int = 6, criterion: str = "sse") -> Modes:
+def divisive_modes(latents: np.ndarray, k: int, seed: int = 0, level: int = 6, criterion: str = "sse") -> ClassModes:
     """The multi-scale centroids of ManifoldGD: the means of the k leaves of `divisive_tree`
     (leaves end at different depths: coarse and fine clusters), ordered by `pick_by_levels`."""
     _check(latents, k)
@@ -235,13 +236,13 @@ def divisive_modes(latents: np.ndarray, k: int, seed: int = 0, level: int = 6, c
     labels = np.empty(len(latents), dtype=np.int64)
     for j, p in enumerate(order):
         labels[leaves[p][0]] = j
-    return Modes(modes, labels, nearest(latents, modes),
+    return ClassModes(modes, labels, nearest(latents, modes),
                  {"finder": "divisive", "random_state": seed, "level": level, "criterion": criterion,
                   "depths": [int(leaves[p][1]) for p in order]})
 
 
 @MODE_FINDERS.register("divisive")
-def divisive_default_modes(latents: np.ndarray, k: int, seed: int = 0) -> Modes:
+def divisive_default_modes(latents: np.ndarray, k: int, seed: int = 0) -> ClassModes:
     """ManifoldGD's divisive hierarchy with its released setting (level 6, SSE)."""
     return divisive_modes(latents, k, seed)
 
@@ -410,16 +411,16 @@ def core_samples(embedding: np.ndarray, k: int, min_cluster_size: int = 55, min_
 
 def coda_umap_hdbscan_modes(latents: np.ndarray, k: int, *, n_neighbors: int = 85, components: int = 50,
                             min_cluster_size: int = 55, min_samples: int = 3, seed_candidates: int = 3,
-                            umap_seed: int = 42) -> Modes:
+                            umap_seed: int = 42) -> ClassModes:
     """CoDA's core samples (released `CoDA_main.py`): real latents chosen in a UMAP embedding."""
     _check(latents, k)
     emb = umap_embedding(latents, n_neighbors, components, umap_seed)
     chosen, labels, info = core_samples(emb, k, min_cluster_size, min_samples, seed_candidates)
-    return Modes(latents[chosen].astype(np.float32), labels, chosen,
+    return ClassModes(latents[chosen].astype(np.float32), labels, chosen,
                  {"finder": "umap-hdbscan", "umap_random_state": umap_seed, **info})
 
 
-def pooled_kmeans_modes(latents: np.ndarray, shape: tuple[int, ...], k: int, seed: int = 0, pool: int = 8) -> Modes:
+def pooled_kmeans_modes(latents: np.ndarray, shape: tuple[int, ...], k: int, seed: int = 0, pool: int = 8) -> ClassModes:
     """k-means (k = IPC) on average-pooled latents (C, min(pool, h), min(pool, w)); mode j = the real
     latent nearest centroid j in the pooled space."""
     import torch
@@ -430,5 +431,5 @@ def pooled_kmeans_modes(latents: np.ndarray, shape: tuple[int, ...], k: int, see
     pooled = torch.nn.functional.adaptive_avg_pool2d(x, size).flatten(1).numpy()  # (N, C·p·p)
     centers, labels = _kmeans(pooled, k, seed)
     chosen = nearest(pooled, centers)
-    return Modes(latents[chosen].astype(np.float32), labels, chosen,
+    return ClassModes(latents[chosen].astype(np.float32), labels, chosen,
                  {"finder": "pooled-kmeans", "pool": list(size), "random_state": seed})
