@@ -342,7 +342,7 @@ def test_gzip_bomb_as_fashion_mnist(digits_model, tmp_path, capsys, monkeypatch)
 
 
 def test_fashion_mnist_files_still_read():
-    from mgd3.io.data import FASHION_MNIST_DIR, read_idx
+    from mgd3.io.arrays import FASHION_MNIST_DIR, read_idx
 
     root = Path(os.environ.get("MGD3_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
     if not (root / "train-images-idx3-ubyte.gz").is_file():

@@ -174,7 +174,7 @@ def test_folder_faults_are_one_line(digits_model, tmp_path, capsys, monkeypatch,
                 raise PermissionError(13, "Permission denied", str(p))
             return real(p)
 
-        monkeypatch.setattr("mgd3.io.data.os.scandir", scandir)
+        monkeypatch.setattr("mgd3.io.folders.os.scandir", scandir)
     argv = (["distill", "--data", imgs, "--model", digits_model, "--out", tmp_path / "o", *FAST] if sub == "distill"
             else ["pretrain", "--data", imgs, "--out", tmp_path / "o", *TINY_PRETRAIN])
     refused(capsys, argv, msg, tmp_path / "o")

@@ -38,8 +38,8 @@ REFERENCES = ("random-real", "full")
 
 def load_set_images(s: DistilledSet, resolution: int, channels: int) -> TensorSet:
     """The set's images as uint8 (N, channels, R, R): resized (shorter side) and centre-cropped
-    to R like the real data (mgd3.io.data's transform)."""
-    from mgd3.io.data import read_image, to_model_space
+    to R like the real data (mgd3.io.sources' transform)."""
+    from mgd3.io.sources import read_image, to_model_space
 
     xs = [to_uint8(to_model_space(read_image(f, channels, resolution), resolution, channels)) for f in s.files]
     return TensorSet(torch.stack(xs), torch.as_tensor(s.targets, dtype=torch.int64))
