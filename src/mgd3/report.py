@@ -312,8 +312,8 @@ def read_evals(root: Path) -> list[dict]:
 
 
 def read_sets(dirs: list[str], data: str | None = None) -> list[SetInfo]:
-    """The distilled sets (manifest + evaluations, read by `mgd3.io.store.read_set`); one data set only."""
-    from mgd3.io.store import read_set
+    """The distilled sets (manifest + evaluations, read by `mgd3.io.set_reader.read_set`); one data set only."""
+    from mgd3.io.set_reader import read_set
 
     sets: list[SetInfo] = []
     seen: set[Path] = set()
@@ -459,7 +459,7 @@ class LatentSource:
         from mgd3.core.encode import real_latents
 
         from mgd3.io.data import DATASETS
-        from mgd3.io.store import named_outside
+        from mgd3.io.set_reader import named_outside
 
         m = s.manifest
         config = m.get("config") or {}
@@ -505,7 +505,7 @@ class LatentSource:
         by_path = {str(r["path"]): str(r["class_id"]) for r in recs}
         f = s.path / "latents.pt"
         if f.is_file():
-            from mgd3.io.store import read_latents
+            from mgd3.io.set_reader import read_latents
 
             obj = read_latents(s.path)
             lat = obj["latents"].numpy()  # (N, C, h, w)
