@@ -38,7 +38,7 @@ def timed(fn, n) -> float:
 
 
 def main(n: int = 2000) -> None:
-    from mgd3.io.data import _scan
+    from mgd3.io.folders import _scan
     from mgd3.images import image_problem
 
     rng = np.random.default_rng(0)

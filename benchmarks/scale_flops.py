@@ -111,7 +111,7 @@ def jpeg_decode_rate(resolution: int, reps: int) -> tuple[float, list[str]]:
     (PIL decode, RGB, bicubic resize of the shorter side, centre crop, [-1, 1])."""
     import sklearn
 
-    from mgd3.io.data import read_image, to_model_space
+    from mgd3.io.sources import read_image, to_model_space
 
     files = sorted((Path(sklearn.__file__).parent / "datasets" / "images").glob("*.jpg"))
 
@@ -124,11 +124,11 @@ def jpeg_decode_rate(resolution: int, reps: int) -> tuple[float, list[str]]:
 
 
 def check_rate(reps: int) -> float:
-    """Files/s of one core running the first-run check of an image folder (mgd3.io.data._image_problem:
+    """Files/s of one core running the first-run check of an image folder (mgd3.io.folders._image_problem:
     PIL verify, no pixel decoding) on the same photos, from the page cache."""
     import sklearn
 
-    from mgd3.io.data import _image_problem
+    from mgd3.io.folders import _image_problem
 
     files = sorted((Path(sklearn.__file__).parent / "datasets" / "images").glob("*.jpg"))
     runs = timed(lambda: [_image_problem(str(f)) for _ in range(50) for f in files], reps)
@@ -139,7 +139,7 @@ def png_write_rate(reps: int) -> float:
     """Images/s of one core writing a 256 px RGB photo crop as PNG the way mgd3's store does."""
     import sklearn
 
-    from mgd3.io.data import read_image, to_model_space
+    from mgd3.io.sources import read_image, to_model_space
     from mgd3.io.store import save_png, to_pixels
 
     f = sorted((Path(sklearn.__file__).parent / "datasets" / "images").glob("*.jpg"))[0]

@@ -112,7 +112,7 @@ def test_mgd3_exports_the_api_as_plain_functions():
     assert {"distill", "evaluate", "load_set", "load_model", "DistilledSet"} <= set(mgd3.__all__)
     for name in ("distill", "evaluate", "load_set", "load_model"):
         f = getattr(mgd3, name)
-        assert inspect.isfunction(f) and f.__module__ in ("mgd3.api", "mgd3.io.store"), name
+        assert inspect.isfunction(f) and f.__module__ in ("mgd3.api", "mgd3.io.set_reader"), name
         assert f.__doc__ and "*args" not in str(inspect.signature(f)), name
     assert list(inspect.signature(mgd3.distill).parameters)[:2] == ["data", "out"]
     import importlib
@@ -121,4 +121,4 @@ def test_mgd3_exports_the_api_as_plain_functions():
         importlib.import_module(module)
 
     assert inspect.isfunction(mgd3.distill) and inspect.isfunction(mgd3.evaluate)
-    assert mgd3.DistilledSet is importlib.import_module("mgd3.io.store").DistilledSet  # one DistilledSet
+    assert mgd3.DistilledSet is importlib.import_module("mgd3.io.set_reader").DistilledSet  # one DistilledSet

@@ -18,6 +18,7 @@ from mgd3.cli import main
 
 FAST = ["--steps", "4", "--ipc", "1", "--quiet", "--device", "cpu"]
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image_folder(root: Path, sizes: dict[str, int]) -> Path:
@@ -158,14 +159,3 @@ def test_missing_and_corrupt_files_are_skipped_by_default(cases, capsys, monkeyp
     assert len(warn) == 1 and "2 missing or unreadable image file(s)" in warn[0] and "--strict" in warn[0]
     m = json.loads((out / "manifest.json").read_text())
     assert [rec["class_id"] for rec in m["images"]] == ["0", "1", "2"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread, as the subprocesses had (OMP_NUM_THREADS=1): a shared CPU stalls otherwise."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

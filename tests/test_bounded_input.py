@@ -18,24 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from clitools import refused
+from conftest import TINY_DISTILL, distill_args
 from mgd3 import safeio
-from mgd3.cli import main
 from mgd3.errors import Mgd3Error
 
 HUGE = "9" * 5000  # over Python's 4300-digit int() limit
 DEEP = 5000  # nesting that overflows a recursive parser
-TINY_DISTILL = ["--steps", "2", "--quiet", "--device", "cpu", "--method", "plain"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @contextlib.contextmanager
@@ -51,26 +42,6 @@ def deadline(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-
-
-@pytest.fixture(scope="module")
-def base_set(digits_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bounded") / "set"
-    assert main(["distill", "--data", "digits", "--classes", "0", "1", "--ipc", "2", "--model", str(digits_model),
-                 "--out", str(out), *TINY_DISTILL]) == 0
-    return out
-
-
-@pytest.fixture
-def a_set(base_set, tmp_path):
-    dst = tmp_path / "set"
-    shutil.copytree(base_set, dst)
-    return dst
-
-
-def distill_args(model, out, *more):
-    return ["distill", "--data", "digits", "--classes", "0", "--ipc", "1", "--model", model, "--out", out,
-            *TINY_DISTILL, *more]
 
 
 def _model_with(digits_model, tmp_path, edit) -> Path:
@@ -342,7 +313,7 @@ def test_gzip_bomb_as_fashion_mnist(digits_model, tmp_path, capsys, monkeypatch)
 
 
 def test_fashion_mnist_files_still_read():
-    from mgd3.io.data import FASHION_MNIST_DIR, read_idx
+    from mgd3.io.arrays import FASHION_MNIST_DIR, read_idx
 
     root = Path(os.environ.get("MGD3_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
     if not (root / "train-images-idx3-ubyte.gz").is_file():

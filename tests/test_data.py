@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mgd3.io.data import (DATASETS, FASHION_MNIST_DIR, IMAGENETTE, IMAGENETTE_LABELS, IMAGEWOOF, IMAGEIDC,
-                       load_data, read_class_map, read_idx)
+from mgd3.io.arrays import FASHION_MNIST_DIR, read_idx
+from mgd3.io.data import DATASETS, load_data, read_class_map
+from mgd3.io.imagenet_classes import IMAGEIDC, IMAGENETTE, IMAGENETTE_LABELS, IMAGEWOOF
 from mgd3.errors import Mgd3Error
 
 FMNIST = Path(os.environ.get("MGD3_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)

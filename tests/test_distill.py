@@ -214,7 +214,7 @@ def test_image_folder_indices_agree_with_the_manifest_on_fashion_mnist(tmp_path)
 
 def test_image_folder_indices_agree_with_the_manifest_on_an_unsorted_imagenet_subset(tmp_path):
     """imageidc lists its wnids in the ImageNet-100 order, not sorted: n02869837 comes first."""
-    from mgd3.io.data import IMAGEIDC, WNID_NAMES
+    from mgd3.io.imagenet_classes import IMAGEIDC, WNID_NAMES
     from mgd3.testing import build_dit_folder
 
     assert IMAGEIDC != sorted(IMAGEIDC)

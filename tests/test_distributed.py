@@ -153,7 +153,7 @@ def test_rank_1_failing_stops_rank_0_with_one_error_line(digits_model, tmp_path)
     (inject / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
-        "    import mgd3.images, mgd3.io.data\n"
+        "    import mgd3.images, mgd3.io.sources\n"
         "    from mgd3.errors import Mgd3Error\n"
         "    real = mgd3.images.read_image\n"
         "    def read_image(path, *a, **k):\n"
@@ -161,8 +161,8 @@ def test_rank_1_failing_stops_rank_0_with_one_error_line(digits_model, tmp_path)
         "            raise Mgd3Error(f'cannot read image {path}: damaged (an injected fault)')\n"
         "        return real(path, *a, **k)\n"
         "    mgd3.images.read_image = read_image\n"
-        "    if hasattr(mgd3.io.data, 'read_image'):\n"
-        "        mgd3.io.data.read_image = read_image\n")
+        "    if hasattr(mgd3.io.sources, 'read_image'):\n"
+        "        mgd3.io.sources.read_image = read_image\n")
     out = tmp_path / "set"
     argv = ["distill", "--data", data, "--model", digits_model, "--out", out, "--ipc", "2", "--steps", "4",
             "--quiet", "--device", "cpu"]

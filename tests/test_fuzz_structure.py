@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +31,7 @@ settings.register_profile("ci", max_examples=6, deadline=None, database=None,
 settings.register_profile("deep", max_examples=300, deadline=None, database=None,
                           suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("MGD3_HYPOTHESIS", "ci"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DISTILL_KEYS = ["ipc", "steps", "seed", "cfg", "batch_size", "method", "classes", "resolution", "lambda", "modes",
                 "mode_seed", "t_stop", "strict", "precision", "data", "model", "out", "no_such_key"]
@@ -82,22 +82,6 @@ def class_maps(draw) -> tuple[str, bytes]:
                   ).map(" ".join),
         st.text(max_size=20)), max_size=5))
     return "map.txt", "\n".join(lines).encode("utf-8", "replace")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base_set(digits_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fuzz") / "set"
-    assert main(["distill", "--data", "digits", "--classes", "0", "1", "--ipc", "2", "--model", str(digits_model),
-                 "--out", str(out), "--steps", "2", "--quiet", "--device", "cpu", "--method", "plain"]) == 0
-    return out
 
 
 def clean_or_one_line(capsys, argv, out: Path | None = None) -> int:

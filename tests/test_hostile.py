@@ -19,9 +19,11 @@ import torch
 from PIL import Image
 
 from clitools import ok, refused
+from conftest import TINY_DISTILL, distill_args, distill_digits_set, edit_manifest
 from mgd3.cli import main
 
-TINY_DISTILL = ["--steps", "2", "--quiet", "--device", "cpu", "--method", "plain"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_PRETRAIN = ["--data", "digits", "--limit", "64", "--vae-epochs", "1", "--epochs", "1", "--size", "tiny",
                  "--max-steps", "1", "--batch-size", "32", "--vae-width", "8", "--vae-levels", "2", "--quiet",
                  "--device", "cpu"]
@@ -44,40 +46,10 @@ def plant(f: Path, marker: Path, extra: dict | None = None) -> None:
         torch.load(f, weights_only=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def base_set(digits_model, tmp_path_factory):
     """A real distilled set: 2 digit classes × IPC 3 (tiny DiT, 2 steps)."""
-    out = tmp_path_factory.mktemp("hostile") / "set"
-    assert main(["distill", "--data", "digits", "--classes", "0", "1", "--ipc", "3", "--model", str(digits_model),
-                 "--out", str(out), *TINY_DISTILL]) == 0
-    return out
-
-
-@pytest.fixture
-def a_set(base_set, tmp_path):
-    dst = tmp_path / "set"
-    shutil.copytree(base_set, dst)
-    return dst
-
-
-def edit_manifest(root: Path, fn) -> None:
-    f = root / "manifest.json"
-    m = json.loads(f.read_text())
-    m = fn(m) or m
-    f.write_text(json.dumps(m))
-
-
-def distill_args(model, out, *more):
-    return ["distill", "--data", "digits", "--classes", "0", "--ipc", "1", "--model", model, "--out", out,
-            *TINY_DISTILL, *more]
+    return distill_digits_set(digits_model, tmp_path_factory.mktemp("hostile") / "set", ipc=3)
 
 
 # --------------------------------------------------------------------------- 1. no code from files

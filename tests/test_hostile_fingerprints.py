@@ -14,20 +14,12 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from clitools import ok, refused
+from conftest import TINY_STEPS
 
-FAST = ["--steps", "2", "--quiet", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_same_names_sizes_and_mtimes_but_other_pixels_do_not_share_encodings(digits_model, tmp_path, capsys):
@@ -50,7 +42,7 @@ def test_same_names_sizes_and_mtimes_but_other_pixels_do_not_share_encodings(dig
     cache = tmp_path / "cache"
     for folder in (a, b):  # through the CLI: the second run encodes its own images
         ok(capsys, ["distill", "--data", folder, "--model", digits_model, "--out", tmp_path / f"o-{folder.name}",
-                    "--ipc", "1", "--method", "kmeans-real", "--cache-dir", cache, *FAST])
+                    "--ipc", "1", "--method", "kmeans-real", "--cache-dir", cache, *TINY_STEPS])
     assert len(list((cache / "latents").iterdir())) == 2
 
 
@@ -67,10 +59,10 @@ def test_a_name_that_names_two_labels_is_refused(digits_model, tmp_path, capsys)
     (imgs / "2").rename(imgs / "crane")
     out = tmp_path / "o"
     line = refused(capsys, ["distill", "--data", imgs, "--model", m, "--out", out, "--ipc", "1", "--method", "plain",
-                            *FAST], "names 2 labels", out)
+                            *TINY_STEPS], "names 2 labels", out)
     assert "0, 9" in line and "--class-map" in line
     (tmp_path / "map.txt").write_text("crane 9\n")
     ok(capsys, ["distill", "--data", imgs, "--model", m, "--out", out, "--ipc", "1", "--method", "plain",
-                "--class-map", tmp_path / "map.txt", *FAST])
+                "--class-map", tmp_path / "map.txt", *TINY_STEPS])
     labels = {c["class_id"]: c["label"] for c in json.loads((out / "manifest.json").read_text())["classes"]}
     assert labels == {"1": 1, "crane": 9}

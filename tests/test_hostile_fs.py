@@ -24,17 +24,9 @@ import pytest
 import torch
 
 from clitools import ok, refused
+from conftest import ROOT, TINY_DISTILL
 
-ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--steps", "2", "--quiet", "--device", "cpu", "--method", "plain"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _can_unshare() -> bool:
@@ -69,7 +61,7 @@ def one_line(r: subprocess.CompletedProcess, *wanted: str) -> str:
 
 def distill(model, out, *more):
     return ["distill", "--data", "digits", "--classes", "0", "1", "--ipc", "2", "--model", model, "--out", out,
-            *FAST, *more]
+            *TINY_DISTILL, *more]
 
 
 # --------------------------------------------------------------------------- real faults
@@ -224,7 +216,7 @@ def test_cache_dir_is_honoured_by_the_image_check(digits_model, tmp_path, capsys
     imgs = image_folder(tmp_path / "imgs")
     default = tmp_path / "default-cache"
     monkeypatch.setenv("MGD3_CACHE_DIR", str(default))
-    ok(capsys, ["distill", "--data", imgs, "--model", digits_model, "--out", tmp_path / "o", "--ipc", "1", *FAST,
+    ok(capsys, ["distill", "--data", imgs, "--model", digits_model, "--out", tmp_path / "o", "--ipc", "1", *TINY_DISTILL,
                 "--cache-dir", tmp_path / "mine"])
     assert list((tmp_path / "mine" / "checked").glob("*.json"))
     assert not default.exists()

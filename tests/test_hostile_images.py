@@ -22,23 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from clitools import ok, refused
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["--steps", "2", "--ipc", "1", "--quiet", "--device", "cpu", "--method", "plain"]
 TINY_PRETRAIN = ["--limit", "64", "--vae-epochs", "1", "--epochs", "1", "--size", "tiny", "--max-steps", "1",
                  "--batch-size", "32", "--vae-width", "8", "--vae-levels", "2", "--quiet", "--device", "cpu",
                  "--resolution", "8", "--channels", "1"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def image_folder(root: Path, n: int = 3, classes=("0", "1")) -> Path:
@@ -174,7 +167,7 @@ def test_folder_faults_are_one_line(digits_model, tmp_path, capsys, monkeypatch,
                 raise PermissionError(13, "Permission denied", str(p))
             return real(p)
 
-        monkeypatch.setattr("mgd3.io.data.os.scandir", scandir)
+        monkeypatch.setattr("mgd3.io.folders.os.scandir", scandir)
     argv = (["distill", "--data", imgs, "--model", digits_model, "--out", tmp_path / "o", *FAST] if sub == "distill"
             else ["pretrain", "--data", imgs, "--out", tmp_path / "o", *TINY_PRETRAIN])
     refused(capsys, argv, msg, tmp_path / "o")

@@ -13,41 +13,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from clitools import ok, refused
-from mgd3.cli import main
+from conftest import TINY_DISTILL, edit_manifest
 
-FAST = ["--steps", "2", "--quiet", "--device", "cpu", "--method", "plain"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base_set(digits_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("manifest") / "set"
-    assert main(["distill", "--data", "digits", "--classes", "0", "1", "--ipc", "2", "--model", str(digits_model),
-                 "--out", str(out), *FAST]) == 0
-    return out
-
-
-@pytest.fixture
-def a_set(base_set, tmp_path):
-    shutil.copytree(base_set, tmp_path / "set")
-    return tmp_path / "set"
-
-
-def edit_manifest(root: Path, fn) -> None:
-    f = root / "manifest.json"
-    m = json.loads(f.read_text())
-    fn(m)
-    f.write_text(json.dumps(m))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def report(a_set, tmp_path):
@@ -122,6 +92,6 @@ def test_out_inside_the_data_folder_is_refused(digits_model, tmp_path, capsys):
     from test_hostile_images import image_folder
 
     imgs = image_folder(tmp_path / "imgs")
-    refused(capsys, ["distill", "--data", imgs, "--model", digits_model, "--out", imgs / "set", "--ipc", "1", *FAST],
+    refused(capsys, ["distill", "--data", imgs, "--model", digits_model, "--out", imgs / "set", "--ipc", "1", *TINY_DISTILL],
             "lies inside the data folder")
     assert not (imgs / "set").exists()

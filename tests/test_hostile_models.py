@@ -20,31 +20,9 @@ import pytest
 import torch
 
 from clitools import ok, refused
-from mgd3.cli import main
+from conftest import TINY_STEPS
 
-FAST = ["--steps", "2", "--quiet", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base_set(digits_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("models") / "set"
-    assert main(["distill", "--data", "digits", "--classes", "0", "1", "--ipc", "2", "--model", str(digits_model),
-                 "--out", str(out), "--method", "plain", *FAST]) == 0
-    return out
-
-
-@pytest.fixture
-def a_set(base_set, tmp_path):
-    shutil.copytree(base_set, tmp_path / "set")
-    return tmp_path / "set"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_with(digits_model, tmp_path, edit) -> Path:
@@ -63,7 +41,7 @@ def edit_config(m: Path, sub: str, **changes) -> None:
 
 def distill(model, out, method="plain"):
     return ["distill", "--data", "digits", "--classes", "0", "1", "--ipc", "1", "--model", model, "--out", out,
-            "--method", method, *FAST]
+            "--method", method, *TINY_STEPS]
 
 
 # --------------------------------------------------------------------------- bombs

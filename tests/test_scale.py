@@ -58,7 +58,7 @@ def test_encoding_with_workers_gives_the_same_latents(digits_model):
 
 
 def test_a_worker_error_is_one_line(digits_model, monkeypatch):
-    from mgd3.io.data import ArrayDataset
+    from mgd3.io.sources import ArrayDataset
 
     def broken(self, js):
         raise Mgd3Error("cannot read image x.png: broken")

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from mgd3.config import resolve_device
 from mgd3.errors import Mgd3Error
-from mgd3.io.store import DistilledSet, load_set
+from mgd3.io.set_reader import DistilledSet, load_set
 
 __all__ = ["distill", "evaluate", "load_set", "load_model", "DistilledSet"]
 

@@ -135,6 +135,89 @@ def _worker_error(e: Mgd3Error) -> Mgd3Error:
     return Mgd3Error(last.split("Mgd3Error: ", 1)[-1])
 
 
+def _items(data, indices: dict[int, np.ndarray] | None, c: int) -> np.ndarray:
+    """The items of class c that are encoded: all of them, or the fixed subset `indices[c]`."""
+    return data.indices(c) if indices is None or c not in indices else indices[c]
+
+
+def _cache_folder(backend, data, cache_dir: str | os.PathLike | None) -> Path:
+    """<cache>/latents/<VAE fingerprint>-<data fingerprint>-f16[-<precision>]."""
+    # encodings under bf16/fp16 autocast differ from fp32 ones: their own folder (fp32 keeps the plain name)
+    amp = "" if backend.precision == "fp32" else f"-{backend.precision}"
+    name = f"{backend.vae_fingerprint()}-{data.fingerprint()}-{CACHE_VERSION}{amp}"
+    return cache_root(cache_dir) / "latents" / name
+
+
+def _cache_file(folder: Path, data, indices: dict[int, np.ndarray] | None, c: int) -> Path:
+    """The cache file of class c: named by its class id, and by a digest of its subset if it has one."""
+    sub = "" if indices is None or c not in indices else f"-{_digest(indices[c])}"
+    return folder / f"{data.class_ids[c]}{sub}.pt"
+
+
+def _from_cache(backend, data, class_indices: Sequence[int], folder: Path, indices: dict[int, np.ndarray] | None,
+                use_cache: bool, lazy: bool) -> tuple[dict[int, Tensor], list[int]]:
+    """({class index: float32 latents} read from usable cache files, none read when `lazy`; the
+    classes still to encode). An unusable cache file is one warning, and its class is encoded again."""
+    out: dict[int, Tensor] = {}
+    todo = []
+    for c in class_indices:
+        f = _cache_file(folder, data, indices, c)
+        if use_cache and f.is_file():
+            why = _cache_problem(f, len(_items(data, indices, c)), backend.latent_shape)
+            if why is None:
+                if not lazy:
+                    out[c] = _load(f)
+                continue
+            log.warning("encoding cache file %s is unusable (%s); encoding class %s again", f, why,
+                        data.class_ids[c])
+        todo.append(c)
+    return out, todo
+
+
+def _encode_todo(backend, data, todo: list[int], folder: Path, indices: dict[int, np.ndarray] | None, *,
+                 batch_size: int, workers: int, use_cache: bool, progress: bool,
+                 lazy: bool) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """Encode the classes `todo` through one DataLoader in per-class batches, writing each class to
+    the cache (`use_cache`) as it completes. Returns ({class index: float32 latents}, empty when
+    `lazy`; {class index: float16 latents} of the classes whose cache file could not be written,
+    when `lazy`)."""
+    out: dict[int, Tensor] = {}
+    kept: dict[int, Tensor] = {}
+    sizes = [len(_items(data, indices, c)) for c in todo]
+    dataset = data.dataset(np.concatenate([np.asarray(_items(data, indices, c), dtype=np.int64) for c in todo]))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=_PerClassBatches(sizes, batch_size), num_workers=workers,
+        pin_memory=torch.device(backend.device).type == "cuda")
+    bar = tqdm(total=sum(sizes), desc="encode", unit="img", disable=not progress, leave=False)
+    batches = iter(loader)
+    try:
+        for c, n in zip(todo, sizes):
+            parts, got = [], 0
+            while got < n:
+                images, _ = next(batches)
+                z = _encode_batch(backend, images).to("cpu", CACHE_DTYPE)  # (B, C, h, w)
+                if not bool(torch.isfinite(z).all()):  # before k-means or any library sees it
+                    raise Mgd3Error(f"the VAE of {getattr(backend, 'path', 'the model')} encodes images of class "
+                                    f"{data.class_ids[c]!r} to NaN, inf or latents beyond float16's range; the "
+                                    "VAE (or its weights) is broken")
+                parts.append(z)
+                got += len(images)
+                bar.update(len(images))
+            lat = torch.cat(parts)
+            del parts
+            if use_cache and not cache_torch(lat, _cache_file(folder, data, indices, c)) and lazy:
+                kept[c] = lat  # the cache could not be written: this class stays in memory (float16)
+            if not lazy:
+                out[c] = lat.float()
+            del lat
+    except Mgd3Error as e:
+        raise _worker_error(e) from None
+    finally:
+        bar.close()
+        del batches  # shuts the workers down
+    return out, kept
+
+
 def encode_classes(
     backend,
     data,
@@ -152,72 +235,20 @@ def encode_classes(
     float16 precision. `indices` restricts a class to some of its items (a fixed subset; cached
     under its own name). `workers`: DataLoader processes that read and decode images. `lazy`
     (needs the cache): return a `CachedLatents` that holds at most one class in memory."""
-
-    def items(c):
-        return data.indices(c) if indices is None or c not in indices else indices[c]
-
-    def cache_file(c):
-        sub = "" if indices is None or c not in indices else f"-{_digest(indices[c])}"
-        return folder / f"{data.class_ids[c]}{sub}.pt"
-
     if workers < 0:
         raise Mgd3Error(f"--encode-workers must be at least 0, got {workers}")
     lazy = lazy and use_cache
-    # encodings under bf16/fp16 autocast differ from fp32 ones: their own folder (fp32 keeps the plain name)
-    amp = "" if backend.precision == "fp32" else f"-{backend.precision}"
-    name = f"{backend.vae_fingerprint()}-{data.fingerprint()}-{CACHE_VERSION}{amp}"
-    folder = cache_root(cache_dir) / "latents" / name
-    out: dict[int, Tensor] = {}
-    kept: dict[int, Tensor] = {}
-    todo = []
-    for c in class_indices:
-        f = cache_file(c)
-        if use_cache and f.is_file():
-            why = _cache_problem(f, len(items(c)), backend.latent_shape)
-            if why is None:
-                if not lazy:
-                    out[c] = _load(f)
-                continue
-            log.warning("encoding cache file %s is unusable (%s); encoding class %s again", f, why,
-                        data.class_ids[c])
-        todo.append(c)
+    folder = _cache_folder(backend, data, cache_dir)
+    out, todo = _from_cache(backend, data, class_indices, folder, indices, use_cache, lazy)
     if len(todo) < len(class_indices):
         log.info("encodings of %d classes from cache %s", len(class_indices) - len(todo), folder)
+    kept: dict[int, Tensor] = {}
     if todo:
-        sizes = [len(items(c)) for c in todo]
-        dataset = data.dataset(np.concatenate([np.asarray(items(c), dtype=np.int64) for c in todo]))
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=_PerClassBatches(sizes, batch_size), num_workers=workers,
-            pin_memory=torch.device(backend.device).type == "cuda")
-        bar = tqdm(total=sum(sizes), desc="encode", unit="img", disable=not progress, leave=False)
-        batches = iter(loader)
-        try:
-            for c, n in zip(todo, sizes):
-                parts, got = [], 0
-                while got < n:
-                    images, _ = next(batches)
-                    z = _encode_batch(backend, images).to("cpu", CACHE_DTYPE)  # (B, C, h, w)
-                    if not bool(torch.isfinite(z).all()):  # before k-means or any library sees it
-                        raise Mgd3Error(f"the VAE of {getattr(backend, 'path', 'the model')} encodes images of class "
-                                        f"{data.class_ids[c]!r} to NaN, inf or latents beyond float16's range; the "
-                                        "VAE (or its weights) is broken")
-                    parts.append(z)
-                    got += len(images)
-                    bar.update(len(images))
-                lat = torch.cat(parts)
-                del parts
-                if use_cache and not cache_torch(lat, cache_file(c)) and lazy:
-                    kept[c] = lat  # the cache could not be written: this class stays in memory (float16)
-                if not lazy:
-                    out[c] = lat.float()
-                del lat
-        except Mgd3Error as e:
-            raise _worker_error(e) from None
-        finally:
-            bar.close()
-            del batches  # shuts the workers down
+        encoded, kept = _encode_todo(backend, data, todo, folder, indices, batch_size=batch_size, workers=workers,
+                                     use_cache=use_cache, progress=progress, lazy=lazy)
+        out.update(encoded)
     if lazy:
-        return CachedLatents({c: kept.get(c, cache_file(c)) for c in class_indices})
+        return CachedLatents({c: kept.get(c, _cache_file(folder, data, indices, c)) for c in class_indices})
     return {c: out[c] for c in class_indices}
 
 

@@ -28,7 +28,7 @@ from mgd3.evaluation.protocols import PROTOCOLS, Protocol, override, resolve, to
 from mgd3.evaluation.train import (Normalization, RunOptions, TensorSet, center_crop, imagenet_normalization,
                                  resolve_device, tensor_set, to_uint8)
 from mgd3.machine import cpu_name
-from mgd3.io.store import DistilledSet, read_set  # noqa: F401  (the one reader of the set format)
+from mgd3.io.set_reader import DistilledSet, read_set  # noqa: F401  (the one reader of the set format)
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ REFERENCES = ("random-real", "full")
 
 def load_set_images(s: DistilledSet, resolution: int, channels: int) -> TensorSet:
     """The set's images as uint8 (N, channels, R, R): resized (shorter side) and centre-cropped
-    to R like the real data (mgd3.io.data's transform)."""
-    from mgd3.io.data import read_image, to_model_space
+    to R like the real data (mgd3.io.sources' transform)."""
+    from mgd3.io.sources import read_image, to_model_space
 
     xs = [to_uint8(to_model_space(read_image(f, channels, resolution), resolution, channels)) for f in s.files]
     return TensorSet(torch.stack(xs), torch.as_tensor(s.targets, dtype=torch.int64))
@@ -211,7 +211,7 @@ def _set_data(cfg: EvalConfig, s: DistilledSet) -> tuple[str, EvalConfig]:
         raise Mgd3Error(f"{s.path} does not name its data set (plain ImageFolder): pass --data")
     if not cfg.data:  # what the manifest names is read only inside the set, else the user names it (issue 32)
         from mgd3.io.data import DATASETS
-        from mgd3.io.store import named_outside
+        from mgd3.io.set_reader import named_outside
 
         head, sep, tail = name.partition(":")
         if head in DATASETS and sep:  # "imagenette:/path/to/imagenet"

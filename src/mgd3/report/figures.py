@@ -121,7 +121,7 @@ def set_grid_rows(s: SetInfo, per_class: int = GRID_PER_CLASS) -> tuple[list[str
     uint8 of the class by index}) read from the set's own checked image files (never its grid.png,
     which may be of any size, or older and unlabelled). Images of another size than the class's
     first are brought to its size (nearest)."""
-    from mgd3.io.data import read_image
+    from mgd3.io.sources import read_image
 
     chosen: dict[str, list] = {}
     for im in sorted(s.manifest["images"], key=lambda r: (str(r["class_id"]), _index(r.get("index")))):

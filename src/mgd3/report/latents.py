@@ -38,7 +38,7 @@ class LatentSource:
         from mgd3.core.encode import real_latents
 
         from mgd3.io.data import DATASETS
-        from mgd3.io.store import named_outside
+        from mgd3.io.set_reader import named_outside
 
         m = s.manifest
         config = m.get("config") or {}
@@ -84,7 +84,7 @@ class LatentSource:
         by_path = {str(r["path"]): str(r["class_id"]) for r in recs}
         f = s.path / "latents.pt"
         if f.is_file():
-            from mgd3.io.store import read_latents
+            from mgd3.io.set_reader import read_latents
 
             obj = read_latents(s.path)
             lat = obj["latents"].numpy()  # (N, C, h, w)
@@ -95,7 +95,7 @@ class LatentSource:
             if None in cids:
                 raise Mgd3Error(f"{f} names an image that manifest.json does not list")
         else:
-            from mgd3.io.data import read_image, to_model_space
+            from mgd3.io.sources import read_image, to_model_space
 
             log.info("%s: no latents.pt, encoding its %d images with the VAE", s.path, len(recs))
             parts, bs = [], self.cfg.encode_batch_size

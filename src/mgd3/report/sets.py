@@ -133,8 +133,8 @@ def read_evals(root: Path) -> list[dict]:
 
 
 def read_sets(dirs: list[str], data: str | None = None) -> list[SetInfo]:
-    """The distilled sets (manifest + evaluations, read by `mgd3.io.store.read_set`); one data set only."""
-    from mgd3.io.store import read_set
+    """The distilled sets (manifest + evaluations, read by `mgd3.io.set_reader.read_set`); one data set only."""
+    from mgd3.io.set_reader import read_set
 
     sets: list[SetInfo] = []
     seen: set[Path] = set()

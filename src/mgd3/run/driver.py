@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from mgd3.run import bookkeeping as runs
 from mgd3.io import store
+from mgd3.io.set_reader import read_manifest
 from mgd3.run import selection
 from mgd3.allocator import keep_freed_memory
 from mgd3.files import save_torch_atomic
@@ -162,7 +163,7 @@ def distill(cfg: DistillConfig, backend: Backend | None = None) -> DistillResult
 def _distill(cfg: DistillConfig, ranks: Ranks, backend: Backend | None = None) -> DistillResult:
     run = _set_up(cfg, ranks, backend)
     if run.state == "complete":
-        n = len(store.read_manifest(run.out).get("images", []))
+        n = len(read_manifest(run.out).get("images", []))
         log.info("%s already holds the complete set for these settings; nothing to do", run.out)
         return DistillResult(str(run.out), n, len(run.classes), time.perf_counter() - run.t_start, 0.0,
                              run.timing, resumed=n, already_complete=True, rank=ranks.rank)
