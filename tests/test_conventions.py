@@ -11,7 +11,7 @@ import torch
 from mgd3 import files
 from mgd3.io import store
 from mgd3.backends.hub import files_to_fetch
-from mgd3.evaluation.core import ars, ddrs, lrs
+from mgd3.evaluation.scores import ars, ddrs, lrs
 from mgd3.core.mode_discovery import MODE_FINDERS, find_modes, nearest
 
 SD15 = """.gitattributes README.md v1-5-pruned.ckpt v1-5-pruned-emaonly.safetensors model_index.json

@@ -36,14 +36,14 @@ def add_parser(sub) -> None:
                     "Several processes or GPUs: torchrun --nproc_per_node N -m mgd3 distill ... shares the "
                     "classes out and writes the same set as one process.",
         argument_default=argparse.SUPPRESS, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _data_and_model(p.add_argument_group("data and model"))
-    _run(p.add_argument_group("run"))
-    _sampler(p.add_argument_group("sampler"))
-    _method_options(p.add_argument_group("method options"))
+    _data_and_model_flags(p.add_argument_group("data and model"))
+    _run_flags(p.add_argument_group("run"))
+    _sampler_flags(p.add_argument_group("sampler"))
+    _method_option_flags(p.add_argument_group("method options"))
     p.set_defaults(func=run)
 
 
-def _data_and_model(g) -> None:
+def _data_and_model_flags(g) -> None:
     g.add_argument("--data", help="dataset: fashion-mnist, digits, imagenette, imagewoof, imageidc, "
                                   "imagenet100, or an image folder (class sub-folders)")
     g.add_argument("--classes", nargs="+", metavar="CLASS", help="distill only these classes (ids, names or indices)")
@@ -64,7 +64,7 @@ def _data_and_model(g) -> None:
     # [text-to-image] end
 
 
-def _run(g) -> None:
+def _run_flags(g) -> None:
     from mgd3.methods import load_methods
 
     g.add_argument("--method", help=f"distillation method: {', '.join(load_methods().names())} (default mgd3)")
@@ -98,7 +98,7 @@ def _run(g) -> None:
                                                "1 can be several times faster)")
 
 
-def _sampler(g) -> None:
+def _sampler_flags(g) -> None:
     from mgd3.core.sampling import UPDATE_RULES
 
     g.add_argument("--sampler", choices=UPDATE_RULES.names(), help="DDPM ancestral or DDIM (default ddpm)")
@@ -115,7 +115,7 @@ def _sampler(g) -> None:
     g.add_argument("--eta", type=float, help="DDIM eta (default 0)")
 
 
-def _method_options(g) -> None:
+def _method_option_flags(g) -> None:
     """One flag per option of every registered method, its help naming the methods that take it."""
     from mgd3.methods import option_choices
 

@@ -18,20 +18,25 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
-    from mgd3.evaluation.networks import NETWORKS
-    from mgd3.evaluation.protocols import PROTOCOLS
-
-    S = argparse.SUPPRESS
     p = subparsers.add_parser(
         "evaluate", help="train networks on a distilled set and test them on real data",
         description="Train fresh networks on a distilled set (DIR/images/<NNN>-<class>/<k>.png + DIR/manifest.json, "
                     "or a plain ImageFolder) with hard labels, test them on the real test split of the same "
                     "classes, and write DIR/eval.json (per seed and mean ± std). With --reference, evaluate a "
                     "random real subset or the full real train split under the same protocol instead (cached).",
-        argument_default=S, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        argument_default=argparse.SUPPRESS, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("set_dir", nargs="?", metavar="DISTILLED_DIR",
                    help="the distilled set folder (omit with --reference)")
-    g = p.add_argument_group("what to evaluate")
+    _what_flags(p.add_argument_group("what to evaluate"))
+    _training_flags(p.add_argument_group("training"))
+    _run_flags(p.add_argument_group("run"))
+    p.set_defaults(func=run)
+
+
+def _what_flags(g) -> None:
+    from mgd3.evaluation.networks import NETWORKS
+    from mgd3.evaluation.protocols import PROTOCOLS
+
     g.add_argument("--data", help="real data: fashion-mnist, digits, imagenette, ..., or an image folder "
                                   "(default: the data named in the set's manifest)")
     g.add_argument("--protocol", choices=PROTOCOLS.names(),
@@ -46,12 +51,14 @@ def add_parser(subparsers) -> None:
     g.add_argument("--ipc", type=int, help="images per class of the random-real reference")
     g.add_argument("--no-reference", action="store_true",
                    help="a set: do not train its random-real reference (same data, IPC, protocol and seeds) when "
-                        "none is cached; without it IOR and DDRS stay empty")
+                        "none is cached; without it IOR and LRS stay empty")
     g.add_argument("--classes", nargs="+", metavar="CLASS", help="references: only these classes (ids or names)")
     g.add_argument("--data-root", help="ImageNet-1K root for the named ImageNet subsets "
                                        "(default: the manifest's)")
     g.add_argument("--class-map", help="file mapping class ids to labels (passed to the data loader)")
-    g = p.add_argument_group("training")
+
+
+def _training_flags(g) -> None:
     g.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="evaluation seeds: network init, batch order and augmentation (default 0 1 2)")
     g.add_argument("--epochs", type=int, help="override the protocol's epochs (recorded in eval.json)")
@@ -64,7 +71,9 @@ def add_parser(subparsers) -> None:
                         "(what the DSA code does when training evaluation networks)")
     g.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="set any other protocol field, e.g. --option cutmix_beta=0 (YAML value); repeatable")
-    g = p.add_argument_group("run")
+
+
+def _run_flags(g) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for forward passes")
     g.add_argument("--compile", action="store_true", help="torch.compile the network (needs a C compiler on CPU)")
@@ -85,7 +94,6 @@ def add_parser(subparsers) -> None:
     g.add_argument("--config", help="YAML file with any of these options (flag names without --); "
                                     "flags given on the command line win")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
 
 
 def _parse_options(items) -> dict:

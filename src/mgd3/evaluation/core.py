@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import logging
-import math
 import platform
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from mgd3.evaluation.protocols import PROTOCOLS, Protocol, override, resolve, to
 from mgd3.evaluation.train import (Normalization, RunOptions, TensorSet, center_crop, imagenet_normalization,
                                  resolve_device, tensor_set, to_uint8)
 from mgd3.machine import cpu_name
+from mgd3.evaluation.scores import lrs
 from mgd3.io.set_reader import DistilledSet, read_set  # noqa: F401  (the one reader of the set format)
 
 log = logging.getLogger(__name__)
@@ -455,31 +455,6 @@ def _attach_references(result: dict, p: Protocol, train_fp: str, ipc: int, cfg: 
         result["lrs"] = lrs(result["ior"], result["hlr"])
     if refs:
         result["references"] = refs
-
-
-def _unit_score(x: float) -> float:
-    """DD-Ranking's normalisation (e^x - e^-1) / (e - e^-1): x in [-1, 1] -> [0, 1]."""
-    return round((math.exp(x) - math.exp(-1.0)) / (math.e - math.exp(-1.0)), 4)
-
-
-def lrs(ior: float, hlr: float, w: float = 0.5) -> float:
-    """Label-robust score, DD-Ranking 0.2's LRS (its 0.1 name: DDRS; `ddranking/metrics/hard_label.py`,
-    docs `doc/metrics/lrs-hard-label.md`): alpha = w IOR - (1 - w) HLR with the accuracies as
-    fractions, LRS = (e^alpha - e^-1) / (e - e^-1), in [0, 1]; w = 0.5 (their `lrs_lambda`
-    default) weighs both equally. IOR and HLR come in % (as mgd3 writes them)."""
-    return _unit_score(w * ior / 100.0 - (1.0 - w) * hlr / 100.0)
-
-
-ddrs = lrs  # the name before DD-Ranking 0.2
-
-
-def ars(ior_aug: float, ior_plain: float, w: float = 0.5) -> float:
-    """Augmentation-robust score, DD-Ranking 0.2's ARS (`ddranking/metrics/aug_robust.py`, docs
-    `doc/metrics/ars.md`): beta = w (syn - random, trained with augmentation) + (1 - w) (syn -
-    random, without), accuracies as fractions, ARS = (e^beta - e^-1) / (e - e^-1); w = 0.5 (their
-    `ars_lambda` default). mgd3: with augmentation = the dc-dsa protocol, without = dc; the two
-    IORs come in %."""
-    return _unit_score(w * ior_aug / 100.0 + (1.0 - w) * ior_plain / 100.0)
 
 
 def _config_dict(cfg: EvalConfig) -> dict:

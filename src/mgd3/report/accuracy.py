@@ -8,7 +8,7 @@ import dataclasses
 import logging
 
 from mgd3.errors import Mgd3Error
-from mgd3.evaluation.core import ars, lrs
+from mgd3.evaluation.scores import ars, lrs
 from mgd3.report.document import fmt
 from mgd3.report.sets import SetInfo
 from mgd3.report.settings import ReportConfig

@@ -1,4 +1,4 @@
-"""Reading the distilled sets a report compares: manifests (through `mgd3.io.store.read_set`), the
+"""Reading the distilled sets a report compares: manifests (through `mgd3.io.set_reader.read_set`), the
 model that made each set (checked, never downloaded) and the evaluations beside it (eval.json,
 evals/*.json)."""
 
