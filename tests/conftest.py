@@ -3,11 +3,13 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from mgd3.testing import build_dit_folder
+from reference_models import build_reference_dit, load_raw_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 # the fastest in-process distill of the tiny models (`digits_model`)
@@ -40,16 +42,57 @@ def run_cli(*args, env=None, check=False):
     return r
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread, as the subprocesses had (OMP_NUM_THREADS=1): a shared CPU stalls otherwise.
-    A module takes it for every test with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+@contextmanager
+def _single_torch_thread():
+    """Torch on one thread inside the block; the thread count it had is restored after."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as the subprocesses had (OMP_NUM_THREADS=1): a shared CPU stalls otherwise.
+    A module takes it for every test with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    with _single_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def module_one_thread():
+    """`one_thread` held over a whole module, its module-scoped fixtures included (tiny models gain
+    nothing from threads; on a busy CPU waiting threads cost seconds per op). A module takes it with
+    `pytestmark = pytest.mark.usefixtures("module_one_thread")`; a module-scoped fixture that must
+    be built on one thread also names it."""
+    with _single_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory):
+    """A tiny learned-sigma reference DiT (`build_reference_dit`: 3-channel 16 px images, 4×8×8
+    latents, 10 classes, β_end 0.001), built once per module. A module that compares another DiT
+    defines its own `dit_folder`; `dit` and `raw_transformer` then load that one."""
+    return build_reference_dit(tmp_path_factory.mktemp("ref") / "dit")
+
+
+@pytest.fixture(scope="module")
+def dit(dit_folder):
+    """The module's `dit_folder` loaded through mgd3's backend."""
+    from mgd3.backends import load_backend
+
+    return load_backend(dit_folder)
+
+
+@pytest.fixture(scope="module")
+def raw_transformer(dit_folder):
+    """The same weights, loaded by diffusers alone (the oracles never touch mgd3's backend)."""
+    return load_raw_transformer(dit_folder)
 
 
 def distill_digits_set(model, out: Path, ipc: int = 2) -> Path:

@@ -21,34 +21,23 @@ import numpy as np
 import pytest
 import torch
 
-from mgd3.backends import load_backend
 from mgd3.errors import Mgd3Error
 from mgd3.methods import SamplerConfig, get_method
 from mgd3.methods.coda import CoDAOptions, guided_until
 from mgd3.core.mode_discovery import core_samples, pooled_kmeans_modes
 from reference_models import build_reference_dit
-from test_reference import float64_table, gens, items_for, make_ctx, random_modes, _scheduler_kwargs
+from test_reference import (_scheduler_kwargs, float64_table, generate_with_modes, gens, items_for, make_ctx,
+                            random_modes)
 
 TOL = 1e-5  # the same float32 arithmetic in another order, 50 steps
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("module_one_thread")
 
 
 @pytest.fixture(scope="module")
 def dit_folder(tmp_path_factory):
-    """Fixed variance (ε only), as SDXL's UNet."""
+    """Fixed variance (ε only), as SDXL's UNet; `dit` (tests/conftest.py) loads this one."""
     return build_reference_dit(tmp_path_factory.mktemp("ref") / "dit-fixed", learned_sigma=False)
-
-
-@pytest.fixture(scope="module")
-def dit(dit_folder):
-    return load_backend(dit_folder)
 
 
 def released_loop(folder, items, represent_latent, timesteps, *, guideTPercent=0.9, CoDA_guidance_scale=0.05,
@@ -97,13 +86,7 @@ def ours(backend, items, samples, *, steps=50, cfg=4.0, **options):
     cls = get_method("coda")
     method = cls(cls.Options(coda_modes="pooled-kmeans", **options))
     ctx = make_ctx(backend, items, SamplerConfig(sampler="ddpm", steps=steps, cfg=cfg))
-    ctx.check_class_sizes = lambda: None  # the core samples are given
-    method.validate(ctx)
-    by_class: dict[int, list] = {}
-    for it, m in zip(items, samples):
-        by_class.setdefault(it.cls.index, []).append(m.reshape(-1).numpy())
-    method.class_modes = {c: SimpleNamespace(points=np.stack(v), info={}) for c, v in by_class.items()}
-    return method.generate(ctx, items).latents, ctx
+    return generate_with_modes(method, ctx, items, samples), ctx  # the core samples are given as modes
 
 
 @pytest.mark.parametrize("sigma", ["on", "off"])

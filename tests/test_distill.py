@@ -12,6 +12,7 @@ from conftest import run_cli
 from inprocess import run_main
 from mgd3.run.driver import DistillConfig, distill
 from mgd3.methods import SamplerConfig
+from reference_models import record_decoded_latents
 
 FAST = ["--steps", "6", "--quiet"]
 
@@ -259,14 +260,7 @@ def test_shipped_model_in_diffusers_dit_pipeline_at_guidance_4():
     assert pipe.get_label_ids(["Ankle_boot", "Ankle boot", "T-shirt/top", "T-shirt_top", "Bag"]) == [9, 9, 0, 0, 8]
     asked = list(range(10)) + [9, 0]
     items = [Item(ClassInfo(y, str(y), str(y), y), k, 1000 + k) for k, y in enumerate(asked)]
-    seen = {}
-    decode = pipe.vae.decode
-
-    def record(z, *a, **kw):
-        seen["latents"] = z * pipe.vae.config.scaling_factor
-        return decode(z, *a, **kw)
-
-    pipe.vae.decode = record
+    seen = record_decoded_latents(pipe)
     out = pipe(class_labels=asked, guidance_scale=4.0, num_inference_steps=15, output_type="np",
                generator=[torch.Generator().manual_seed(it.seed) for it in items])
     made = torch.from_numpy((out.images * 255).round().astype(np.uint8)).permute(0, 3, 1, 2)  # (12, 1, 28, 28)

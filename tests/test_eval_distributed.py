@@ -30,13 +30,7 @@ from mgd3.evaluation.train import Shard
 # the tolerance of a DDP training against one process (points of test accuracy; see docs/SCALE.md)
 DDP_TOLERANCE = 1.0
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- the plan

@@ -19,6 +19,9 @@ from mgd3.evaluation.train import Normalization, RunOptions, TensorSet, lr_facto
 
 QUIET = RunOptions(device="cpu", progress=False)
 
+# one torch thread: on a shared CPU, two OpenMP threads stall each other (several x slower)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -380,12 +383,3 @@ def test_cli_unknown_protocol_is_rejected(capsys):
     with pytest.raises(SystemExit) as e:
         _parse(["evaluate", "x", "--protocol", "kip"])
     assert e.value.code == 2 and "invalid choice: 'kip'" in capsys.readouterr().err
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared CPU, two OpenMP threads stall each other (several x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -33,19 +33,13 @@ EXPECTED = {
     ("dmgd", "ddim"): [-2.234838, -0.889398, -0.270594, -0.628707, 1.706507, -0.209761, 1.420396, -0.458432],
 }
 
+pytestmark = pytest.mark.usefixtures("module_one_thread")
+
 
 @pytest.fixture(scope="module")
 def golden_model(tmp_path_factory):
     return build_reference_dit(tmp_path_factory.mktemp("golden") / "dit", image_channels=1, resolution=8,
                                class_names=[str(i) for i in range(10)], seed=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def final_slice(model, out, method: str, sampler: str) -> np.ndarray:

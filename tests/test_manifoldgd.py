@@ -14,50 +14,25 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch as th
 
-from mgd3.backends import load_backend
 from mgd3.errors import Mgd3Error
 from mgd3.methods import SamplerConfig, get_method
 from mgd3.methods.manifoldgd import ManifoldGDOptions, cloud_generators
 from mgd3.core.mode_discovery import divisive_modes
-from reference_models import build_reference_dit
-from test_reference import OfficialDiffusion, gens, items_for, make_ctx, official_forward_with_cfg, random_modes
+from test_reference import (OfficialDiffusion, generate_with_modes, gens, items_for, make_ctx, official_forward_with_cfg,
+                            random_modes)
 
 # float32 arithmetic in another order (float64 coefficients in mgd3, SVD instead of the D×D
 # eigendecomposition for the tangent plane) changes the last bits of each of 50 steps
 TOL = 1e-5
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def dit_folder(tmp_path_factory):
-    return build_reference_dit(tmp_path_factory.mktemp("ref") / "dit")
-
-
-@pytest.fixture(scope="module")
-def dit(dit_folder):
-    return load_backend(dit_folder)
-
-
-@pytest.fixture(scope="module")
-def raw_transformer(dit_folder):
-    from diffusers import DiTTransformer2DModel
-
-    tr = DiTTransformer2DModel.from_pretrained(dit_folder / "transformer", low_cpu_mem_usage=False)
-    return tr.eval().requires_grad_(False)
+# `dit_folder`, `dit` and `raw_transformer` (tests/conftest.py): the tiny learned-sigma reference DiT
+pytestmark = pytest.mark.usefixtures("module_one_thread")
 
 
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
@@ -227,13 +202,7 @@ def ours(backend, items, modes, *, sampler, stop_t, lam=0.1, steps=50, cfg=4.0, 
     cls = get_method("manifoldgd")
     method = cls(cls.Options(mode_guidance_scale=lam, t_stop=stop_t, **options))
     ctx = make_ctx(backend, items, SamplerConfig(sampler=sampler, steps=steps, cfg=cfg, cfg_channels=3))
-    ctx.check_class_sizes = lambda: None  # the modes are given
-    method.validate(ctx)
-    by_class: dict[int, list] = {}
-    for it, m in zip(items, modes):
-        by_class.setdefault(it.cls.index, []).append(m.reshape(-1).numpy())
-    method.class_modes = {c: SimpleNamespace(points=np.stack(v), info={}) for c, v in by_class.items()}
-    return method.generate(ctx, items).latents
+    return generate_with_modes(method, ctx, items, modes)
 
 
 @pytest.mark.parametrize("sampler,stop_t", [("ddpm", 25), ("ddpm", 0), ("ddim", 25)])

@@ -25,41 +25,17 @@ import torch
 from mgd3.backends import load_backend
 from mgd3.methods import ClassInfo, Context, Item, SamplerConfig, get_method, item_seed
 from mgd3.core.sampling import Plan
-from reference_models import BETA_END, build_reference_dit, build_reference_sd
+from reference_models import (BETA_END, build_reference_dit, build_reference_sd, load_raw_transformer,
+                              record_decoded_latents)
 
 TOL = 1e-5  # max abs latent difference the issue asks for
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster than two fighting a loaded CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one thread is faster than two fighting a loaded CPU; the fixtures `dit_folder`, `dit`
+# and `raw_transformer` (tests/conftest.py) are the tiny learned-sigma reference DiT
+pytestmark = pytest.mark.usefixtures("module_one_thread")
 
 
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def dit_folder(tmp_path_factory):
-    """A tiny learned-sigma DiT (3-channel 16 px images, 4×8×8 latents, 10 classes, β_end 0.002)."""
-    return build_reference_dit(tmp_path_factory.mktemp("ref") / "dit")
-
-
-@pytest.fixture(scope="module")
-def dit(dit_folder):
-    return load_backend(dit_folder)
-
-
-@pytest.fixture(scope="module")
-def raw_transformer(dit_folder):
-    """The same weights, loaded by diffusers alone (the oracle never touches mgd3's backend)."""
-    from diffusers import DiTTransformer2DModel
-
-    tr = DiTTransformer2DModel.from_pretrained(dit_folder / "transformer", low_cpu_mem_usage=False)
-    return tr.eval().requires_grad_(False)
+# --------------------------------------------------------------------------- helpers
 
 
 def items_for(labels: list[int], ipc: int, seed: int = 0) -> list[Item]:
@@ -85,11 +61,9 @@ def random_modes(n: int, shape, seed: int = 7) -> torch.Tensor:
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))  # (n, C, h, w)
 
 
-def run_mgd3_method(backend, items, modes: torch.Tensor, sampler: SamplerConfig, **options) -> torch.Tensor:
-    """mgd3's `mgd3` method on `items`, with the modes given (mode discovery is tested elsewhere)."""
-    cls = get_method("mgd3")
-    method = cls(cls.Options(**options))
-    ctx = make_ctx(backend, items, sampler)
+def generate_with_modes(method, ctx: Context, items, modes: torch.Tensor) -> torch.Tensor:
+    """The latents `method` generates for `items`, with its per-class modes given: `modes[i]` is
+    item i's (no real data; mode discovery is tested elsewhere)."""
     ctx.check_class_sizes = lambda: None  # no real data: the modes are given
     method.validate(ctx)
     by_class: dict[int, list] = {}
@@ -97,6 +71,13 @@ def run_mgd3_method(backend, items, modes: torch.Tensor, sampler: SamplerConfig,
         by_class.setdefault(it.cls.index, []).append(m.reshape(-1).numpy())
     method.class_modes = {c: SimpleNamespace(points=np.stack(v), info={}) for c, v in by_class.items()}
     return method.generate(ctx, items).latents
+
+
+def run_mgd3_method(backend, items, modes: torch.Tensor, sampler: SamplerConfig, **options) -> torch.Tensor:
+    """mgd3's `mgd3` method on `items`, with the modes given (mode discovery is tested elsewhere)."""
+    cls = get_method("mgd3")
+    method = cls(cls.Options(**options))
+    return generate_with_modes(method, make_ctx(backend, items, sampler), items, modes)
 
 
 # --------------------------------------------------------------------------- the oracle
@@ -279,12 +260,11 @@ def dit_fixed_folder(tmp_path_factory):
 def test_plain_ddpm_matches_diffusers_ddpm_scheduler(request, learned):
     """mgd3 `plain` DDPM, 50 steps == diffusers `DDPMScheduler` (learned_range / fixed_small,
     clip_sample False) on the same custom timesteps, the same initial and per-step noise, ≤ 1e-5."""
-    from diffusers import DDPMScheduler, DiTTransformer2DModel
+    from diffusers import DDPMScheduler
 
     folder = request.getfixturevalue("dit_folder" if learned else "dit_fixed_folder")
     backend = load_backend(folder)
-    raw = DiTTransformer2DModel.from_pretrained(folder / "transformer", low_cpu_mem_usage=False)
-    raw = raw.eval().requires_grad_(False)
+    raw = load_raw_transformer(folder)
     items = items_for([2, 5], ipc=2)
     ctx = make_ctx(backend, items, SamplerConfig(sampler="ddpm", steps=50, cfg=1.0))
     ours = get_method("plain")().generate(ctx, items).latents
@@ -331,14 +311,7 @@ def test_dit_pipeline_end_to_end(dit1000_folder):
     labels = [207, 360, 387, 974]
     items = [Item(ClassInfo(k, str(lab), str(lab), lab), 0, 1000 + k) for k, lab in enumerate(labels)]
 
-    seen = {}
-    decode = pipe.vae.decode
-
-    def record(z, *a, **kw):
-        seen["latents"] = z * pipe.vae.config.scaling_factor
-        return decode(z, *a, **kw)
-
-    pipe.vae.decode = record
+    seen = record_decoded_latents(pipe)
     images = pipe(class_labels=labels, guidance_scale=4.0, num_inference_steps=50, generator=gens(items),
                   output_type="pt").images  # (B, 3, R, R) in [0, 1]
     timesteps = [int(t) for t in pipe.scheduler.timesteps]
