@@ -10,7 +10,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mgd3.backends import load_backend
-from mgd3.run.driver import DistillConfig, distill
+from mgd3.run.driver import distill
+from mgd3.run.settings import DistillConfig
 from mgd3.methods import SamplerConfig
 from mgd3.run.profile import StageProfile, count_flops, dit_forward_flops, matmul_peak
 

@@ -9,7 +9,9 @@ import torch
 from conftest import run_cli
 from mgd3.backends import load_backend
 from mgd3.io.data import load_data
-from mgd3.run.driver import NOT_IN_RUN_KEY, DistillConfig, distill
+from mgd3.run.bookkeeping import NOT_IN_RUN_KEY
+from mgd3.run.driver import distill
+from mgd3.run.settings import DistillConfig
 from mgd3.core.encode import CachedLatents, default_workers, encode_classes
 from mgd3.errors import Mgd3Error
 from mgd3.methods import ClassInfo, Context, SamplerConfig

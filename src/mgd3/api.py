@@ -23,7 +23,7 @@ def load_model(model: str | os.PathLike, device: str = "auto", precision: str = 
     """A model loaded once, to pass as `model=` to many `distill` calls: a local pipeline folder,
     a Hugging Face repo id, or the name of a data set mgd3 ships a model for ("fashion-mnist")."""
     from mgd3.backends import load_backend
-    from mgd3.run.driver import shipped_model
+    from mgd3.run.settings import shipped_model
 
     shipped = shipped_model(str(model)) if not Path(model).expanduser().exists() else None
     return load_backend(shipped or model, device=resolve_device(device),
@@ -32,7 +32,7 @@ def load_model(model: str | os.PathLike, device: str = "auto", precision: str = 
 
 def _split_settings(method: str, settings: Mapping[str, Any]) -> tuple[dict, dict, dict]:
     """Keyword settings -> (DistillConfig fields, SamplerConfig fields, method options by name)."""
-    from mgd3.run.driver import DistillConfig
+    from mgd3.run.settings import DistillConfig
     from mgd3.methods import SamplerConfig, describe_options, get_method, option_names
 
     top_names = {f.name for f in dataclasses.fields(DistillConfig)} - {"sampler", "options", "data", "out",
@@ -67,7 +67,7 @@ def distill(data: str, out: str | os.PathLike, *, model=None, method: str = "mgd
     `steps=50`, `cfg=4.0`, `classes=[...]`, `overwrite=True`, `progress=False`); method options
     whose names are Python names may be given here as well (`t_stop=25`)."""
     from mgd3.backends import Backend
-    from mgd3.run.driver import DistillConfig
+    from mgd3.run.settings import DistillConfig
     from mgd3.run.driver import distill as run_distill
     from mgd3.methods import SamplerConfig
 

@@ -8,7 +8,6 @@ file format: it is what one run knows about its own progress.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import platform
 import subprocess

@@ -40,9 +40,8 @@ from mgd3.methods import (ClassInfo, Context, Item, Method, get_method, check_re
                           load_methods, method_options)
 from mgd3.run.profile import StageProfile
 from mgd3.run.spec import RunSpec, resolve_run
-from mgd3.run.settings import DistillConfig, check_distill_run, shipped_model, validate_distill  # noqa: F401
+from mgd3.run.settings import DistillConfig, check_distill_run, shipped_model, validate_distill
 from mgd3.run.ranks import Ranks, classes_of_rank
-from mgd3.run.bookkeeping import NOT_IN_RUN_KEY  # noqa: F401  (re-exported: the fields a run key leaves out)
 from mgd3.core.sampling import REPRODUCIBILITY, check_cfg_interval
 
 log = logging.getLogger(__name__)

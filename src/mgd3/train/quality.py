@@ -72,7 +72,8 @@ def measure(model_dir, data_name: str, *, device="cpu", fidelity_per_class: int 
     from mgd3.backends import load_backend
     from mgd3.io.data import load_data
     from mgd3.io.set_reader import load_set
-    from mgd3.run.driver import DistillConfig, distill
+    from mgd3.run.driver import distill
+    from mgd3.run.settings import DistillConfig
     from mgd3.methods import SamplerConfig
 
     b = load_backend(model_dir, device=device)
