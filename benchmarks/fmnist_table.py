@@ -65,9 +65,16 @@ VARIANTS = {
                      "MGD³, IPC kept of 4 candidates per image (S3 subgroup selection)"),
     "plain-select4": (["--method", "plain", "--cfg", "1.5", "--steps", "50", "--select-from", "4"],
                       "plain sampling, IPC kept of 4 candidates per image (S3 subgroup selection)"),
+    # CFG only where the noise level is in (0.45, 1.23] (Kynkäänniemi et al. 2024; issue 31), at twice
+    # the scale, as the paper's DiT-XL/2 setting doubles it: benchmarks/results/cfg_interval.md
+    "plain-cfg-interval": (["--method", "plain", "--cfg", "3.0", "--steps", "50", "--cfg-interval", "0.45", "1.23"],
+                           "plain sampling, CFG 3.0 only at noise levels in (0.45, 1.23]"),
+    "mgd3-cfg-interval": (["--method", "mgd3", "--lambda", "0.1", "--cfg", "3.0", "--steps", "50",
+                           "--cfg-interval", "0.45", "1.23"],
+                          "MGD³ (λ 0.1, t_stop 25), CFG 3.0 only at noise levels in (0.45, 1.23]"),
 }
-# the recommended and the 100-step cells run on request (--methods)
-GRID = [v for v in VARIANTS if not v.startswith("mgd3-recommended") and not v.endswith("-steps100")]
+# the recommended, 100-step and CFG-interval cells run on request (--methods)
+GRID = [v for v in VARIANTS if not v.startswith("mgd3-recommended") and not v.endswith(("-steps100", "-cfg-interval"))]
 # sets that do not depend on --seed (the clustering's random_state is --mode-seed): one generation
 # seed is the whole story, a second would evaluate the identical set again
 SEEDLESS = {"kmeans-real"}
