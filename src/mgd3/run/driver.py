@@ -317,7 +317,8 @@ def _generate_batch(run: _Run, items: list[Item]) -> dict:
     run.prof.enter("decode_write", images=len(items))
     images = result.images if result.images is not None else run.backend.decode(result.latents)
     images = resize_for_saving(images, run.cfg.save_resolution)  # no-op when None
-    folders = [store.class_folder(it.cls.index, it.cls.class_id, len(run.classes)) for it in items]
+    n_classes = len(run.spec.classes)
+    folders = [store.class_folder(it.cls.index, it.cls.class_id, n_classes) for it in items]
     pixels = store.to_pixels(images)  # (B, R, R[, 3]) uint8: the PNGs' and the shard's, converted once
     paths = store.write_images(run.out, folders, [it.index for it in items], images, pixels)
     run.timing["decode_write"] += time.perf_counter() - t
