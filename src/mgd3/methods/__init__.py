@@ -44,8 +44,6 @@ def option_flag(f) -> str:
 DEFAULT_STEPS = 50  # sampling steps when neither the command line nor the model's mgd3.json sets them
 
 
-
-
 @dataclass
 class SamplerConfig:
     sampler: str = "ddpm"
