@@ -191,7 +191,8 @@ def _case(rng, sub: str, ws: dict, case_dir: Path) -> tuple[list[str], Path | No
                 "cpu", "--quiet", "--out", str(case_dir / "eval.json"), "--cache-dir", str(case_dir / "cache")]
         done, out = None, None
     elif sub == "report":
-        base = ["report", str(ws["set"]), "--out", str(out), "--embedding", "pca", "--quiet", "--device", "cpu"]
+        base = ["report", str(ws["set"]), "--out", str(out), "--embedding", "pca", "--quiet", "--device", "cpu",
+                "--no-evaluate"]
         done = None
     else:
         base = ["pretrain", "--data", "digits", "--out", str(out), "--limit", "32", "--vae-epochs", "1", "--epochs",

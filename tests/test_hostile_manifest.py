@@ -21,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def report(a_set, tmp_path):
-    return ["report", a_set, "--out", tmp_path / "r", "--quiet", "--device", "cpu", "--embedding", "pca"]
+    return ["report", a_set, "--out", tmp_path / "r", "--quiet", "--device", "cpu", "--embedding", "pca",
+            "--no-evaluate"]
 
 
 def test_the_manifest_records_the_model_fingerprint(a_set, digits_model):

@@ -150,6 +150,37 @@ def test_accuracy_rows_take_a_reference_trained_later_from_the_cache(tmp_path):
     assert accuracy_rows(s, tmp_path)[0]["ior"] is None
 
 
+def test_the_shipped_full_data_reference_fills_hlr_until_one_is_cached(tmp_path):
+    """Fashion-MNIST's full-data reference ships with mgd3 (docs/METHODS.md §6.1): with an empty cache
+    a dc evaluation of that data gets HLR and LRS from it, named as shipped (the report marks it †);
+    other data, another protocol or the random-real kind get nothing; a cached reference wins."""
+    from mgd3.evaluation.references import SHIPPED_REFERENCES, cache_root, find_cached, write_json_atomic
+    from mgd3.report.document import Doc, _accuracy_section
+
+    (rec,) = json.loads(SHIPPED_REFERENCES.read_text())["full"]
+    fp, protocol = rec["data"]["train_fingerprint"], {**rec["protocol"], "epochs": 300}
+    assert rec["data"]["name"] == "fashion-mnist" and len(rec["set"]["class_ids"]) == 10
+    assert rec["seeds"] == [0] and rec["mean"] == rec["runs"][0]["final_acc"] and rec["command"].startswith("mgd3 ")
+    d = find_cached("full", fp, protocol, ipc=None, cache_dir=tmp_path)
+    assert d["mean"] == rec["mean"] and d["cache_file"] is None and d["source"].startswith("shipped with mgd3 (mgd3 ")
+    assert find_cached("full", "0" * 16, protocol, ipc=None, cache_dir=tmp_path) is None
+    assert find_cached("full", fp, {**protocol, "augment": "dsa"}, ipc=None, cache_dir=tmp_path) is None
+    assert find_cached("random-real", fp, protocol, ipc=10, cache_dir=tmp_path) is None
+    ev = {**_eval(80.0), "protocol": protocol, "data": {"train_fingerprint": fp}}
+    s = SetInfo(Path("x"), "x", {"method": "mgd3", "ipc": 10, "seed": 0}, [ev])
+    (row,) = accuracy_rows(s, tmp_path)
+    assert row["full"] == round(rec["mean"], 2) and row["hlr"] == round(rec["mean"] - 80.0, 2)
+    assert row["full_source"] == d["source"]
+    entry = {"label": "x", "method": "mgd3", "ipc": 10, "seed": 0, "accuracy": [{**row, "ars": None}]}
+    doc = Doc()
+    _accuracy_section(doc, [entry])
+    assert f"{rec['mean']:.2f} †" in doc.markdown() and f"† full-data reference {d['source']}." in doc.markdown()
+    write_json_atomic(cache_root(tmp_path) / "references" / f"full-{fp}-dc-convnet-3-r28" / "k" / "result.json",
+                      {"mean": 93.0, "protocol": {**protocol, "epochs": 20}})
+    (row,) = accuracy_rows(s, tmp_path)
+    assert row["full"] == 93.0 and not row["full_source"].startswith("shipped")
+
+
 def test_ars_pairs_the_dc_and_dc_dsa_evaluations():
     """DD-Ranking's ARS: b = 0.5 IOR with augmentation (dc-dsa) + 0.5 IOR without (dc), fractions."""
     import math
@@ -189,7 +220,7 @@ def test_cli_report_end_to_end(two_sets, tmp_path):
     (bare / "latents.pt").unlink()
     out = tmp_path / "rep"
     r = run_cli("report", sets["mgd3"], sets["random-real"], bare, "--out", out, "--plot-real-per-class", "30",
-                "--threads", "1", "--quiet", env=env)
+                "--threads", "1", "--quiet", "--no-evaluate", env=env)
     assert r.returncode == 0, r.stderr
     assert "report of 3 set(s) (1 evaluated" in r.stdout and str(out) in r.stdout
 
@@ -256,6 +287,35 @@ def test_report_trains_the_random_real_reference_an_evaluation_lacks(two_sets, t
     assert acc["random_real"] is not None and acc["ior"] == pytest.approx(acc["mean"] - acc["random_real"], abs=0.02)
     r = run_cli(*args, env=env)  # cached now
     assert "training it now" not in r.stderr
+
+
+def test_report_evaluates_a_set_never_evaluated(two_sets, tmp_path):
+    """No other command first: the report runs `mgd3 evaluate DIR` with its defaults (dc, 300 epochs,
+    seeds 0 1 2) and the random-real reference; the accuracy row is that eval.json's."""
+    root, env, sets = two_sets
+    s = tmp_path / "fresh"
+    shutil.copytree(sets["mgd3"], s)
+    (s / "eval.json").unlink(missing_ok=True)
+    shutil.rmtree(s / "evals", ignore_errors=True)
+    out = tmp_path / "rep"
+    args = ("report", s, "--out", out, "--embedding", "pca", "--threads", "1", "--quiet")
+    r = run_cli(*args, "--no-evaluate", env=env)
+    assert r.returncode == 0, r.stderr
+    assert not (s / "eval.json").exists() and "has no evaluation" not in r.stderr
+    assert "not evaluated" in (out / "report.md").read_text()
+    r = run_cli(*args, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"has no evaluation: running `mgd3 evaluate {s}` now (dc protocol, seeds 0 1 2" in r.stderr
+    ev = json.loads((s / "eval.json").read_text())
+    assert ev["seeds"] == [0, 1, 2] and ev["protocol"]["name"] == "dc" and ev["protocol"]["epochs"] == 300
+    assert ev["references"]["random_real"]["ipc"] == 2
+    (acc,) = json.loads((out / "report.json").read_text())["sets"][0]["accuracy"]
+    assert acc["mean"] == round(ev["mean"], 2) and acc["random_real"] == round(ev["references"]["random_real"]["mean"], 2)
+    assert acc["ior"] == pytest.approx(acc["mean"] - acc["random_real"], abs=0.02)
+    assert "not evaluated" not in (out / "report.md").read_text()
+    r = run_cli(*args, env=env)  # evaluated now: read, not trained again
+    assert r.returncode == 0, r.stderr
+    assert "has no evaluation" not in r.stderr and "training it now" not in r.stderr
 
 
 def test_bad_input_is_one_line(two_sets, tmp_path, capsys):

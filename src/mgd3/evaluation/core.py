@@ -450,6 +450,8 @@ def _attach_references(result: dict, p: Protocol, train_fp: str, ipc: int, cfg: 
     if full:
         refs["full"] = {k: full.get(k) for k in ("mean", "std", "seeds", "cache_file")}
         refs["full"]["epochs"] = full["protocol"]["epochs"]
+        if full.get("source"):
+            refs["full"]["source"] = full["source"]
         result["hlr"] = round(full["mean"] - result["mean"], 2)
     if rr and full:
         result["lrs"] = lrs(result["ior"], result["hlr"])

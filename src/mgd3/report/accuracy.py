@@ -34,8 +34,31 @@ def _cached_references(r: dict, ipc, cache_dir=None) -> dict:
         if refs.get(key) is None:
             d = find_cached(kind, fp, p, ipc=want_ipc, cache_dir=cache_dir)
             if d is not None and isinstance(d.get("mean"), (int, float)) and not isinstance(d.get("mean"), bool):
-                refs[key] = {"mean": float(d["mean"]), "ipc": d.get("ipc"), "cache_file": d.get("cache_file")}
+                refs[key] = {"mean": float(d["mean"]), "ipc": d.get("ipc"), "cache_file": d.get("cache_file"),
+                             "source": d.get("source")}
     return refs
+
+
+def evaluate_never_evaluated(s: SetInfo, cfg: ReportConfig) -> None:
+    """A set with no evaluation beside it: `mgd3 evaluate DIR` with evaluate's defaults (dc protocol,
+    seeds 0 1 2), which writes DIR/eval.json and trains the random-real reference of its IPC when none
+    is cached (unless the report skips references); then the evaluation is read back. A failure is a
+    warning: the set's accuracy row says "not evaluated"."""
+    from mgd3.evaluation.core import EvalConfig, evaluate
+    from mgd3.report.sets import read_evals
+
+    if s.evals:
+        return
+    ec = EvalConfig(set_dir=str(s.path), data=cfg.data, device=cfg.device, threads=cfg.threads,
+                    cache_dir=cfg.cache_dir, random_real=cfg.references, progress=cfg.progress)
+    log.info("%s has no evaluation: running `mgd3 evaluate %s` now (%s protocol, seeds %s; each seed's progress "
+             "bar shows the time left; then its random-real reference, about as long again, unless cached; "
+             "--no-evaluate skips both)", s.label, s.path, ec.protocol, " ".join(map(str, ec.seeds)))
+    try:
+        evaluate(ec)
+        s.evals = read_evals(s.path)
+    except (Mgd3Error, TypeError, ValueError) as e:
+        log.warning("%s could not be evaluated (%s)", s.label, str(e)[:200])
 
 
 def train_missing_random_real(s: SetInfo, cfg: ReportConfig) -> None:
@@ -66,6 +89,15 @@ def train_missing_random_real(s: SetInfo, cfg: ReportConfig) -> None:
             log.warning("%s: its random-real reference could not be trained (%s)", s.label, str(e)[:200])
 
 
+def _full_source(ref) -> str | None:
+    """Where a row's full-data reference comes from: a shipped measurement says so (with its
+    command); a cached or recorded one is the cache file, if known."""
+    if not isinstance(ref, dict):
+        return None
+    src = ref.get("source") or ref.get("cache_file")
+    return " ".join(str(src).split())[:300] if src else None  # one line, bounded: eval.json is read from outside
+
+
 def accuracy_rows(s: SetInfo, cache_dir=None) -> list[dict]:
     """One row per evaluation of the set (docs/METHODS.md §6.1 numbers); [] when it was never evaluated.
     A reference missing from an eval.json is looked up in the evaluation cache."""
@@ -87,7 +119,8 @@ def accuracy_rows(s: SetInfo, cache_dir=None) -> list[dict]:
             "reported": r.get("reported"), "eval_seeds": r.get("seeds"),
             "mean": _r2(mean), "std": _r2(r.get("std")),
             "random_real": _r2(rr), "ior": _r2(mean - rr) if rr is not None else None,
-            "full": _r2(full), "recovery": round(mean / full, 4) if full else None,
+            "full": _r2(full), "full_source": _full_source(refs.get("full")),
+            "recovery": round(mean / full, 4) if full else None,
             "hlr": _r2(full - mean) if full is not None else None,
             "lrs": lrs(mean - rr, full - mean) if rr is not None and full is not None else None,
             "eval_seconds": _r2(r.get("train_seconds")), "file": r.get("file"),

@@ -42,6 +42,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--config", help="YAML file with any of these options (flag names without --); "
                                     "flags given on the command line win")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-evaluate", action="store_true",
+                   help="do not evaluate a set that has no eval.json (by default the report runs `mgd3 evaluate "
+                        "DIR` on it: dc protocol, seeds 0 1 2, minutes per set on a CPU)")
     p.add_argument("--no-reference", action="store_true",
                    help="do not train the random-real reference an evaluated set lacks (same data, IPC, protocol "
                         "and seeds as its evaluation; cached, as `mgd3 evaluate` trains it)")
@@ -56,9 +59,10 @@ def run(args) -> int:
 
     values, source = merged(args)
     no_reference = convert("no_reference", values.pop("no_reference", False), "bool", source)
+    no_evaluate = convert("no_evaluate", values.pop("no_evaluate", False), "bool", source)
     cfg = report_config(values, source)
-    if no_reference:
-        cfg = dataclasses.replace(cfg, references=False)
+    cfg = dataclasses.replace(cfg, references=cfg.references and not no_reference,
+                              evaluate=cfg.evaluate and not no_evaluate)
     r = report(cfg)
     evaluated = sum(1 for e in r["sets"] if e["accuracy"])
     cov = ", ".join(f"{e['label']} {100 * e['metrics']['coverage']:.0f} %" for e in r["sets"])

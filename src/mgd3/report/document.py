@@ -146,20 +146,32 @@ def _accuracy_section(doc: Doc, sets: list[dict]) -> None:
           "LRS = DD-Ranking 0.2's label-robust score (0.1 called it DDRS) (e^α − e^−1) / (e − e^−1), α = ½ IOR − ½ HLR "
           "in fractions of 1; ARS = its augmentation-robust score, the same with β = ½ IOR under dc-dsa + ½ IOR "
           "under dc (a set evaluated under both). "
-          "`mgd3 evaluate` trains the random-real reference of a set's IPC when none is cached; a reference "
-          "missing from an eval.json is taken from the evaluation cache (full: `mgd3 evaluate --reference full`).")
-    rows = []
+          "`mgd3 evaluate` (and `mgd3 report`, for a set never evaluated) trains the random-real reference of a "
+          "set's IPC when none is cached; a reference missing from an eval.json is taken from the evaluation cache "
+          "(full: `mgd3 evaluate --reference full`, else the one mgd3 ships for its data, marked †).")
+    rows, shipped = [], set()
     for e in sets:
         if not e["accuracy"]:
             rows.append([e["label"], e["method"], e["ipc"], e["seed"], "not evaluated"] + [""] * 11)
         for a in e["accuracy"]:
             rows.append([e["label"], a["method"], a["ipc"], a["seed"], a["protocol"], a["arch"], a["epochs"],
                          f"{fmt(a['mean'])} ± {fmt(a['std'])}", " ".join(map(str, a["eval_seeds"] or [])),
-                         fmt(a["random_real"]), fmt(a["ior"], "+.2f"), fmt(a["full"]),
+                         fmt(a["random_real"]), fmt(a["ior"], "+.2f"), fmt(a["full"]) + _dagger(a, shipped),
                          fmt(None if a["recovery"] is None else 100 * a["recovery"], ".1f") +
                          (" %" if a["recovery"] is not None else ""), fmt(a["hlr"]), fmt(a["lrs"], ".4f"), fmt(a["ars"], ".4f")])
     doc.table(["set", "method", "IPC", "seed", "protocol", "arch", "epochs", "acc % (mean ± std)", "eval seeds",
                "random real %", "IOR", "full %", "recovery", "HLR", "LRS", "ARS"], rows)
+    for src in sorted(shipped):
+        doc.p(f"† full-data reference {src}.")
+
+
+def _dagger(a: dict, shipped: set) -> str:
+    """' †' for a row whose full-data reference is the one mgd3 ships (its source noted in `shipped`)."""
+    src = a.get("full_source")
+    if a.get("full") is None or not isinstance(src, str) or not src.startswith("shipped with mgd3"):
+        return ""
+    shipped.add(src)
+    return " †"
 
 
 def _grids_section(doc: Doc, r: dict, out: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mgd3.errors import Mgd3Error
 from mgd3.files import write_text_atomic
-from mgd3.report.accuracy import accuracy_rows, train_missing_random_real
+from mgd3.report.accuracy import accuracy_rows, evaluate_never_evaluated, train_missing_random_real
 from mgd3.report.document import document, jsonable
 from mgd3.report.figures import matplotlib_home, plot_div_rep, plot_embedding, write_comparison, write_set_grid
 from mgd3.report.latents import LatentSource
@@ -51,6 +51,12 @@ def _report(cfg: ReportConfig) -> dict:
     source = LatentSource(cfg)
     entries = [_set_entry(s, f"{i + 1:02d}-{_slug(s.label)}", cfg, source, out)
                for i, s in enumerate(tqdm(sets, desc="report", unit="set", disable=not cfg.progress))]
+    for s, entry in zip(sets, entries):  # the long part last: every set's input was read and checked first
+        if cfg.evaluate:
+            evaluate_never_evaluated(s, cfg)
+        if cfg.references:
+            train_missing_random_real(s, cfg)
+        entry["accuracy"] = accuracy_rows(s, cfg.cache_dir)
     figures = _set_figures(sets, entries, out)
     result = {"format": REPORT_FORMAT, "mgd3_version": __version__,
               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -90,12 +96,10 @@ def _output_folder(path: str) -> Path:
 def _set_entry(s: SetInfo, slug: str, cfg: ReportConfig, source: LatentSource, out: Path) -> dict:
     """One set's part of report.json — accuracy, metrics, embedding — with its grid and embedding
     figures written to `out` under `slug`."""
-    if cfg.references:
-        train_missing_random_real(s, cfg)
     entry = {"label": s.label, "path": str(s.path), "method": s.method, "ipc": s.ipc,
              "seed": s.manifest.get("seed"), "data": s.manifest.get("data"), "model": s.manifest.get("model"),
              "num_images": len(s.manifest.get("images") or []), "num_classes": len(s.manifest["classes"]),
-             "timing_s": s.manifest.get("timing_s") or {}, "accuracy": accuracy_rows(s, cfg.cache_dir),
+             "timing_s": s.manifest.get("timing_s") or {}, "accuracy": [],  # filled in by _report
              "figures": {}}
     write_set_grid(s, out / f"grid-{slug}.png")
     entry["figures"]["grid"] = f"grid-{slug}.png"

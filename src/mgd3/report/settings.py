@@ -25,6 +25,7 @@ class ReportConfig:
     threads: int | None = None  # CPU threads for encoding, k-means and t-SNE (None: the libraries' default)
     progress: bool = True
     references: bool = True  # train an evaluation's missing random-real reference (as `mgd3 evaluate` does)
+    evaluate: bool = True  # evaluate a set that has no eval.json (`mgd3 evaluate DIR` with its defaults)
 
 
 def _embedding_names():
