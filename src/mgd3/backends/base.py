@@ -8,7 +8,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -96,6 +96,13 @@ class Backend:
     def decode(self, latents: Tensor) -> Tensor:
         """latents (B, c, h, w) -> images (B, C, R, R) in [-1, 1]."""
         raise NotImplementedError
+
+    # True when `decode_differentiable` exists (guidance through the decoder: IGD)
+    decodes_with_gradients: ClassVar[bool] = False
+
+    def decode_differentiable(self, latents: Tensor) -> Tensor:
+        """`decode` with gradients flowing back to the latents, unclamped."""
+        raise Mgd3Error(f"the {self.name} backend cannot decode with gradients")
 
     def vae_fingerprint(self) -> str:
         """Changes when the VAE weights or config change (encoding-cache key)."""

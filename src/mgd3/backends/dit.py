@@ -156,6 +156,14 @@ class KLVaeMixin:
             images = self.vae.decode(latents.to(self.device) / self.scaling_factor + self.shift_factor).sample
         return images.float().clamp(-1.0, 1.0)
 
+    decodes_with_gradients = True
+
+    def decode_differentiable(self, latents: Tensor) -> Tensor:
+        """`decode` without no_grad and without the clamp (the released IGD decodes so)."""
+        with self.autocast():
+            images = self.vae.decode(latents.to(self.device) / self.scaling_factor + self.shift_factor).sample
+        return images.float()
+
     def vae_fingerprint(self) -> str:
         return folder_fingerprint(self._vae_dir)
 

@@ -285,6 +285,15 @@ class LDMBackend(ClassLabelMixin, KLVaeMixin, Backend):
             images = self.vae.decode(latents.to(self.device) / self.scaling_factor + self.shift_factor).sample
         return images.float().clamp(-1.0, 1.0)
 
+    @property
+    def decodes_with_gradients(self) -> bool:
+        return not self.vq  # a VQ first stage quantises before decoding
+
+    def decode_differentiable(self, latents: Tensor) -> Tensor:
+        if self.vq:
+            raise Mgd3Error("a VQ first stage quantises before decoding: no gradient reaches the latents")
+        return super().decode_differentiable(latents)
+
     def vae_fingerprint(self) -> str:
         return folder_fingerprint(self._vae_dir)
 
