@@ -29,6 +29,8 @@ def _latents(out):
 def test_every_method_writes_a_complete_set(digits_model, tmp_path, method, sampler, capsys):
     out = tmp_path / method
     extra = ["--iterations", "2"] if method == "dm" else []  # DM's default is 20 000 optimisation steps
+    if method.startswith("igd"):  # IGD's surrogate: 2 epochs, not the released 50
+        extra = ["--surrogate-epochs", "2", "--igd-low", "0"]
     r = run_main(capsys, "distill", "--data", "digits", "--model", digits_model, "--method", method, "--ipc", "2",
                  "--classes", "0", "1", "2", "--out", out, "--steps", "6", "--sampler", sampler, "--quiet", *extra)
     assert r.returncode == 0, r.stderr

@@ -39,6 +39,7 @@ Because of the deviation memory an image depends on the images of its class gene
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -233,7 +234,7 @@ def train_surrogate(ctx, arch: str, epochs: int, per_class: int, seed: int, *, b
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(rows)
+                total += float(loss.detach()) * len(rows)
             sched.step()
             model.eval()
             params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -387,16 +388,18 @@ class IGD(Method):
                              "the released --repeat recurrence is not implemented"}
         log.info("IGD: surrogate %s, checkpoints kept %s of %d", o.surrogate, kept, len(sur.checkpoints))
 
-    def generate(self, ctx, items):
+    def influence_guidance(self, ctx, items) -> InfluenceGuidance:
         o = self.options
         b = ctx.backend
         labels = [self.position[it.cls.index] for it in items]
         memory = [self.memory[it.cls.index][-o.memory_size:] if o.memory_size else self.memory[it.cls.index][:0]
                   for it in items]
-        guide = InfluenceGuidance(ctx.denoiser(), b.cond([it.cls.label for it in items]), labels, self.real,
-                                  self.surrogate, self.checkpoints, b.decode_differentiable, memory,
-                                  o.influence_scale, o.deviation_scale, o.igd_low, o.igd_high)
-        latents = ctx.sample(items, guidance=[guide])
+        return InfluenceGuidance(ctx.denoiser(), b.cond([it.cls.label for it in items]), labels, self.real,
+                                 self.surrogate, self.checkpoints, b.decode_differentiable, memory,
+                                 o.influence_scale, o.deviation_scale, o.igd_low, o.igd_high)
+
+    def generate(self, ctx, items):
+        latents = ctx.sample(items, guidance=[self.influence_guidance(ctx, items)])
         self.replay(ctx, items, latents)
         return Batch(latents, mode_ids=[None] * len(items))
 
@@ -407,3 +410,68 @@ class IGD(Method):
 
     def manifest_info(self):
         return self.info
+
+
+# --------------------------------------------------------------------------- IGD + MGD³
+
+
+@dataclass(frozen=True)
+class IGDMGD3Options(IGDOptions):
+    lam: float = option(0.1, "IGD + MGD³: mode guidance scale λ (MGD³'s paper 0.1)", flag="--lambda")
+    t_stop: int | None = option(None, "IGD + MGD³: mode guidance while step index > t_stop (default steps // 2)")
+    modes: str = option("kmeans", "IGD + MGD³: mode discovery (as --method mgd3)")
+    mode_seed: int = option(0, "IGD + MGD³: random_state of the clustering")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_finite("--lambda", self.lam)
+
+
+@METHODS.register("igd-mgd3")
+class IGDMGD3(IGD):
+    """IGD's influence and deviation terms and MGD³'s mode and stop guidance on the same steps:
+    image k of a class is pulled toward mode k (λ·σ_t·(m − x̂0), DDPM; the ε form for DDIM) while the
+    step index > t_stop, and IGD's guidance is added after it. ρ = γ = 0 is `mgd3`, λ = 0 is `igd`."""
+
+    name = "igd-mgd3"
+    Options = IGDMGD3Options
+
+    @classmethod
+    def resolve_options(cls, options, sampler):
+        if options.t_stop is None:
+            return dataclasses.replace(options, t_stop=sampler.steps // 2)
+        return options
+
+    def validate(self, ctx):
+        super().validate(ctx)
+        from mgd3.core.mode_discovery import MODE_FINDERS
+
+        steps = ctx.sampler.steps
+        t_stop = self.resolve_options(self.options, ctx.sampler).t_stop
+        if not -1 <= t_stop <= steps:
+            raise Mgd3Error(f"--t-stop must be in -1..{steps} for {steps} steps, got {t_stop}")
+        self.t_stop = t_stop
+        MODE_FINDERS.get(self.options.modes)
+        ctx.check_class_sizes()
+
+    def prepare(self, ctx):
+        from mgd3.core.mode_discovery import find_modes
+
+        super().prepare(ctx)
+        latents = ctx.real_latents()
+        self.class_modes = {c.index: find_modes(self.options.modes, latents[c.index].numpy(), ctx.ipc,
+                                                self.options.mode_seed) for c in ctx.classes}
+        self.info["mode_guidance"] = {"lambda": self.options.lam, "t_stop": self.t_stop, "finder": self.options.modes,
+                                      "random_state": self.options.mode_seed}
+
+    def generate(self, ctx, items):
+        from mgd3.core.guidance import ModeGuidance, StopWindow
+        from mgd3.methods import as_tensor_modes
+
+        shape = ctx.backend.latent_shape
+        targets = torch.cat([as_tensor_modes(self.class_modes[it.cls.index].points[it.index], shape)
+                             for it in items]).to(ctx.backend.device)  # (B, C, h, w)
+        modes = StopWindow(ModeGuidance(targets, self.options.lam), self.t_stop)
+        latents = ctx.sample(items, guidance=[modes, self.influence_guidance(ctx, items)])
+        self.replay(ctx, items, latents)
+        return Batch(latents, mode_ids=[it.index for it in items])
