@@ -128,6 +128,15 @@ def find_reference(kind: str, train_fp: str, p: Protocol, *, ipc: int | None, ca
     return find_cached(kind, train_fp, to_dict(p), ipc=ipc, cache_dir=cache_dir)
 
 
+# what may differ between a reference's protocol and the run's: the training length and batching
+_LENGTH_KEYS = ("epochs", "eval_every", "batch_size")
+
+
+def comparable(protocol: dict) -> dict:
+    """A protocol without the settings that may differ between a reference and the run it serves."""
+    return {k: v for k, v in protocol.items() if k not in _LENGTH_KEYS}
+
+
 def find_cached(kind: str, train_fp: str, protocol: dict, *, ipc: int | None, cache_dir=None) -> dict | None:
     """`find_reference` for a protocol as eval.json records it (a dict)."""
     try:
@@ -135,7 +144,7 @@ def find_cached(kind: str, train_fp: str, protocol: dict, *, ipc: int | None, ca
                 / f"{kind}-{train_fp}-{protocol['name']}-{protocol['arch']}-r{protocol['resolution']}")
     except (KeyError, TypeError):
         return None
-    want = {k: v for k, v in protocol.items() if k not in ("epochs", "eval_every", "batch_size")}
+    want = comparable(protocol)
     if not base.is_dir():
         return shipped_reference(kind, train_fp, want)
     best = None
@@ -143,7 +152,7 @@ def find_cached(kind: str, train_fp: str, protocol: dict, *, ipc: int | None, ca
         d = read_json(f)
         if not d or (kind == "random-real" and d.get("ipc") != ipc):
             continue
-        got = {k: v for k, v in d.get("protocol", {}).items() if k not in ("epochs", "eval_every", "batch_size")}
+        got = comparable(d.get("protocol", {}))
         if kind == "random-real" and d.get("protocol") != protocol:
             continue
         if got != want:
@@ -170,7 +179,7 @@ def shipped_reference(kind: str, train_fp: str, want: dict) -> dict | None:
         return None
     records = safeio.read_json(SHIPPED_REFERENCES, 1 << 20)
     for d in records.get("full", []):
-        got = {k: v for k, v in d.get("protocol", {}).items() if k not in ("epochs", "eval_every", "batch_size")}
+        got = comparable(d.get("protocol", {}))
         if (d.get("data") or {}).get("train_fingerprint") == train_fp and got == want:
             return {**d, "cache_file": None, "source": f"shipped with mgd3 ({d['command']})"}
     return None
