@@ -350,6 +350,13 @@ def check_finite(name: str, value: float, minimum: float = 0.0) -> None:
         raise Mgd3Error(f"{name} must be a finite number >= {minimum:g}, got {value}")
 
 
+def check_at_least(*checks: tuple[str, int, int]) -> None:
+    """(flag, value, minimum) for each count option: the first below its minimum is an error."""
+    for name, value, minimum in checks:
+        if value < minimum:
+            raise Mgd3Error(f"{name} must be at least {minimum}, got {value}")
+
+
 def class_modes_progress(ctx: Context, desc: str):
     return tqdm(ctx.classes, desc=desc, unit="class", disable=not ctx.progress, leave=False)
 

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from mgd3.errors import Mgd3Error
-from mgd3.methods import METHODS, Batch, Method, as_tensor_modes, check_finite, class_modes_progress, option
+from mgd3.methods import (METHODS, Batch, Method, as_tensor_modes, check_at_least, check_finite, class_modes_progress,
+                          option)
 from mgd3.core.mode_discovery import ClassModes, coda_umap_hdbscan_modes, pooled_kmeans_modes
 from mgd3.core.sampling import ModelOutput
 
@@ -90,11 +91,9 @@ class CoDAOptions:
         check_finite("--coda-guidance-scale", self.coda_guidance_scale)
         if not 0.0 <= self.guide_fraction <= 1.0 or not math.isfinite(self.guide_fraction):
             raise Mgd3Error(f"--guide-fraction must be in [0, 1], got {self.guide_fraction}")
-        for name, v, lo in (("--umap-neighbors", self.umap_neighbors, 2), ("--umap-components", self.umap_components, 1),
-                            ("--min-cluster-size", self.min_cluster_size, 2), ("--min-samples", self.min_samples, 1),
-                            ("--pool-size", self.pool_size, 1)):
-            if v < lo:
-                raise Mgd3Error(f"{name} must be at least {lo}, got {v}")
+        check_at_least(("--umap-neighbors", self.umap_neighbors, 2), ("--umap-components", self.umap_components, 1),
+                       ("--min-cluster-size", self.min_cluster_size, 2), ("--min-samples", self.min_samples, 1),
+                       ("--pool-size", self.pool_size, 1))
 
 
 @METHODS.register("coda")

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from mgd3.errors import Mgd3Error
 from mgd3.files import cache_root, cache_torch
-from mgd3.methods import METHODS, Batch, Method, check_finite, option
+from mgd3.methods import METHODS, Batch, Method, check_at_least, check_finite, option
 from mgd3.core.sampling import Step
 from mgd3.safeio import check_regular, load_error, view_problem
 
@@ -321,11 +321,9 @@ class IGDOptions:
         if not 0 <= self.igd_low <= self.igd_high:
             raise Mgd3Error(f"--igd-low and --igd-high must satisfy 0 <= LOW <= HIGH, got {self.igd_low} "
                             f"and {self.igd_high}")
-        for name, v, lo in (("--grad-ipc", self.grad_ipc, 1), ("--memory-size", self.memory_size, 0),
-                            ("--surrogate-epochs", self.surrogate_epochs, 1),
-                            ("--surrogate-per-class", self.surrogate_per_class, 0)):
-            if v < lo:
-                raise Mgd3Error(f"{name} must be at least {lo}, got {v}")
+        check_at_least(("--grad-ipc", self.grad_ipc, 1), ("--memory-size", self.memory_size, 0),
+                       ("--surrogate-epochs", self.surrogate_epochs, 1),
+                       ("--surrogate-per-class", self.surrogate_per_class, 0))
         if not (math.isfinite(self.checkpoint_threshold) and -1.0 <= self.checkpoint_threshold <= 1.0):
             raise Mgd3Error(f"--checkpoint-threshold is a cosine, in [-1, 1]; got {self.checkpoint_threshold}")
 
