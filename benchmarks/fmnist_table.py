@@ -67,6 +67,8 @@ VARIANTS = {
     # train image to 10 epochs on 1 000 per class (ConvNet-6: 42 s an epoch on one thread)
     "igd": (["--method", "igd", "--cfg", "1.5", "--steps", "50", "--batch-size", "1", *IGD_SURROGATE],
             "IGD: influence (ρ 0.02) + deviation (γ 0.01) guidance at t in [500, 800], ConvNet-6 surrogate"),
+    "igd-mgd3": (["--method", "igd-mgd3", *PAPER, "--batch-size", "1", *IGD_SURROGATE],
+                 "IGD + MGD³: MGD³'s mode and stop guidance (λ 0.1, t_stop 25), then IGD's step (released scales)"),
     "mgd3-select4": (["--method", "mgd3", *PAPER, "--select-from", "4"],
                      "MGD³, IPC kept of 4 candidates per image (S3 subgroup selection)"),
     "plain-select4": (["--method", "plain", "--cfg", "1.5", "--steps", "50", "--select-from", "4"],
