@@ -44,6 +44,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -135,8 +136,10 @@ def select_checkpoints(class_grads: Sequence[dict[int, Tensor]], threshold: floa
 
 
 def _load_epoch(path: Path, reference: dict[str, Tensor]) -> dict | None:
-    """An epoch file of the cache, or None (one warning) when it is not one mgd3 wrote for this
-    surrogate: bounded in size, `weights_only=True`, every tensor of the expected shape."""
+    """An epoch file of the cache, or None: absent (silently), or not one mgd3 wrote for this
+    surrogate (one warning): bounded in size, `weights_only=True`, every tensor of the expected shape."""
+    if not path.exists():
+        return None
     try:
         st = check_regular(path)
         if st.st_size > MAX_CHECKPOINT_BYTES:
@@ -165,88 +168,93 @@ class Surrogate:
         self.model, self.checkpoints, self.seconds, self.resumed = model, checkpoints, seconds, resumed
 
 
+class _Trainer:
+    """The surrogate's network, optimiser, schedule and batch order, fresh or restored from an epoch file."""
+
+    def __init__(self, arch: str, data, num_classes: int, epochs: int, seed: int, lr: float):
+        from mgd3.evaluation.networks import build_network
+
+        torch.manual_seed(seed)
+        self.model = build_network(arch, data.channels, num_classes, data.resolution, seed=seed).eval()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=epochs)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def params(self) -> dict[str, Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def state(self) -> dict:
+        return {"params": self.params(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "rng": self.gen.get_state()}
+
+    def restore(self, state: dict) -> bool:
+        try:
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
+            self.gen.set_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            return False
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(state["params"][n])
+        return True
+
+    def epoch(self, dataset, targets: np.ndarray, batch_size: int) -> float:
+        """One pass in a fresh random order; the mean training loss."""
+        self.model.train()
+        perm = torch.randperm(len(targets), generator=self.gen).numpy()
+        total = 0.0
+        for s in range(0, len(perm), batch_size):
+            rows = perm[s:s + batch_size]
+            xb = torch.stack([dataset[int(j)][0] for j in rows])
+            loss = nn.functional.cross_entropy(self.model(xb), torch.from_numpy(targets[rows]))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += float(loss.detach()) * len(rows)
+        self.sched.step()
+        self.model.eval()
+        return total / len(perm)
+
+
 def train_surrogate(ctx, arch: str, epochs: int, per_class: int, seed: int, *, batch_size: int = 128,
                     lr: float = 0.01) -> Surrogate:
-    """Train (or read back from the cache, or resume) the surrogate on the run's real train images."""
-    import time
-
-    from mgd3.evaluation.networks import build_network
-
-    data = ctx.data
-    classes = ctx.all_classes
-    indices = []
-    for pos, c in enumerate(classes):
-        idx = data.indices(c.index)
-        indices.append(idx[:per_class] if per_class > 0 else idx)
+    """Train (or read back from the cache, or resume) the surrogate on the run's real train images:
+    <cache>/surrogates/<key>/epoch-NNN.pt after every epoch (parameters, optimiser, schedule, RNG)."""
+    data, classes = ctx.data, ctx.all_classes
+    indices = [data.indices(c.index) for c in classes]
+    indices = [idx[:per_class] if per_class > 0 else idx for idx in indices]
     targets = np.concatenate([np.full(len(ix), pos, dtype=np.int64) for pos, ix in enumerate(indices)])
-    items = np.concatenate(indices)
-    torch.manual_seed(seed)
-    model = build_network(arch, data.channels, len(classes), data.resolution, seed=seed)
-    model.eval()  # instance norm: no running statistics; the released code calls eval() too
-    reference = {k: v.detach().clone() for k, v in model.named_parameters()}
     key = json.dumps([SURROGATE_VERSION, data.fingerprint(), [c.class_id for c in classes], arch, epochs,
                       per_class, seed, batch_size, lr])
     folder = cache_root(ctx.cache_dir) / "surrogates" / hashlib.sha256(key.encode()).hexdigest()[:16]
-    checkpoints = [reference]
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    gen = torch.Generator().manual_seed(seed)
-    start = 1
+    trainer = _Trainer(arch, data, len(classes), epochs, seed, lr)
+    checkpoints = [trainer.params()]  # the initialisation
+    last = None
     for k in range(1, epochs + 1):  # the cached epochs, in order, as far as they go
-        state = _load_epoch(folder / f"epoch-{k:03d}.pt", reference)
+        state = _load_epoch(folder / f"epoch-{k:03d}.pt", checkpoints[0])
         if state is None:
             break
         checkpoints.append({n: t.float() for n, t in state["params"].items()})
-        start = k + 1
-    resumed = start - 1
-    if start <= epochs:
-        if resumed:
-            resume = _load_epoch(folder / f"epoch-{resumed:03d}.pt", reference)
-            try:
-                opt.load_state_dict(resume["opt"])
-                sched.load_state_dict(resume["sched"])
-                gen.set_state(resume["rng"])
-            except (KeyError, TypeError, ValueError, RuntimeError):
-                log.warning("IGD surrogate cache %s has no usable optimiser state; training from scratch", folder)
-                checkpoints, start, resumed = [reference], 1, 0
-                torch.manual_seed(seed)
-                model = build_network(arch, data.channels, len(classes), data.resolution, seed=seed)
-                opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-                gen = torch.Generator().manual_seed(seed)
-            else:
-                with torch.no_grad():
-                    for n, p in model.named_parameters():
-                        p.copy_(checkpoints[-1][n])
-        dataset = data.dataset(items)
-        t0 = time.perf_counter()
-        bar = tqdm(range(start, epochs + 1), desc=f"IGD surrogate {arch}", unit="epoch", disable=not ctx.progress,
-                   leave=False)
+        last = state
+    if last is not None and len(checkpoints) <= epochs and not trainer.restore(last):
+        log.warning("IGD surrogate cache %s has no usable optimiser state; training from scratch", folder)
+        trainer = _Trainer(arch, data, len(classes), epochs, seed, lr)
+        checkpoints = checkpoints[:1]
+    resumed = len(checkpoints) - 1
+    t0 = time.perf_counter()
+    if resumed < epochs:
+        dataset = data.dataset(np.concatenate(indices))
+        bar = tqdm(range(resumed + 1, epochs + 1), desc=f"IGD surrogate {arch}", unit="epoch",
+                   disable=not ctx.progress, leave=False)
         for k in bar:
-            model.train()
-            perm = torch.randperm(len(items), generator=gen).numpy()
-            total = 0.0
-            for s in range(0, len(perm), batch_size):
-                rows = perm[s:s + batch_size]
-                xb = torch.stack([dataset[int(j)][0] for j in rows])
-                yb = torch.from_numpy(targets[rows])
-                loss = nn.functional.cross_entropy(model(xb), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(rows)
-            sched.step()
-            model.eval()
-            params = {n: p.detach().clone() for n, p in model.named_parameters()}
-            checkpoints.append(params)
-            bar.set_postfix(loss=f"{total / len(perm):.4f}")
-            log.info("IGD surrogate epoch %d/%d: train loss %.4f", k, epochs, total / len(perm))
-            cache_torch({"params": params, "opt": opt.state_dict(), "sched": sched.state_dict(),
-                         "rng": gen.get_state()}, folder / f"epoch-{k:03d}.pt")
-        seconds = time.perf_counter() - t0
-    else:
-        seconds = 0.0
-    return Surrogate(model, checkpoints, seconds, resumed)
+            loss = trainer.epoch(dataset, targets, batch_size)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            log.info("IGD surrogate epoch %d/%d: train loss %.4f", k, epochs, loss)
+            state = trainer.state()
+            checkpoints.append(state["params"])
+            cache_torch(state, folder / f"epoch-{k:03d}.pt")
+    return Surrogate(trainer.model, checkpoints, time.perf_counter() - t0 if resumed < epochs else 0.0, resumed)
 
 
 # --------------------------------------------------------------------------- the guidance
@@ -355,8 +363,6 @@ class IGD(Method):
         return self.options.deviation_scale != 0.0 and self.options.memory_size > 0
 
     def prepare(self, ctx):
-        import time
-
         o = self.options
         sur = train_surrogate(ctx, o.surrogate, o.surrogate_epochs, o.surrogate_per_class, o.surrogate_seed)
         t0 = time.perf_counter()
