@@ -419,12 +419,19 @@ class IGD(Method):
 # --------------------------------------------------------------------------- IGD + MGD³
 
 
+def _mgd3_option(name: str, default):
+    from mgd3.methods.mgd3 import MGD3Options
+
+    return dataclasses.field(default=default, metadata=MGD3Options.__dataclass_fields__[name].metadata)
+
+
 @dataclass(frozen=True)
 class IGDMGD3Options(IGDOptions):
-    lam: float = option(0.1, "IGD + MGD³: mode guidance scale λ (MGD³'s paper 0.1)", flag="--lambda")
-    t_stop: int | None = option(None, "IGD + MGD³: mode guidance while step index > t_stop (default steps // 2)")
-    modes: str = option("kmeans", "IGD + MGD³: mode discovery (as --method mgd3)")
-    mode_seed: int = option(0, "IGD + MGD³: random_state of the clustering")
+    # MGD³'s own options, with its defaults and help (the CLI shows one help per flag)
+    lam: float = _mgd3_option("lam", 0.1)
+    t_stop: int | None = _mgd3_option("t_stop", None)
+    modes: str = _mgd3_option("modes", "kmeans")
+    mode_seed: int = _mgd3_option("mode_seed", 0)
 
     def __post_init__(self):
         super().__post_init__()
