@@ -2,6 +2,7 @@
 unusable cache file is reported and rebuilt, never fatal and never executed."""
 
 import logging
+import shutil
 import pickle
 
 import pytest
@@ -100,3 +101,25 @@ def test_truncated_cache_file_through_the_cli(digits_model, tmp_path, monkeypatc
     assert (tmp_path / "b" / "manifest.json").is_file()
     assert (tmp_path / "a" / "latents.pt").read_bytes() == (tmp_path / "b" / "latents.pt").read_bytes()
     assert all(torch.load(f, weights_only=True).dtype == torch.float16 for f in files)  # rebuilt
+
+
+def test_no_cache_encodes_again_and_writes_nothing(digits_model, tmp_path, monkeypatch):
+    from mgd3.cli import main
+
+    monkeypatch.setenv("MGD3_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["distill", "--data", "digits", "--model", str(digits_model), "--classes", "0", "1", "--ipc", "2",
+            "--steps", "2", "--quiet", "--method", "mgd3", "--select-from", "2"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    files = sorted((cache_root() / "latents").rglob("*.pt"))
+    assert files
+    for f in files:  # were the cache read, the modes (and so the images) would change
+        torch.save(torch.zeros_like(torch.load(f, weights_only=True)), f)
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    assert main([*args, "--no-cache", "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "latents.pt").read_bytes() == (tmp_path / "b" / "latents.pt").read_bytes()
+    assert sorted((cache_root() / "latents").rglob("*.pt")) == files
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    shutil.rmtree(cache_root() / "latents")
+    assert main([*args, "--no-cache", "--out", str(tmp_path / "c")]) == 0
+    assert not (cache_root() / "latents").exists()
+    assert (tmp_path / "a" / "latents.pt").read_bytes() == (tmp_path / "c" / "latents.pt").read_bytes()

@@ -279,7 +279,8 @@ def test_options_are_checked_before_any_model_loads(tmp_path):
     for args, words in ((["--igd-low", "900", "--igd-high", "500"], "--igd-low and --igd-high"),
                         (["--surrogate-epochs", "0"], "--surrogate-epochs must be at least 1"),
                         (["--checkpoint-threshold", "2"], "--checkpoint-threshold is a cosine"),
-                        (["--influence-scale", "nan"], "--influence-scale")):
+                        (["--influence-scale", "nan"], "--influence-scale"),
+                        (["--no-cache"], "drop --no-cache")):
         r = run_cli("distill", "--data", "digits", "--method", "igd", "--ipc", "1", "--model", tmp_path / "absent",
                     "--out", tmp_path / "out", *args)
         assert r.returncode == 2, r.stderr

@@ -90,7 +90,11 @@ def _run_flags(g) -> None:
                         "(default 0 on CPU, else all CPUs but one, up to 16 per process)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
-    g.add_argument("--cache-dir", help="cache for VAE encodings (default $MGD3_CACHE_DIR or ~/.cache/mgd3)")
+    g.add_argument("--cache-dir", help="cache for VAE encodings and IGD's surrogate "
+                                       "(default $MGD3_CACHE_DIR or ~/.cache/mgd3)")
+    g.add_argument("--no-cache", action="store_true", help="encode the real images again instead of reading "
+                                                           "their cached encodings, and write none (IGD, whose "
+                                                           "surrogate lives in the cache, refuses it)")
     g.add_argument("--config", help="YAML file with any of these options (flag names without --); "
                                     "flags given on the command line win")
     g.add_argument("--quiet", action="store_true", help="no progress bars")

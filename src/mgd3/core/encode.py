@@ -266,14 +266,15 @@ def real_subset(data, c: int, max_per_class: int | None) -> np.ndarray:
 
 def real_latents(backend, data, class_indices: Sequence[int], *, max_per_class: int | None = None,
                  batch_size: int = 64, workers: int | None = None, cache_dir: str | os.PathLike | None = None,
-                 progress: bool = True) -> Mapping[int, Tensor]:
+                 use_cache: bool = True, progress: bool = True) -> Mapping[int, Tensor]:
     """{class index: (N_c, C, h, w) float32} latents of the real train images of the classes, in
     the order of `real_subset`: what methods cluster and what the report measures against. Encoded
-    once and cached; the mapping holds one class in memory at a time. `workers`: None picks
+    once and cached; the mapping holds one class in memory at a time (with `use_cache` False:
+    encoded again, nothing written, every class in memory). `workers`: None picks
     `default_workers` for the backend's device."""
     subset = None
     if max_per_class is not None:
         subset = {c: real_subset(data, c, max_per_class) for c in class_indices}
     return encode_classes(backend, data, list(class_indices), batch_size=batch_size,
                           workers=default_workers(backend.device) if workers is None else workers,
-                          cache_dir=cache_dir, progress=progress, indices=subset, lazy=True)
+                          cache_dir=cache_dir, use_cache=use_cache, progress=progress, indices=subset, lazy=True)

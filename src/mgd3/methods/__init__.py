@@ -112,8 +112,9 @@ class Context:
 
     def __init__(self, backend: "Backend | None", data, classes: list[ClassInfo], ipc: int, seed: int,
                  sampler: SamplerConfig, *, encode_batch_size: int = 64, encode_workers: int | None = None,
-                 cache_dir=None, progress: bool = True, max_real_per_class: int | None = None,
-                 method: str | None = None, recommendation: "Recommendation | None" = None):
+                 cache_dir=None, use_cache: bool = True, progress: bool = True,
+                 max_real_per_class: int | None = None, method: str | None = None,
+                 recommendation: "Recommendation | None" = None):
         self.backend, self.data, self.classes = backend, data, classes
         # every class of the run; `classes` is this process's share when several run (torchrun)
         self.all_classes = list(classes)
@@ -123,6 +124,7 @@ class Context:
             sampler = resolve_sampler(sampler, recommendation)
         self.ipc, self.seed, self.sampler = ipc, seed, sampler
         self.encode_batch_size, self.cache_dir, self.progress = encode_batch_size, cache_dir, progress
+        self.use_cache = use_cache  # False: encodings are computed again and not written
         self.encode_workers = encode_workers  # DataLoader workers for encoding; None: 0 on CPU, else up to 16
         # no model (a method that needs none, `Method.needs`): no plan and no CFG scale
         self.plan = Plan.from_betas(backend.betas, sampler.steps) if backend is not None else None
@@ -150,7 +152,8 @@ class Context:
         if self._latents is None or list(self._latents) != wanted:
             self._latents = real_latents(self.backend, self.data, wanted, max_per_class=self.max_real_per_class,
                                          batch_size=self.encode_batch_size, workers=self.encode_workers,
-                                         cache_dir=self.cache_dir, progress=self.progress)
+                                         cache_dir=self.cache_dir, use_cache=self.use_cache,
+                                         progress=self.progress)
         return self._latents
 
     def check_class_sizes(self) -> None:
@@ -210,6 +213,9 @@ class Method:
     # True when an image depends on the images of its class generated before it (then the batch
     # size is part of a run's resume key, and a resumed class is replayed in order)
     order_dependent: ClassVar[bool] = False
+    # True when the method keeps work in the cache that a run must not lose (IGD's surrogate):
+    # then `--no-cache` is refused before anything loads
+    needs_cache: ClassVar[bool] = False
 
     def __init__(self, options=None):
         self.options = options

@@ -340,6 +340,7 @@ class IGDOptions:
 class IGD(Method):
     name = "igd"
     Options = IGDOptions
+    needs_cache = True  # the surrogate (minutes to hours of training) lives in the cache
 
     def __init__(self, options: IGDOptions | None = None):
         super().__init__(options or IGDOptions())

@@ -31,8 +31,8 @@ GRID_PER_CLASS = 10  # images per class row in grid.png
 # where it runs (a CPU and a GPU round differently, but moving a run is the user's call), how
 # real images are batched and cached; data, model and classes enter the key resolved (below).
 # Any other field, including ones added later, is part of the run key.
-NOT_IN_RUN_KEY = ("out", "overwrite", "progress", "device", "cache_dir", "batch_size", "encode_batch_size",
-                  "encode_workers", "strict", "data", "data_root", "class_map", "model", "classes", "threads")
+NOT_IN_RUN_KEY = ("out", "overwrite", "progress", "device", "cache_dir", "use_cache", "batch_size",
+                  "encode_batch_size", "encode_workers", "strict", "data", "data_root", "class_map", "model", "classes", "threads")
 # settings added after sets were made: in the run key only when set, so a run folder started before
 # they existed resumes (with them unset it makes the same images)
 IN_RUN_KEY_WHEN_SET = ("select_from",)

@@ -181,6 +181,9 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     method_cls = get_method(cfg.method)
     given = method_options(method_cls, cfg.options)  # a bad option stops the run before anything loads
     selection.check(method_cls, given, cfg.select_from)
+    if method_cls.needs_cache and not cfg.use_cache:
+        raise Mgd3Error(f"--method {method_cls.name} keeps its surrogate in the cache (--cache-dir) and trains it "
+                        "only once; without the cache it would be trained again on every run: drop --no-cache")
     t = time.perf_counter()
     backend, cfg = _backend(cfg, ranks, backend, method_cls)
     strictness = "strict" if cfg.strict else "skip"
@@ -203,7 +206,7 @@ def _set_up(cfg: DistillConfig, ranks: Ranks, backend: Backend | None) -> _Run:
     timing = {"load": time.perf_counter() - t}
     ctx = Context(backend, data, list(spec.classes), cfg.ipc, cfg.seed, spec.sampler,
                   encode_batch_size=cfg.encode_batch_size, encode_workers=cfg.encode_workers,
-                  cache_dir=cfg.cache_dir, progress=cfg.progress and ranks.rank == 0,
+                  cache_dir=cfg.cache_dir, use_cache=cfg.use_cache, progress=cfg.progress and ranks.rank == 0,
                   max_real_per_class=cfg.max_real_per_class, method=cfg.method, recommendation=spec.recommendation)
     method = method_cls(spec.options) if method_cls.Options else method_cls()
     method.validate(ctx)

@@ -99,7 +99,7 @@ class Selector:
             lat = ctx.real_latents() if [c.index for c in ctx.classes] == wanted else real_latents(
                 ctx.backend, ctx.data, wanted, max_per_class=ctx.max_real_per_class,
                 batch_size=ctx.encode_batch_size, workers=ctx.encode_workers, cache_dir=ctx.cache_dir,
-                progress=ctx.progress)
+                use_cache=ctx.use_cache, progress=ctx.progress)
             self.centroids = np.stack([lat[c].reshape(len(lat[c]), -1).double().mean(0).numpy() for c in wanted])
             self.index_of = {c: j for j, c in enumerate(wanted)}
         return self.centroids

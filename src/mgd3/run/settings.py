@@ -38,6 +38,7 @@ class DistillConfig:
     overwrite: bool = False
     strict: bool = False  # an unreadable or missing image file in an image folder stops the run
     cache_dir: str | None = None
+    use_cache: bool = True  # False (--no-cache): real images are encoded again and no encodings are written
     threads: int | None = None  # torch CPU threads (None: torch's default, every core)
     progress: bool = True
     # text-to-image backends (Stable Diffusion); None: the backend's default
@@ -89,10 +90,10 @@ def distill_config(values: dict, source: str = "--config"):
     opt_fields = method_option_fields()
     by_flag = {option_flag(f).lstrip("-").replace("-", "_"): name for name, f in opt_fields.items()}
     sampler_fields = {f.name for f in dataclasses.fields(SamplerConfig)}
-    top_skip = {"sampler", "options", "progress"}
+    top_skip = {"sampler", "options", "progress", "use_cache"}
     top_fields = {f.name for f in dataclasses.fields(DistillConfig)} - top_skip
     sampler, options, top = {}, {}, {}
-    quiet = False
+    quiet = no_cache = False
     for k, v in values.items():
         if k.startswith("opt_"):
             options[k[4:]] = v
@@ -104,8 +105,10 @@ def distill_config(values: dict, source: str = "--config"):
             top[k] = v
         elif k == "quiet":
             quiet = convert(k, v, "bool", source)
+        elif k == "no_cache":
+            no_cache = convert(k, v, "bool", source)
         else:
-            known = sorted(top_fields | sampler_fields | set(by_flag) | {"quiet"})
+            known = sorted(top_fields | sampler_fields | set(by_flag) | {"quiet", "no_cache"})
             raise Mgd3Error(f"unknown option {k!r} in {source}; known: {', '.join(known)}")
     top = fill(DistillConfig, top, source, skip=top_skip)
     sampler = fill(SamplerConfig, sampler, source)
@@ -114,7 +117,8 @@ def distill_config(values: dict, source: str = "--config"):
         if req not in top:
             raise Mgd3Error(f"--{req} is required")
     # the rest of the checks (validate_distill) is the driver's first step, for the CLI and the API alike
-    return DistillConfig(**top, progress=not quiet, sampler=SamplerConfig(**sampler), options=options)
+    return DistillConfig(**top, progress=not quiet, use_cache=not no_cache, sampler=SamplerConfig(**sampler),
+                         options=options)
 
 
 def validate_distill(cfg) -> None:
