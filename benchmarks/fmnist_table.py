@@ -58,6 +58,8 @@ VARIANTS = {
     # the methods after MGD³ (issue 29), each with its released defaults, at the model's CFG 1.5 and 50 steps
     "manifoldgd": (["--method", "manifoldgd", "--cfg", "1.5", "--steps", "50"],
                    "ManifoldGD: divisive-hierarchy modes, mode + manifold guidance (released settings)"),
+    "manifoldgd-steps100": (["--method", "manifoldgd", "--cfg", "1.5", "--steps", "100"],
+                            "ManifoldGD with 100 DDPM steps, as MGD³'s recommendation at IPC 21+"),
     "coda": (["--method", "coda", "--cfg", "1.5", "--steps", "50"],
              "CoDA: UMAP + HDBSCAN core samples, released guidance (γ 0.05, σ_t factor, first 90 %)"),
     "coda-pooled": (["--method", "coda", "--coda-modes", "pooled-kmeans", "--cfg", "1.5", "--steps", "50"],
